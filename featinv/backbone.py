@@ -1,0 +1,148 @@
+"""Frozen classifier whose spatial feature maps FeatInv inverts (paper: "Backbones").
+
+A :class:`FeatureExtractor` takes images in [0, 1], applies the classifier's own mean/std and
+returns an NCHW feature map. timm models use ``forward_intermediates``, which works the same way
+for ResNet, ConvNeXt, Swin(V2) and ViT (ViT prefix tokens are dropped); any other network can be
+wrapped by passing a ``feature_fn``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from featinv.config import BackboneConfig
+
+FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+
+# The paper's backbones at their evaluation resolution (feature map in the comment).
+BACKBONE_PRESETS: dict[str, BackboneConfig] = {
+    "convnext_base": BackboneConfig(name="convnext_base.fb_in22k_ft_in1k", image_size=288),  # 1024x9x9
+    "resnet50": BackboneConfig(name="resnet50.a1_in1k", image_size=224),                     # 2048x7x7
+    "swinv2": BackboneConfig(name="swinv2_base_window8_256.ms_in1k", image_size=256),        # 1024x8x8
+    "vit": BackboneConfig(name="vit_base_patch16_224.augreg2_in21k_ft_in1k", image_size=224),  # 768x14x14
+}
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen classifier: images (B, 3, S, S) in [0, 1] -> feature map (B, C, h, w)."""
+
+    def __init__(self, model: nn.Module, feature_fn: FeatureFn | None, mean: Sequence[float],
+                 std: Sequence[float], image_size: int, layer: int = -1):
+        super().__init__()
+        if feature_fn is None and not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"{type(model).__name__} has no forward_intermediates(); "
+                             "pass feature_fn=lambda model, x: <(B, C, h, w) feature map>")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean/std need 3 channel values, got mean={tuple(mean)} std={tuple(std)}")
+        self.model = model
+        self.feature_fn = feature_fn
+        self.layer = layer              # forward_intermediates index, used when feature_fn is None
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self._feature_shape: tuple[int, int, int] | None = None
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Switch the wrapper's mode; the classifier itself always stays in eval mode."""
+        super().train(mode)
+        self.model.eval()  # frozen: no dropout, BatchNorm uses its running statistics
+        return self
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> classifier input (B, 3, S, S), mean/std normalised."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size,) * 2:
+            raise ValueError(f"backbone expects images (B, 3, {self.image_size}, {self.image_size}) "
+                             f"in [0, 1], got {tuple(images.shape)}; resize them first "
+                             "(e.g. F.interpolate(x, size, mode='bilinear', antialias=True))")
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> feats: (B, C, h, w)."""
+        x = self.normalize(images)
+        if self.feature_fn is not None:
+            feats = self.feature_fn(self.model, x)
+        else:
+            # norm=True: the final stage then equals forward_features (ConvNeXt norm_pre, Swin's final
+            # LayerNorm, ViT's final norm), i.e. "the final stage before pooling" of the paper.
+            feats = self.model.forward_intermediates(
+                x, indices=[self.layer], norm=True, stop_early=True,
+                intermediates_only=True, output_fmt="NCHW")[0]
+        if feats.ndim == 3:
+            raise ValueError(f"feature map has shape {tuple(feats.shape)} = (B, N, C) tokens; an NCHW "
+                             "(B, C, h, w) map is required: drop prefix tokens and reshape the patch "
+                             "tokens to their grid in feature_fn")
+        if feats.ndim != 4:
+            raise ValueError(f"feature map must be NCHW (B, C, h, w), got shape {tuple(feats.shape)}")
+        return feats
+
+    def classify(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> logits (B, num_classes) of the full classifier."""
+        return self.model(self.normalize(images))
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the feature map, probed once with a zero image (works on the meta device)."""
+        if self._feature_shape is None:
+            probe = torch.zeros(1, 3, self.image_size, self.image_size,
+                                device=self.mean.device, dtype=self.mean.dtype)
+            with torch.no_grad():
+                self._feature_shape = tuple(self(probe).shape[1:])
+        return self._feature_shape
+
+
+def _resolve_timm_name(name: str):
+    """The timm pretrained config for ``name`` ('arch' or 'arch.tag'); ValueError if unknown."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"backbone.name: unknown timm model {name!r} "
+                         "(see timm.list_models(pretrained=True))")
+    try:
+        return timm.get_pretrained_cfg(name)
+    except RuntimeError as e:  # "Invalid pretrained tag (...)"
+        raise ValueError(f"backbone.name {name!r}: {e}") from None
+
+
+def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
+    """A frozen timm classifier from ``cfg``; never falls back to random weights silently."""
+    import timm
+
+    pcfg = _resolve_timm_name(cfg.name)
+    kwargs = {}
+    if pcfg is not None and pcfg.fixed_input_size:
+        kwargs["img_size"] = cfg.image_size  # ViT / Swin: position embeddings and windows depend on it
+    if cfg.checkpoint:
+        if not Path(cfg.checkpoint).is_file():
+            raise FileNotFoundError(f"backbone.checkpoint: weights file {cfg.checkpoint!r} not found")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint))
+    load = cfg.pretrained or bool(cfg.checkpoint)
+    try:
+        model = timm.create_model(cfg.name, pretrained=load, **kwargs)
+    except Exception as e:
+        if not load:
+            raise
+        if cfg.checkpoint:
+            raise RuntimeError(f"could not load backbone.checkpoint {cfg.checkpoint!r} into timm model "
+                               f"{cfg.name!r}: {type(e).__name__}: {e}") from e
+        weights = f"{pcfg.architecture}.{pcfg.tag}" if pcfg is not None else cfg.name
+        hub = f" (Hugging Face hub id {pcfg.hf_hub_id!r})" if pcfg is not None and pcfg.hf_hub_id else ""
+        raise RuntimeError(
+            f"could not load pretrained weights {weights!r}{hub} for backbone {cfg.name!r}: "
+            f"{type(e).__name__}: {e}\nOffline? Download the weights elsewhere and either set "
+            "backbone.checkpoint=/path/to/weights.safetensors, or copy them into the timm / Hugging "
+            "Face cache (HF_HOME) and set HF_HUB_OFFLINE=1. Use backbone.pretrained=false only for "
+            "tests: random weights make the inversion meaningless.") from e
+
+    num_stages = len(getattr(model, "feature_info", []) or [])
+    if num_stages and not -num_stages <= cfg.layer < num_stages:
+        raise ValueError(f"backbone.layer={cfg.layer} out of range for {cfg.name!r} "
+                         f"({num_stages} feature stages: -{num_stages}..{num_stages - 1})")
+    data_cfg = model.pretrained_cfg or {}
+    mean = data_cfg.get("mean") or timm.data.IMAGENET_DEFAULT_MEAN
+    std = data_cfg.get("std") or timm.data.IMAGENET_DEFAULT_STD
+    return FeatureExtractor(model, None, mean, std, cfg.image_size, layer=cfg.layer)

@@ -1,0 +1,331 @@
+"""Checkpoint compatibility, in one place: LDM/FeatInv key prefixes, reading, strict loading, saving.
+
+Our module tree mirrors the LDM one, so the mapping is a prefix table (STYLE.md approach (a)):
+
+    reference key prefix                          featinv attribute
+    model.diffusion_model.                        unet.
+    control_model.                                control.
+    first_stage_model.                            vae.
+    cond_stage_model.transformer.text_model.      text_encoder.
+    betas, alphas_cumprod, ... (13 buffers)       computed from ModelConfig.diffusion
+
+Reference-style YAML (``target:``/``params:``) is translated here too; no ``target`` is imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
+                            from_dict, to_dict)
+from featinv.diffusion import schedule_buffers
+
+PREFIXES = {  # reference prefix -> our attribute prefix
+    "model.diffusion_model.": "unet.",
+    "control_model.": "control.",
+    "first_stage_model.": "vae.",
+    "cond_stage_model.transformer.text_model.": "text_encoder.",
+}
+COMPONENT_NAMES = {"unet": "UNet", "control": "control branch", "vae": "VAE", "text_encoder": "text encoder",
+                   "schedule": "diffusion buffers", "other": "unrecognised"}
+SCHEDULE_KEYS = tuple(schedule_buffers(DiffusionConfig()))
+# Keys that old or EMA-trained checkpoints carry and that we may drop without changing the model.
+HARMLESS = ("cond_stage_model.transformer.text_model.embeddings.position_ids", "model_ema.",
+            "cond_stage_model.transformer.embeddings.position_ids")
+METADATA_KEY = "featinv_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message lists what is wrong."""
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors``, ``.ckpt`` (Lightning) or ``.pt``/``.pth`` file.
+
+    Pickles are read with ``weights_only=True``: a file that needs code execution is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: refusing to load a pickle that needs arbitrary code execution "
+                f"(torch.load weights_only=True failed). Convert it to safetensors in a trusted environment. "
+                f"Details: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(obj).__name__}")
+    return obj, {}
+
+
+def component_of(key: str) -> str:
+    """Which component a key (reference or ours) belongs to."""
+    if key in SCHEDULE_KEYS:
+        return "schedule"
+    for ref, ours in PREFIXES.items():
+        if key.startswith(ref) or key.startswith(ours):
+            return ours[:-1]
+    if key.startswith("cond_stage_model.transformer."):
+        return "text_encoder"
+    return "other"
+
+
+def from_reference(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """Reference keys -> (our keys, schedule buffers, notes about dropped harmless keys)."""
+    ours, schedule, dropped = {}, {}, []
+    for key, value in sd.items():
+        if key in SCHEDULE_KEYS:
+            schedule[key] = value
+            continue
+        if any(key.startswith(h) for h in HARMLESS):
+            dropped.append(key)
+            continue
+        for ref, new in PREFIXES.items():
+            if key.startswith(ref):
+                key = new + key[len(ref):]
+                break
+        else:
+            if key.startswith("cond_stage_model.transformer."):  # transformers >= 5 drops `text_model.`
+                key = "text_encoder." + key[len("cond_stage_model.transformer."):]
+        ours[key] = value
+    notes = []
+    if dropped:
+        notes.append(f"ignored {len(dropped)} known harmless key(s) (e.g. {dropped[0]})")
+    return ours, schedule, notes
+
+
+def to_reference(sd: dict[str, torch.Tensor], diffusion: DiffusionConfig) -> dict[str, torch.Tensor]:
+    """Our keys -> reference keys, with the 13 schedule buffers first (the reference order)."""
+    out = dict(schedule_buffers(diffusion))
+    for key, value in sd.items():
+        for ref, ours in PREFIXES.items():
+            if key.startswith(ours):
+                out[ref + key[len(ours):]] = value
+                break
+        else:
+            raise KeyError(f"no reference prefix for key {key!r}")
+    return out
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor],
+                     components: tuple[str, ...] | None = None, source: str = "checkpoint") -> None:
+    """Raise CheckpointError listing missing / unexpected / mis-shaped keys, grouped by component.
+
+    components: restrict the check to these (e.g. a miniSD file has no ``control``)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if components is None or component_of(k) in components}
+    problems: dict[str, list[str]] = defaultdict(list)
+    for kind, keys in (("missing", sorted(set(expected) - set(sd))), ("unexpected", sorted(set(sd) - set(expected)))):
+        by_comp = defaultdict(list)
+        for k in keys:
+            by_comp[component_of(k)].append(k)
+        for comp, ks in by_comp.items():
+            problems[comp].append(f"{len(ks)} {kind}: {_examples(ks)}")
+    shapes = defaultdict(list)
+    for k in sorted(set(expected) & set(sd)):
+        if tuple(sd[k].shape) != tuple(expected[k]):
+            shapes[component_of(k)].append(f"{k} (file {tuple(sd[k].shape)}, model {tuple(expected[k])})")
+    for comp, ks in shapes.items():
+        problems[comp].append(f"{len(ks)} mis-shaped: {_examples(ks, 2)}")
+    if problems:
+        lines = [f"  {COMPONENT_NAMES[c]}: " + "; ".join(p) for c, p in problems.items()]
+        raise CheckpointError(f"{source} does not match the model:\n" + "\n".join(lines))
+
+
+def check_schedule(schedule: dict[str, torch.Tensor], diffusion: DiffusionConfig, source: str) -> None:
+    """Schedule buffers in a file must equal the config's (they are derived, never loaded)."""
+    expected = schedule_buffers(diffusion)
+    for k, v in schedule.items():
+        if v.shape != expected[k].shape or not torch.allclose(v.float(), expected[k], rtol=1e-5, atol=1e-7):
+            raise CheckpointError(f"{source}: schedule buffer {k!r} differs from the config's diffusion schedule "
+                                  f"({diffusion}); the model was trained with another schedule")
+
+
+def load_into(model, sd: dict[str, torch.Tensor], components: tuple[str, ...] | None = None,
+              source: str = "checkpoint") -> list[str]:
+    """Load a reference-layout (or featinv-layout) state dict strictly; return notes."""
+    ours, schedule, notes = from_reference(sd)
+    check_schedule(schedule, model.cfg.diffusion, source)
+    check_state_dict(model, ours, components, source)
+    model.load_state_dict(ours, strict=components is None)
+    return notes
+
+
+def infer_model_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
+    """Guess the ModelConfig of a reference-layout state dict from its shapes.
+
+    Heads are not visible in shapes: SD-1.x values (8 UNet heads, 64-dim text heads) are assumed."""
+    ours, _, _ = from_reference(sd)
+    try:
+        te = ours["unet.time_embed.0.weight"]
+        mc = te.shape[1]
+        starts = sorted({int(k.split(".")[2]) for k in ours if k.startswith("unet.input_blocks.")})
+        outs = [ours[f"unet.input_blocks.{i}.0.in_layers.2.weight"].shape[0]
+                for i in starts if f"unet.input_blocks.{i}.0.in_layers.2.weight" in ours]
+        downs = [i for i in starts if f"unet.input_blocks.{i}.0.op.weight" in ours]
+        levels = len(downs) + 1
+        nres = len(outs) // levels
+        mult = tuple(outs[lvl * nres] // mc for lvl in range(levels))
+        attn, res_idx = [], [i for i in starts if i and i not in downs]
+        for lvl in range(levels):
+            if f"unet.input_blocks.{res_idx[lvl * nres]}.1.proj_in.weight" in ours:
+                attn.append(2 ** lvl)
+        ctx = ours["unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        unet = UNetConfig(in_channels=ours["unet.input_blocks.0.0.weight"].shape[1],
+                          out_channels=ours["unet.out.2.weight"].shape[0], model_channels=mc, channel_mult=mult,
+                          num_res_blocks=nres, attention_resolutions=tuple(attn), num_heads=8 if mc >= 320 else 2,
+                          context_dim=ctx)
+        hint = ours.get("control.input_hint_block.block.1.weight")
+        adapter = AdapterConfig(in_channels=hint.shape[1], width=hint.shape[0]) if hint is not None else AdapterConfig()
+        ch = ours["vae.encoder.conv_in.weight"].shape[0]
+        vlevels = len({k.split(".")[3] for k in ours if k.startswith("vae.encoder.down.")})
+        vmult = tuple(ours[f"vae.encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(vlevels))
+        vres = len({k.split(".")[5] for k in ours if k.startswith("vae.encoder.down.0.block.")})
+        vae = VAEConfig(ch=ch, ch_mult=vmult, num_res_blocks=vres,
+                        z_channels=ours["vae.post_quant_conv.weight"].shape[0],
+                        embed_dim=ours["vae.post_quant_conv.weight"].shape[0])
+        tok = ours["text_encoder.embeddings.token_embedding.weight"]
+        width = tok.shape[1]
+        tlayers = len({k.split(".")[3] for k in ours if k.startswith("text_encoder.encoder.layers.")})
+        text = TextConfig(vocab_size=tok.shape[0], width=width, layers=tlayers, heads=max(1, width // 64) if width >= 64 else 2,
+                          mlp_width=ours["text_encoder.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                          context_length=ours["text_encoder.embeddings.position_embedding.weight"].shape[0])
+    except (KeyError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: cannot infer the model config from its keys (missing {e}); "
+                              "pass a config (preset name or YAML)") from None
+    return ModelConfig(unet=unet, adapter=adapter, vae=vae, text=text)
+
+
+def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
+    """The ModelConfig saved in a featinv safetensors file, if any."""
+    if METADATA_KEY not in metadata:
+        return None
+    return from_dict(ModelConfig, json.loads(metadata[METADATA_KEY]))
+
+
+def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
+    """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt).
+
+    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict."""
+    from featinv.model import FeatInv
+
+    sd, metadata = read_state_dict(path)
+    cfg = cfg or config_from_metadata(metadata) or infer_model_config(sd, str(path))
+    with torch.device("meta"):
+        model = FeatInv(cfg)
+    model.to_empty(device="cpu")
+    notes = load_into(model, sd, source=str(path))
+    for note in notes:
+        print(f"note: {path}: {note}")
+    return model.to(device)
+
+
+def save_featinv(model, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the full model in the reference layout as safetensors, config in the metadata, atomically."""
+    sd = to_reference({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, model.cfg.diffusion)
+    metadata = {METADATA_KEY: json.dumps(to_dict(model.cfg), sort_keys=True), **(extra_metadata or {})}
+    return atomic_save(lambda tmp: save_file(sd, tmp, metadata=metadata), path)
+
+
+def atomic_save(write, path: str | os.PathLike) -> Path:
+    """Call write(tmp_path) then rename onto ``path``: a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ----- reference-style YAML --------------------------------------------------------------------------
+
+_UNET_KEYS = {"in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
+              "channel_mult", "num_heads", "context_dim", "use_checkpoint", "hint_channels"}
+_UNET_IGNORED = {"image_size", "use_spatial_transformer", "transformer_depth", "legacy"}  # fixed in SD-1.x
+_TOP_IGNORED = {"num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key", "control_key",
+                "image_size", "channels", "cond_stage_trainable", "conditioning_key", "monitor", "use_ema",
+                "only_mid_control", "scale_factor", "linear_start", "linear_end", "timesteps",
+                "control_stage_config", "unet_config", "first_stage_config", "cond_stage_config", "sd_locked",
+                "learning_rate"}
+
+
+def _params(block: dict, where: str, allowed: set[str]) -> dict:
+    if not isinstance(block, dict) or "target" not in block:
+        raise ValueError(f"{where}: expected a mapping with 'target' and 'params'")
+    params = dict(block.get("params") or {})
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"{where}.params: unknown key(s) {sorted(unknown)}")
+    return params
+
+
+def _unet_fields(p: dict, where: str) -> dict:
+    if p.get("transformer_depth", 1) != 1 or p.get("use_spatial_transformer", True) is not True:
+        raise ValueError(f"{where}: only transformer_depth 1 with spatial transformers (SD-1.x) is supported")
+    return dict(in_channels=p.get("in_channels", 4), out_channels=p.get("out_channels", 4),
+                model_channels=p["model_channels"], channel_mult=tuple(p["channel_mult"]),
+                num_res_blocks=p["num_res_blocks"], attention_resolutions=tuple(p["attention_resolutions"]),
+                num_heads=p["num_heads"], context_dim=p["context_dim"],
+                gradient_checkpointing=bool(p.get("use_checkpoint", False)))
+
+
+def config_from_reference_yaml(data: dict, source: str = "yaml") -> ModelConfig:
+    """Translate a reference ``cldm`` YAML (as a dict) into a ModelConfig; unknown keys fail.
+
+    The reference hard-codes the adapter (width 512, 32x32 grid); its ``image_size`` keys are unused."""
+    top = _params(data["model"], f"{source}: model", _TOP_IGNORED)
+    unet_p = _params(top["unet_config"], f"{source}: unet_config", _UNET_KEYS | _UNET_IGNORED | {"out_channels"})
+    ctrl_p = _params(top["control_stage_config"], f"{source}: control_stage_config", _UNET_KEYS | _UNET_IGNORED)
+    unet = UNetConfig(**_unet_fields(unet_p, f"{source}: unet_config"))
+    ctrl = _unet_fields({**ctrl_p, "out_channels": unet.out_channels}, f"{source}: control_stage_config")
+    if ctrl != {k: v for k, v in vars(unet).items()}:
+        raise ValueError(f"{source}: control_stage_config must mirror unet_config (got {ctrl} vs {vars(unet)})")
+    vae_p = _params(top["first_stage_config"], f"{source}: first_stage_config",
+                    {"embed_dim", "monitor", "ddconfig", "lossconfig", "ckpt_path"})
+    dd = vae_p["ddconfig"]
+    unknown = set(dd) - {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                         "num_res_blocks", "attn_resolutions", "dropout"}
+    if unknown or dd.get("attn_resolutions"):
+        raise ValueError(f"{source}: first_stage_config.params.ddconfig: unsupported key(s) "
+                         f"{sorted(unknown) or 'attn_resolutions (must be empty)'}")
+    vae = VAEConfig(in_channels=dd.get("in_channels", 3), out_channels=dd.get("out_ch", 3), ch=dd["ch"],
+                    ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                    z_channels=dd["z_channels"], embed_dim=vae_p["embed_dim"],
+                    scale_factor=top.get("scale_factor", 0.18215))
+    cond = top["cond_stage_config"]
+    clip = ((cond or {}).get("params") or {}).get("clip_text_config")
+    text = TextConfig()
+    if clip:  # any cond stage is "CLIP text transformer, ViT-L/14 unless clip_text_config says otherwise"
+        text = TextConfig(vocab_size=clip.get("vocab_size", 49408), width=clip["hidden_size"],
+                          layers=clip["num_hidden_layers"], heads=clip["num_attention_heads"],
+                          mlp_width=clip["intermediate_size"], context_length=clip.get("max_position_embeddings", 77),
+                          layer_norm_eps=clip.get("layer_norm_eps", 1e-5))
+    diffusion = DiffusionConfig(timesteps=top.get("timesteps", 1000), linear_start=top.get("linear_start", 0.00085),
+                                linear_end=top.get("linear_end", 0.012))
+    return ModelConfig(unet=unet, adapter=AdapterConfig(in_channels=ctrl_p["hint_channels"]), vae=vae, text=text,
+                       diffusion=diffusion, latent_size=32)

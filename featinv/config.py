@@ -1,0 +1,219 @@
+"""Typed configuration: one frozen dataclass per component, named presets, YAML merge.
+
+Field names are permanent once written into a checkpoint's metadata, so they follow the
+LDM names where those exist (``model_channels``, ``attention_resolutions``, ...).
+
+A YAML file is merged onto a preset with ``OmegaConf.structured``, so an unknown key is an
+error that names the key. Reference-style YAML (``target:``/``params:`` blocks) is translated
+by :func:`featinv.checkpoint.config_from_reference_yaml`, next to the key table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The SD-1.x UNet (and, by construction, its ControlNet copy)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with attention
+    num_heads: int = 8                                   # dim_head = channels // num_heads
+    context_dim: int = 768
+    gradient_checkpointing: bool = False                 # non-reentrant, per block
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Feature-map adapter: bilinear upsample to the latent grid -> conv stack -> zero conv."""
+
+    in_channels: int = 1024  # channels of the classifier's feature map
+    width: int = 512         # intermediate width (reference: 512)
+    grid: int = 32           # target spatial size = latent size (reference: 32)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The KL autoencoder (AutoencoderKL, no attention in the down/up levels)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    scale_factor: float = 0.18215
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIP text transformer (ViT-L/14 by default), HF CLIPTextModel layout."""
+
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    context_length: int = 77
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Scaled-linear β schedule: β_t = linspace(√start, √end, T)²."""
+
+    timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a FeatInv model (and nothing about training)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latent_size: int = 32  # latent grid (image size = latent_size * 2**(len(vae.ch_mult)-1))
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_size * 2 ** (len(self.vae.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen classifier whose feature maps are inverted."""
+
+    name: str = "convnext_base.fb_in22k_ft_in1k"  # timm model name with its pretrained tag
+    pretrained: bool = True
+    checkpoint: str = ""      # optional local weights file (offline use)
+    layer: int = -1           # index into forward_intermediates (-1: final stage, pre-pooling)
+    image_size: int = 288
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""            # ImageNet-layout folder (<root>/<class>/<image>) or a plain image folder
+    batch_size: int = 8
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-5
+    max_steps: int = 480_000
+    prompt: str = "a high-quality, detailed, and professional image"
+    drop_prob: float = 0.15          # joint dropout of feature map and prompt
+    unlock_decoder: bool = False     # reference sd_locked=False: also train UNet output blocks
+    precision: str = "auto"          # auto: bf16-mixed on GPU, 32 on CPU
+    log_images_every: int = 2000
+    log_images_count: int = 4
+    log_images_steps: int = 20
+    checkpoint_every: int = 5000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatInvConfig:
+    """A full run: model, backbone, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _tiny_model(hint_channels: int = 16) -> ModelConfig:
+    """The tiny model of the reference fixtures (``shared/reference/tiny_config.yaml``)."""
+    return ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2,), num_heads=2, context_dim=32),
+        adapter=AdapterConfig(in_channels=hint_channels, width=512, grid=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
+        latent_size=32,
+    )
+
+
+PRESETS: dict[str, FeatInvConfig] = {
+    # miniSD + ConvNeXt-base at 288 px (feature map 1024x9x9), the paper's main setting.
+    "featinv_convnext": FeatInvConfig(),
+    # The reference fixtures' tiny model: tests and CPU experiments.
+    "tiny": FeatInvConfig(
+        model=_tiny_model(),
+        backbone=BackboneConfig(name="resnet18", pretrained=False, image_size=64),
+        data=DataConfig(batch_size=4, num_workers=0),
+        train=TrainConfig(lr=1e-4, max_steps=100, log_images_every=0, checkpoint_every=50),
+    ),
+}
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples become lists) of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict | None) -> Any:
+    """Build config dataclass ``cls`` from a (possibly partial) mapping; unknown keys fail."""
+    return merge(cls(), data or {})
+
+
+def merge(base: Any, *overrides: Any) -> Any:
+    """Merge mappings / dotlists onto a config dataclass instance, strictly.
+
+    ``overrides`` are dicts or lists of ``"a.b=value"`` strings. Unknown keys and wrong types
+    raise ``ValueError`` naming the key.
+    """
+    conf = OmegaConf.structured(base)
+    try:
+        for ov in overrides:
+            if isinstance(ov, (list, tuple)):
+                ov = OmegaConf.from_dotlist(list(ov))
+            conf = OmegaConf.merge(conf, ov)
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid config for {type(base).__name__}: {e}") from None
+
+
+def load_config(path_or_preset: str, overrides: list[str] | None = None) -> FeatInvConfig:
+    """A preset name, a project YAML (``preset:`` key optional) or a reference-style YAML.
+
+    Project YAML: ``{preset: tiny, model: {...}, train: {...}}`` merged onto the preset.
+    Reference YAML (has ``model.target``): translated into a ModelConfig.
+    """
+    if path_or_preset in PRESETS:
+        return merge(PRESETS[path_or_preset], overrides or [])
+    path = Path(path_or_preset)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config {path_or_preset!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if isinstance(data.get("model"), dict) and "target" in data["model"]:
+        from featinv.checkpoint import config_from_reference_yaml
+
+        cfg = FeatInvConfig(model=config_from_reference_yaml(data, source=str(path)))
+        return merge(cfg, overrides or [])
+    preset = data.pop("preset", "featinv_convnext")
+    if preset not in PRESETS:
+        raise ValueError(f"{path}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    try:
+        return merge(PRESETS[preset], data, overrides or [])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,44 @@
+"""Shared test fixtures: the reference tiny state dict and its input/output tensors."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def assert_close_rel(cand: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4, name: str = "tensor"):
+    """Fail unless max|cand - ref| / max|ref| <= tol (reference README section 5)."""
+    assert cand.shape == ref.shape, f"{name}: shape {tuple(cand.shape)} != reference {tuple(ref.shape)}"
+    cand, ref = cand.detach().double(), ref.detach().double()
+    err = (cand - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+    assert err <= tol, f"{name}: max|cand - ref| / max|ref| = {err:.3g} > {tol:g}"
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``sd`` whose key starts with ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def reference_shapes(group: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """{key minus prefix: shape} for one ``group`` of the full reference key table, in its order."""
+    with open(FIXTURES / "featinv_convnext_keys.tsv", newline="") as f:
+        rows = [r for r in csv.DictReader(f, delimiter="\t") if r["group"] == group]
+    assert rows and all(r["key"].startswith(prefix) for r in rows), f"bad group/prefix {group}/{prefix}"
+    return {r["key"][len(prefix):]: tuple(int(d) for d in r["shape"].split("x")) for r in rows}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd() -> dict[str, torch.Tensor]:
+    """The reference tiny model's full state dict (reference key names, float32)."""
+    return load_file(FIXTURES / "tiny_state_dict.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_io() -> dict[str, torch.Tensor]:
+    """Reference inputs (``in_*``) and outputs of the tiny model."""
+    return load_file(FIXTURES / "tiny_io.safetensors")
