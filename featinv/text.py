@@ -134,6 +134,7 @@ class CLIPTextEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.cfg = cfg
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)

@@ -1,0 +1,141 @@
+"""Frozen feature extractor: shapes per backbone, normalisation, freezing, weight-loading errors."""
+import dataclasses
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
+from featinv.config import PRESETS, BackboneConfig
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+RESNET18 = BackboneConfig(name="resnet18", pretrained=False, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return build_backbone(RESNET18)
+
+
+def test_tiny_preset_backbone_builds():
+    assert PRESETS["tiny"].backbone == RESNET18
+
+
+def test_resnet_final_stage_equals_forward_features(resnet18):
+    images = torch.rand(2, 3, 64, 64)
+    feats = resnet18(images)
+    assert feats.shape == (2, 512, 2, 2)
+    assert resnet18.feature_shape == (512, 2, 2)
+    # Manual normalisation with the ImageNet constants + timm's own pre-pooling features.
+    expected = resnet18.model.forward_features((images - IMAGENET_MEAN) / IMAGENET_STD)
+    torch.testing.assert_close(feats, expected)
+    assert torch.allclose(resnet18.mean, IMAGENET_MEAN) and torch.allclose(resnet18.std, IMAGENET_STD)
+
+
+def test_intermediate_layer():
+    fe = build_backbone(dataclasses.replace(RESNET18, layer=-2))
+    assert fe(torch.rand(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    with pytest.raises(ValueError, match="backbone.layer=7"):
+        build_backbone(dataclasses.replace(RESNET18, layer=7))
+
+
+def test_classify_uses_normalised_images(resnet18):
+    images = torch.rand(2, 3, 64, 64)
+    logits = resnet18.classify(images)
+    assert logits.shape == (2, 1000)
+    torch.testing.assert_close(logits, resnet18.model((images - IMAGENET_MEAN) / IMAGENET_STD))
+
+
+def test_frozen_and_eval_after_train(resnet18):
+    assert not any(p.requires_grad for p in resnet18.parameters())
+    resnet18.train()
+    assert resnet18.training and not resnet18.model.training
+    assert not any(m.training for m in resnet18.model.modules())
+    resnet18.eval()
+
+
+def test_wrong_image_size_is_an_error(resnet18):
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\).*\(1, 3, 32, 32\)"):
+        resnet18(torch.rand(1, 3, 32, 32))
+
+
+def test_vit_grid_drops_prefix_token():
+    torch.manual_seed(0)
+    fe = build_backbone(BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, image_size=64))
+    assert fe.model.num_prefix_tokens == 1
+    assert torch.allclose(fe.mean, torch.full((1, 3, 1, 1), 0.5))  # from the ViT's pretrained cfg
+    images = torch.rand(2, 3, 64, 64)
+    feats = fe(images)
+    assert feats.shape == (2, 192, 4, 4) and fe.feature_shape == (192, 4, 4)
+    tokens = fe.model.forward_features((images - 0.5) / 0.5)  # (B, 1 + 16, 192), final norm applied
+    expected = tokens[:, 1:].transpose(1, 2).reshape(2, 192, 4, 4)  # row-major patch grid
+    torch.testing.assert_close(feats, expected)
+
+
+@pytest.mark.parametrize("preset, shape", [("convnext_base", (1024, 9, 9)), ("resnet50", (2048, 7, 7)),
+                                           ("swinv2", (1024, 8, 8)), ("vit", (768, 14, 14))])
+def test_paper_presets_feature_shapes(preset, shape):
+    cfg = dataclasses.replace(BACKBONE_PRESETS[preset], pretrained=False)
+    assert timm.is_model(cfg.name) and cfg.name in timm.list_models(pretrained=True)
+    with torch.device("meta"):  # shapes only: no memory, no FLOPs
+        fe = build_backbone(cfg)
+    assert fe.feature_shape == shape
+
+
+def test_user_module_with_feature_fn():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 5))
+    fe = FeatureExtractor(net, lambda model, x: model[0](x), mean=(0.5,) * 3, std=(0.25,) * 3,
+                          image_size=32)
+    images = torch.rand(2, 3, 32, 32)
+    assert fe(images).shape == (2, 8, 8, 8) and fe.feature_shape == (8, 8, 8)
+    torch.testing.assert_close(fe(images), net[0]((images - 0.5) / 0.25))
+    assert fe.classify(images).shape == (2, 5)
+    assert not any(p.requires_grad for p in fe.parameters())
+
+
+def test_token_features_are_rejected():
+    net = nn.Conv2d(3, 8, 4, stride=4)
+    fe = FeatureExtractor(net, lambda model, x: model(x).flatten(2).transpose(1, 2),
+                          mean=(0.5,) * 3, std=(0.5,) * 3, image_size=16)
+    with pytest.raises(ValueError, match=r"\(B, N, C\) tokens.*NCHW"):
+        fe(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="forward_intermediates"):
+        FeatureExtractor(net, None, mean=(0.5,) * 3, std=(0.5,) * 3, image_size=16)
+
+
+def test_pretrained_offline_gives_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+
+    # huggingface_hub reads these at import, so patch the module constants as well as the env.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(RuntimeError, match=r"resnet18\.a1_in1k[\s\S]*backbone\.checkpoint="):
+        build_backbone(dataclasses.replace(RESNET18, pretrained=True))
+
+
+def test_local_checkpoint(tmp_path, resnet18):
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in resnet18.model.state_dict().items()}, str(path))
+    fe = build_backbone(dataclasses.replace(RESNET18, checkpoint=str(path)))
+    images = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(fe(images), resnet18(images))
+
+    save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(RuntimeError, match="bad.safetensors"):
+        build_backbone(dataclasses.replace(RESNET18, checkpoint=str(tmp_path / "bad.safetensors")))
+
+
+def test_missing_checkpoint_and_unknown_names(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        build_backbone(dataclasses.replace(RESNET18, checkpoint=str(missing)))
+    with pytest.raises(ValueError, match="not_a_model"):
+        build_backbone(BackboneConfig(name="not_a_model", pretrained=False))
+    with pytest.raises(ValueError, match="resnet18.no_such_tag"):
+        build_backbone(BackboneConfig(name="resnet18.no_such_tag", pretrained=False))

@@ -1,0 +1,103 @@
+"""DDIM and classifier-free guidance: reference replay and independent derivations."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+from featinv.checkpoint import load_into
+from featinv.config import PRESETS, DiffusionConfig
+from featinv.diffusion import alphas_cumprod, q_sample, sigma_from_alpha
+from featinv.model import FeatInv
+from featinv.sampling import ddim_sample, ddim_schedule, ddim_timesteps, guided_eps_fn, randn_like
+
+AC = alphas_cumprod(DiffusionConfig())
+
+
+def test_timesteps_and_schedule_match_reference(tiny_io):
+    ts = ddim_timesteps(10)
+    assert torch.equal(ts, tiny_io["ddim_timesteps"])
+    assert ddim_timesteps(50)[[0, 1, -1]].tolist() == [1, 21, 981]
+    alphas, alphas_prev, sigmas = ddim_schedule(AC, ts, 0.5)
+    assert_close_rel(alphas, tiny_io["ddim_alphas"], tol=1e-6, name="alphas")
+    assert_close_rel(alphas_prev, tiny_io["ddim_alphas_prev"], tol=1e-6, name="alphas_prev")
+    assert_close_rel(sigmas, tiny_io["ddim_eta0p5_sigmas"], tol=1e-6, name="sigmas")
+    assert alphas_prev[0] == AC[0]  # the last step lands on ᾱ[0], not 1
+
+
+@pytest.mark.parametrize("eta, key", [(0.0, "ddim_eta0"), (0.5, "ddim_eta0p5")])
+def test_guided_ddim_replays_reference(tiny_sd, tiny_io, eta, key):
+    io = tiny_io
+    model = FeatInv(PRESETS["tiny"].model).eval()
+    load_into(model, tiny_sd)
+    calls = []
+
+    def model_fn(x, t, **kw):
+        calls.append(x.shape[0])
+        return model(x, t, **kw)
+
+    eps_fn = guided_eps_fn(model_fn, dict(context=io["in_context"], feats=io["in_hint"]),
+                           dict(context=io["in_uncond_context"], feats=io["in_hint"]), 1.75)
+    xs, x0s = [], []
+    out = ddim_sample(eps_fn, io["in_x_T"], AC, ddim_timesteps(10), eta=eta,
+                      generator=torch.Generator().manual_seed(4321),
+                      callback=lambda i, x, x0: (xs.append(x), x0s.append(x0)))
+    assert calls == [4] * 10  # both guidance branches in ONE forward per step
+    assert_close_rel(out, io[f"{key}_final"], name="final")
+    assert_close_rel(torch.stack(xs), io[f"{key}_xs"], name="xs")
+    if eta == 0:
+        assert_close_rel(torch.stack(x0s), io["ddim_eta0_pred_x0s"], name="pred_x0s")
+    else:
+        g = torch.Generator().manual_seed(4321)
+        assert torch.equal(torch.stack([randn_like(io["in_x_T"], g) for _ in range(10)]), io["ddim_eta0p5_noise"])
+
+
+def test_ddim_eta0_equals_euler_on_scaled_variable():
+    """DDIM(η=0) is an Euler step of dx̃/dσ = ε on x̃ = x/√ᾱ with σ = √((1-ᾱ)/ᾱ)."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    eps_fn = lambda x, t: torch.tanh(x @ w) * (t.float()[:, None] / 1000)  # noqa: E731
+    x_T, ts = torch.randn(3, 4), ddim_timesteps(5)
+    out = ddim_sample(eps_fn, x_T, AC, ts)
+    alphas, alphas_prev, _ = ddim_schedule(AC, ts, 0.0)
+    x = x_T
+    for i in reversed(range(5)):
+        t = torch.full((3,), int(ts[i]))
+        s, s_prev = sigma_from_alpha(alphas[i]), sigma_from_alpha(alphas_prev[i])
+        x_tilde = x / alphas[i].sqrt() + (s_prev - s) * eps_fn(x, t)
+        x = x_tilde * alphas_prev[i].sqrt()
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+
+
+def test_oracle_eps_recovers_x0():
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ts = ddim_timesteps(20)
+    x_T = q_sample(x0, torch.full((2,), int(ts[-1])), noise, AC)
+    out = ddim_sample(lambda x, t: noise, x_T, AC, ts)
+    # the last step stops at ᾱ[0] = 0.99915, i.e. a tiny amount of the true noise remains
+    expected = AC[0].sqrt() * x0 + (1 - AC[0]).sqrt() * noise
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_generators_make_samples_independent_of_batch():
+    eps_fn = lambda x, t: 0.1 * x  # noqa: E731
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    ts = ddim_timesteps(4)
+    x_T = torch.randn(3, 2, 4, 4)
+    batch = ddim_sample(eps_fn, x_T, AC, ts, eta=1.0, generator=gens([7, 8, 9]))
+    single = ddim_sample(eps_fn, x_T[1:2], AC, ts, eta=1.0, generator=gens([8]))
+    assert torch.equal(batch[1:2], single)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        ddim_sample(eps_fn, x_T, AC, ts, eta=1.0, generator=gens([1, 2]))
+
+
+def test_guidance_scale_one_runs_only_conditional_branch():
+    seen = []
+    fn = guided_eps_fn(lambda x, t, c: (seen.append(x.shape[0]), x * c)[1], dict(c=torch.tensor(2.0).view(1, 1)),
+                       dict(c=torch.tensor(0.0).view(1, 1)), 1.0)
+    assert torch.equal(fn(torch.ones(1, 1), torch.zeros(1)), torch.full((1, 1), 2.0)) and seen == [1]
+
+
+def test_bad_step_count():
+    with pytest.raises(ValueError, match="num_steps"):
+        ddim_timesteps(0)
