@@ -17,11 +17,12 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
@@ -55,16 +56,29 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            raise CheckpointError(f"{path}: damaged torch.save zip archive (truncated or corrupt file)")
+        if head[:1] != b"\x80":  # a pickle (protocol >= 2) starts with the PROTO opcode
+            raise CheckpointError(f"{path}: not a checkpoint: neither safetensors (by its suffix), "
+                                  "a torch.save zip archive nor a pickle")
+    try:  # mmap needs the zip format of torch.save; legacy (pre-1.6) pickles are read without it
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except (pickle.UnpicklingError, RuntimeError) as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
+            detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
             raise CheckpointError(
                 f"{path}: refusing to load a pickle that needs arbitrary code execution "
                 f"(torch.load weights_only=True failed). Convert it to safetensors in a trusted environment. "
-                f"Details: {str(e).splitlines()[0]}") from None
+                f"Details: {detail}") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -156,7 +170,9 @@ def check_schedule(schedule: dict[str, torch.Tensor], diffusion: DiffusionConfig
     """Schedule buffers in a file must equal the config's (they are derived, never loaded)."""
     expected = schedule_buffers(diffusion)
     for k, v in schedule.items():
-        if v.shape != expected[k].shape or not torch.allclose(v.float(), expected[k], rtol=1e-5, atol=1e-7):
+        # fp16 / bf16 files store rounded buffers: allow two ulps of the file's dtype
+        rtol = max(1e-5, 2 * torch.finfo(v.dtype).eps) if v.is_floating_point() else 1e-5
+        if v.shape != expected[k].shape or not torch.allclose(v.float(), expected[k], rtol=rtol, atol=1e-7):
             raise CheckpointError(f"{source}: schedule buffer {k!r} differs from the config's diffusion schedule "
                                   f"({diffusion}); the model was trained with another schedule")
 
@@ -193,8 +209,8 @@ def infer_model_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
         ctx = ours["unet.middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         unet = UNetConfig(in_channels=ours["unet.input_blocks.0.0.weight"].shape[1],
                           out_channels=ours["unet.out.2.weight"].shape[0], model_channels=mc, channel_mult=mult,
-                          num_res_blocks=nres, attention_resolutions=tuple(attn), num_heads=8 if mc >= 320 else 2,
-                          context_dim=ctx)
+                          num_res_blocks=nres, attention_resolutions=tuple(attn[::-1]),  # (4, 2, 1) as in the YAML
+                          num_heads=8 if mc >= 320 else 2, context_dim=ctx)
         hint = ours.get("control.input_hint_block.block.1.weight")
         adapter = AdapterConfig(in_channels=hint.shape[1], width=hint.shape[0]) if hint is not None else AdapterConfig()
         ch = ours["vae.encoder.conv_in.weight"].shape[0]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Sampler, DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -116,13 +116,15 @@ def collate_skip(batch: list[dict | None]) -> dict[str, Any]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+                seed: int = 0, drop_last: bool = False, sampler: Sampler | None = None) -> DataLoader:
     """DataLoader with :func:`collate_skip`; the seed fixes shuffling and the workers' RNGs.
 
     With ``num_workers=0`` the augmentations draw from the global torch RNG (seed it yourself,
-    e.g. ``lightning.seed_everything``).
+    e.g. ``lightning.seed_everything``). A ``sampler`` (e.g. a per-rank DistributedSampler)
+    replaces ``shuffle``.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+                      sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_skip, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))

@@ -17,10 +17,14 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Uniformly spaced DDIM timesteps, ascending: (S,) int64, e.g. S=50 -> [1, 21, ..., 981]."""
+    """Uniformly spaced DDIM timesteps, ascending: (S,) int64, e.g. S=50 -> [1, 21, ..., 981].
+
+    The reference's ``arange(0, T, T // S) + 1``; for S that does not divide T it yields more than
+    S steps (and T itself for S=3), so only the first S are kept."""
     if not 0 < num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps, dtype=torch.int64) + 1
+    steps = torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps, dtype=torch.int64) + 1
+    return steps[:num_steps]
 
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, eta: float):

@@ -42,3 +42,23 @@ def tiny_sd() -> dict[str, torch.Tensor]:
 def tiny_io() -> dict[str, torch.Tensor]:
     """Reference inputs (``in_*``) and outputs of the tiny model."""
     return load_file(FIXTURES / "tiny_io.safetensors")
+
+
+def write_tiny_minisd(path: Path, seed: int = 0) -> Path:
+    """A miniSD-layout checkpoint (UNet, VAE, text encoder; no control branch) of the tiny model."""
+    from safetensors.torch import save_file
+
+    from featinv.checkpoint import to_reference
+    from featinv.config import PRESETS
+    from featinv.model import FeatInv
+
+    torch.manual_seed(seed)
+    model = FeatInv(PRESETS["tiny"].model)
+    sd = to_reference(model.state_dict(), model.cfg.diffusion)
+    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("control_model.")}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_minisd(tmp_path_factory) -> Path:
+    return write_tiny_minisd(tmp_path_factory.mktemp("minisd") / "minisd_tiny.safetensors")

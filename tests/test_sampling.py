@@ -18,6 +18,7 @@ def test_timesteps_and_schedule_match_reference(tiny_io):
     ts = ddim_timesteps(10)
     assert torch.equal(ts, tiny_io["ddim_timesteps"])
     assert ddim_timesteps(50)[[0, 1, -1]].tolist() == [1, 21, 981]
+    assert ddim_timesteps(3).tolist() == [1, 334, 667] and len(ddim_timesteps(30)) == 30
     alphas, alphas_prev, sigmas = ddim_schedule(AC, ts, 0.5)
     assert_close_rel(alphas, tiny_io["ddim_alphas"], tol=1e-6, name="alphas")
     assert_close_rel(alphas_prev, tiny_io["ddim_alphas_prev"], tol=1e-6, name="alphas_prev")

@@ -1,0 +1,330 @@
+"""Evaluation of a reconstruction folder (PAPER.md "Evaluation"): feature cosine similarity, the
+classifier's accuracy on reconstructions, agreement with its predictions on the originals, FID.
+
+Reads the layout that :func:`featinv.reconstruct.reconstruct_folder` writes. Metric functions are
+pure; FID comes from torchmetrics (an established implementation) or is reported as unavailable.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from featinv.backbone import FeatureExtractor, build_backbone
+from featinv.checkpoint import atomic_save
+from featinv.config import BackboneConfig, from_dict, to_dict
+from featinv.reconstruct import resolve_backbone, uncertainty
+
+FID_NEEDS = ("torchmetrics' FrechetInceptionDistance needs the torch-fidelity package "
+             "(pip install torch-fidelity) and its Inception weights (downloaded on first use, "
+             "or pass --fid-weights PATH to a local pt_inception-2015-12-05 file)")
+
+
+# ----- metrics (pure) ---------------------------------------------------------------------------------
+
+def cosine_similarity_pooled(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """f1, f2: (B, C, h, w) -> (B,) cosine of the global-average-pooled feature vectors."""
+    return F.cosine_similarity(f1.float().mean(dim=(2, 3)), f2.float().mean(dim=(2, 3)), dim=1)
+
+
+def cosine_similarity_spatial(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """f1, f2: (B, C, h, w) -> (B,) cosine over channels at each position, averaged over positions."""
+    return F.cosine_similarity(f1.float(), f2.float(), dim=1).mean(dim=(1, 2))
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
+    """logits: (B, N), labels: (B,) int -> {k: (B,) bool, label among the k highest logits}."""
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: hits[:, :k].any(dim=1) for k in ks}
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """logits: (B, N), labels: (B,) -> {k: fraction of rows whose label is in the top k}."""
+    return {k: v.float().mean().item() for k, v in topk_correct(logits, labels, ks).items()}
+
+
+def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """(B, N) twice -> fraction of rows with the same top-1 class."""
+    return (logits_a.argmax(dim=1) == logits_b.argmax(dim=1)).float().mean().item()
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """||μ1−μ2||² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1 Σ2)^½) between two Gaussians; (D,), (D, D) each.
+
+    tr((Σ1 Σ2)^½) = tr((Σ1^½ Σ2 Σ1^½)^½): the inner matrix is symmetric PSD, so eigh suffices (float64)."""
+    mu1, mu2, sigma1, sigma2 = (x.double() for x in (mu1, mu2, sigma1, sigma2))
+    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()) or mu1.shape != mu2.shape:
+        raise ValueError(f"frechet_distance: shapes mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
+                         f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)} do not fit (D,), (D, D)")
+    root = _sqrtm_psd(sigma1)
+    inner = root @ sigma2 @ root
+    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt).item()
+
+
+def gaussian_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, D) -> mean (D,) and covariance (D, D), float64."""
+    x = x.double()
+    return x.mean(dim=0), torch.cov(x.T, correction=1).reshape(x.shape[1], x.shape[1])
+
+
+def make_fid(device: torch.device | str = "cpu", weights: str | None = None):
+    """(torchmetrics FrechetInceptionDistance, None), or (None, message saying what is missing)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=2048, normalize=True,
+                                        feature_extractor_weights_path=weights).to(device), None
+    except Exception as e:  # any failure (package, download, file) means: no FID, never a made-up one
+        return None, f"FID unavailable: {FID_NEEDS}. Error: {type(e).__name__}: {e}"
+
+
+# ----- reading the reconstruct layout -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    """An original image and its K reconstructions."""
+
+    class_name: str
+    label: int
+    stem: str
+    original: Path
+    reconstructions: tuple[Path, ...]
+
+
+_RECON_NAME = re.compile(r"reconstructed_(.+)_(\d+)\.png")
+
+
+def sample_index(path: Path) -> int:
+    """k of ``reconstructed_<stem>_<k>.png``."""
+    return int(_RECON_NAME.fullmatch(path.name).group(2))
+
+
+def read_layout(out_dir: str | Path) -> tuple[list[Record], list[str]]:
+    """Records of ``<out>/<class>/<stem>.png`` + ``reconstructed_<stem>_<k>.png``; class list.
+
+    Labels are indices into the sorted class list of ``manifest.json`` (the data root's classes),
+    else into the sorted class folders: for ImageNet this is the standard label order."""
+    out = Path(out_dir)
+    manifest = out / "manifest.json"
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "eval" and not p.name.startswith("."))
+    classes = folders
+    if manifest.is_file():
+        classes = json.loads(manifest.read_text()).get("classes") or folders
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for name in folders:
+        if name not in index:
+            raise ValueError(f"{out / name}: class folder not in {manifest}'s class list")
+        recons: dict[str, dict[int, Path]] = {}
+        for p in (out / name).glob("reconstructed_*.png"):
+            m = _RECON_NAME.fullmatch(p.name)
+            if m:
+                recons.setdefault(m.group(1), {})[int(m.group(2))] = p
+        for stem in sorted(recons):
+            original = out / name / f"{stem}.png"
+            if original.is_file():
+                ks = sorted(recons[stem])
+                records.append(Record(name, index[name], stem, original, tuple(recons[stem][k] for k in ks)))
+    if not records:
+        raise FileNotFoundError(f"{out}: no <class>/<stem>.png with reconstructed_<stem>_<k>.png found")
+    return records, classes
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """PNG -> (3, H, W) float32 in [0, 1]."""
+    with Image.open(path) as f:
+        array = np.asarray(f.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+# ----- evaluation -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (N, 3, H, W) in [0, 1] -> feature maps (N, C, h, w) and logits (N, classes), float32 on CPU.
+
+    Originals and reconstructions are both resized from the saved size to the backbone's, so they
+    are compared on equal terms."""
+    x = images.to(extractor.mean.device)
+    size = extractor.image_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return extractor(x).float().cpu(), extractor.classify(x).float().cpu()
+
+
+def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric, pooled: dict) -> list[dict]:
+    """Per-reconstruction rows for a batch of records; updates FID state and the pooled features."""
+    originals = torch.stack([load_image(r.original) for r in batch])
+    recons = torch.stack([load_image(p) for r in batch for p in r.reconstructions])
+    owner = torch.tensor([i for i, r in enumerate(batch) for _ in r.reconstructions])
+    f_orig, l_orig = _backbone_outputs(extractor, originals)
+    f_rec, l_rec = _backbone_outputs(extractor, recons)
+    labels = torch.tensor([r.label for r in batch])
+    ks = (1, min(5, l_orig.shape[1]))
+    hit_o, hit_r = topk_correct(l_orig, labels, ks), topk_correct(l_rec, labels[owner], ks)
+    cos_p = cosine_similarity_pooled(f_orig[owner], f_rec)
+    cos_s = cosine_similarity_spatial(f_orig[owner], f_rec)
+    pred_o, pred_r = l_orig.argmax(1), l_rec.argmax(1)
+    pooled["original"].append(f_orig.mean(dim=(2, 3)))
+    pooled["reconstruction"].append(f_rec.mean(dim=(2, 3)))
+    if fid_metric is not None:
+        device = fid_metric.device
+        fid_metric.update(originals.to(device), real=True)
+        fid_metric.update(recons.to(device), real=False)
+    ks_of = [sample_index(p) for r in batch for p in r.reconstructions]
+    rows = []
+    for j, (i, k) in enumerate(zip(owner.tolist(), ks_of)):
+        r = batch[i]
+        rows.append({"class": r.class_name, "label": r.label, "image": r.stem, "k": k,
+                     "cos_pooled": round(cos_p[j].item(), 6), "cos_spatial": round(cos_s[j].item(), 6),
+                     "pred_original": pred_o[i].item(), "pred_reconstruction": pred_r[j].item(),
+                     "top1": int(hit_r[1][j]), "top5": int(hit_r[ks[1]][j]), "agree": int(pred_o[i] == pred_r[j]),
+                     "original_top1": int(hit_o[1][i]), "original_top5": int(hit_o[ks[1]][i])})
+    return rows
+
+
+def _heat(u: torch.Tensor) -> torch.Tensor:
+    """(H, W) in [0, 1] -> (3, H, W) "hot" colour map: black -> red -> yellow -> white."""
+    return torch.stack([(3 * u).clamp(0, 1), (3 * u - 1).clamp(0, 1), (3 * u - 2).clamp(0, 1)])
+
+
+def contact_sheet(records: list[Record], rows: int = 8) -> tuple[Image.Image, float]:
+    """Rows original | K reconstructions | uncertainty heat map (when K > 1) for up to ``rows`` classes.
+
+    Heat maps share one scale, the largest per-pixel std on the sheet, which is returned."""
+    classes = sorted({r.class_name for r in records})
+    picks = sorted({round(i) for i in np.linspace(0, len(classes) - 1, min(rows, len(classes)))})
+    chosen = [next(r for r in records if r.class_name == classes[i]) for i in picks]
+    lines, heats = [], []
+    for r in chosen:
+        samples = torch.stack([load_image(p) for p in r.reconstructions])
+        lines.append([load_image(r.original), *samples])
+        heats.append(uncertainty(samples[None])[0] if len(samples) > 1 else None)
+    u_max = max([h.max().item() for h in heats if h is not None], default=0.0)
+    lines = [line + ([_heat(h / u_max if u_max > 0 else h)] if h is not None else [])
+             for line, h in zip(lines, heats)]
+    size = lines[0][0].shape[-1]
+    sheet = torch.zeros(3, size * len(lines), size * max(map(len, lines)))  # short rows stay black
+    for row, line in enumerate(lines):
+        for col, img in enumerate(line):
+            if img.shape[-2:] != (size, size):
+                img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True)[0]
+            sheet[:, row * size:(row + 1) * size, col * size:(col + 1) * size] = img
+    array = (sheet * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array), u_max
+
+
+def _summarise(rows: list[dict], pooled: dict, fid_metric, fid_note: str | None, backbone: str) -> dict:
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    firsts = list({(r["class"], r["image"]): r for r in rows}.values())  # one row per original
+    summary = {"images": len(firsts), "reconstructions": len(rows), "backbone": backbone,
+               "cos_pooled": mean("cos_pooled"), "cos_spatial": mean("cos_spatial"),
+               "top1": mean("top1"), "top5": mean("top5"), "agreement": mean("agree"),
+               "original_top1": float(np.mean([r["original_top1"] for r in firsts])),
+               "original_top5": float(np.mean([r["original_top5"] for r in firsts]))}
+    po, pr = torch.cat(pooled["original"]), torch.cat(pooled["reconstruction"])
+    # Fréchet distance in the backbone's pooled feature space (not FID): needs >= 2 samples per side.
+    summary["backbone_fd"] = (frechet_distance(*gaussian_stats(po), *gaussian_stats(pr))
+                              if len(po) > 1 and len(pr) > 1 else None)
+    summary["fid"] = float(fid_metric.compute()) if fid_metric is not None else None
+    summary["fid_note"] = fid_note
+    summary["labels"] = "class index = position in the sorted class list (ImageNet: folder order)"
+    return summary
+
+
+def _markdown(summary: dict) -> str:
+    names = [("images", "original images"), ("reconstructions", "reconstructions"),
+             ("cos_pooled", "cosine similarity, pooled features"), ("cos_spatial", "cosine similarity, spatial"),
+             ("top1", "top-1 accuracy on reconstructions"), ("top5", "top-5 accuracy on reconstructions"),
+             ("original_top1", "top-1 accuracy on originals"), ("original_top5", "top-5 accuracy on originals"),
+             ("agreement", "top-1 agreement with originals"),
+             ("backbone_fd", "Fréchet distance, pooled backbone features"),
+             ("fid", "FID (torchmetrics, Inception-v3)")]
+    lines = [f"# Evaluation ({summary['backbone']})", "", "| metric | value |", "|---|---|"]
+    for key, label in names:
+        v = summary[key]
+        lines.append(f"| {label} | {'n/a' if v is None else (f'{v:.4f}' if isinstance(v, float) else v)} |")
+    if summary["fid_note"]:
+        lines += ["", summary["fid_note"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(text: str, path: Path) -> None:
+    atomic_save(lambda tmp: Path(tmp).write_text(text), path)
+
+
+def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneConfig, batch_size: int = 16,
+                    fid: bool = True, device: str | None = None, fid_weights: str | None = None,
+                    sheet_rows: int = 8) -> dict:
+    """Evaluate a reconstruct folder; writes ``<out>/eval/{per_image.csv, summary.json, summary.md,
+    contact_sheet.png}`` and returns the summary."""
+    out = Path(out_dir)
+    records, _ = read_layout(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = build_backbone(backbone) if isinstance(backbone, BackboneConfig) else backbone
+    extractor = extractor.to(device).eval()
+    name = backbone.name if isinstance(backbone, BackboneConfig) else type(extractor.model).__name__
+    fid_metric, fid_note = make_fid(device, fid_weights) if fid else (None, "FID not requested (--no-fid)")
+    rows, pooled = [], {"original": [], "reconstruction": []}
+    for start in tqdm(range(0, len(records), batch_size), unit="batch", desc="evaluate"):
+        rows += _evaluate_batch(records[start:start + batch_size], extractor, fid_metric, pooled)
+    summary = _summarise(rows, pooled, fid_metric, fid_note, name)
+    sheet, u_max = contact_sheet(records, sheet_rows)
+    summary["contact_sheet_uncertainty_max"] = u_max
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(buf.getvalue(), out / "eval" / "per_image.csv")
+    _write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
+    _write_text(_markdown(summary), out / "eval" / "summary.md")
+    atomic_save(lambda tmp: sheet.save(tmp, format="PNG"), out / "eval" / "contact_sheet.png")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``featinv evaluate``: metrics of a reconstruct folder, written to ``<out>/eval``."""
+    p = argparse.ArgumentParser(prog="featinv evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Evaluate the reconstructions written by `featinv reconstruct`.")
+    p.add_argument("--out", required=True, help="the reconstruct output folder")
+    p.add_argument("--backbone", help="backbone preset or timm name (default: the one in manifest.json)")
+    p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
+    p.add_argument("--backbone-size", type=int, help="backbone input size")
+    p.add_argument("--batch-size", type=int, default=16, help="original images per batch")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID")
+    p.add_argument("--fid-weights", help="local Inception weights for torchmetrics' FID")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out: reconstruct folder {str(out)!r} not found")
+    manifest = out / "manifest.json"
+    saved = json.loads(manifest.read_text()).get("backbone") if manifest.is_file() else None
+    base = from_dict(BackboneConfig, saved) if saved else BackboneConfig()
+    backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
+    print("featinv evaluate\n" + json.dumps({**vars(args), "backbone": to_dict(backbone)}, indent=2))
+    summary = evaluate_folder(out, backbone, args.batch_size, args.fid, args.device, args.fid_weights)
+    print(_markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Training FeatInv: a thin LightningModule over the pure model, loss and sampler.
+
+PAPER.md "Training": ε-prediction MSE, AdamW lr 1e-5, joint 15 % dropout of feature map and
+prompt, only the control branch trains. Differences from the reference, on purpose:
+- the frozen backbone runs on the accelerator over the whole batch (not per image in the dataset);
+- frozen parameters have ``requires_grad=False``, so no weight gradients are computed for the
+  ~511 M UNet decoder weights, while gradients still flow through the decoder to the residuals;
+- the randomness of a step (t, noise, dropout, posterior sample) comes from a generator seeded
+  by (seed, step, rank), and checkpoints carry the RNG states, so a resumed run is exact.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset, DistributedSampler
+
+from featinv.backbone import FeatureExtractor, build_backbone
+from featinv.checkpoint import atomic_save, load_featinv, save_featinv
+from featinv.config import FeatInvConfig, TrainConfig, load_config, to_dict
+from featinv.data import ImageDataset, make_loader
+from featinv.diffusion import eps_loss
+from featinv.model import FeatInv
+
+
+class FeatInvModule(pl.LightningModule):
+    """Trains ``model.control`` (and optionally the UNet decoder) on a frozen backbone's features."""
+
+    def __init__(self, model: FeatInv, backbone: FeatureExtractor, cfg: TrainConfig,
+                 image_dir: str | Path | None = None):
+        super().__init__()
+        self.model, self.backbone, self.cfg = model, backbone, cfg
+        self.image_dir = Path(image_dir) if image_dir else None
+        model.requires_grad_(False)
+        backbone.requires_grad_(False)
+        model.control.requires_grad_(True)
+        if cfg.unlock_decoder:  # reference sd_locked=False; the UNet encoder stays frozen either way
+            model.unet.output_blocks.requires_grad_(True)
+            model.unet.out.requires_grad_(True)
+        self.register_buffer("alphas_cumprod", model.alphas_cumprod, persistent=False)
+        self.strict_loading = False  # checkpoints hold only the trainable weights (checked on load)
+        self.skipped_images = 0
+
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def step_generator(self) -> torch.Generator:
+        """Randomness of this step, a function of (seed, global step, rank) only."""
+        seed = hash((self.cfg.seed, self.global_step, self.global_rank)) % (2 ** 63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self.skipped_images += int(batch["skipped"])
+        self.log("train/skipped_images", float(self.skipped_images), reduce_fx="sum", sync_dist=False)
+        if batch["index"].numel() == 0:  # every image in the batch was unreadable
+            return None
+        g = self.step_generator()
+        with torch.no_grad():
+            feats = self.backbone(batch["feat_input"])
+            latents = self.model.encode_images(batch["image"], generator=g)
+        b = latents.shape[0]
+        drop = torch.rand(b, generator=g, device=self.device) < self.cfg.drop_prob  # joint dropout
+        feats = feats * (~drop).to(feats.dtype)[:, None, None, None]
+        context = self.model.text_context(["" if d else self.cfg.prompt for d in drop.tolist()])
+        t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=g, device=self.device)
+        noise = torch.randn(latents.shape, generator=g, device=self.device, dtype=latents.dtype)
+        loss = eps_loss(lambda x, tt: self.model(x, tt, context, feats), latents, t, noise, self.alphas_cumprod)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        every = self.cfg.log_images_every
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero and batch["index"].numel():
+            self.log_images(batch)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict) -> Path | None:
+        """Originals next to reconstructions (a few DDIM steps) as a PNG grid; small and on the CPU."""
+        from featinv.reconstruct import Reconstructor, SampleConfig
+        from featinv.visualize import image_grid, save_png
+
+        n = min(self.cfg.log_images_count, batch["index"].numel())
+        was_training = self.model.training
+        self.model.eval()
+        rec = Reconstructor(self.model, self.backbone, SampleConfig(steps=self.cfg.log_images_steps))
+        keys = [f"log{i}" for i in range(n)]
+        samples = rec(batch["feat_input"][:n], keys)[:, 0].float().cpu()  # (n, 3, H, W) in [0, 1]
+        self.model.train(was_training)
+        originals = (batch["image"][:n].float().cpu() + 1) / 2
+        grid = image_grid(torch.stack([originals, samples], dim=1))
+        path = None
+        if self.image_dir is not None:
+            path = save_png(grid, self.image_dir / f"step{self.global_step:08d}.png")
+        if self.logger is not None and hasattr(self.logger, "log_image"):  # e.g. WandbLogger
+            self.logger.log_image("samples", [grid], step=self.global_step)
+        return path
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["featinv"] = {"model": to_dict(self.model.cfg), "train": to_dict(self.cfg)}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
+                             "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self.trainable_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"training checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}; "
+                           "was it written with another train.unlock_decoder setting?")
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _numpy_state() -> tuple:
+    """numpy's RNG state with its key array as a tensor, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
+class _Loader(pl.LightningDataModule):
+    """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True)
+        return make_loader(self.dataset, self.batch_size, self.num_workers, seed=self.seed,
+                           drop_last=True, sampler=sampler)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16 mixed precision on GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: FeatureExtractor) -> FeatInv:
+    """Load the initial FeatInv checkpoint; the adapter's input channels follow from the backbone."""
+    channels = backbone.feature_shape[0]
+    model_cfg = dataclasses.replace(cfg.model, adapter=dataclasses.replace(cfg.model.adapter, in_channels=channels))
+    return load_featinv(init, model_cfg)
+
+
+def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone: FeatureExtractor | None = None,
+          dataset: Dataset | None = None, devices="auto", num_nodes: int = 1, strategy: str = "auto",
+          accelerator: str = "auto", resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
+
+    backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
+    resume: a Lightning checkpoint; "auto" resumes from ``<run_dir>/checkpoints/last.ckpt`` if present."""
+    run_dir = Path(run_dir)
+    backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
+    if dataset is None:
+        if not cfg.data.root:
+            raise ValueError("no training data: set data.root (an ImageNet-layout folder) or pass --data")
+        dataset = ImageDataset(cfg.data.root, backbone.image_size, cfg.model.image_size, train=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume == "auto":
+        resume = last if last.exists() else None
+    model = build_training_model(cfg, init, backbone)
+    module = FeatInvModule(model, backbone, cfg.train, image_dir=run_dir / "images")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save(lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))), run_dir / "config.yaml")
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
+                                           auto_insert_metric_name=False, every_n_train_steps=cfg.train.checkpoint_every
+                                           or None, save_top_k=1, save_last=True)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                         precision=resolve_precision(cfg.train.precision, accelerator), max_steps=cfg.train.max_steps,
+                         default_root_dir=run_dir, callbacks=[ckpt_cb], use_distributed_sampler=False,
+                         logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
+                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
+    data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    out = run_dir / "featinv.safetensors"
+    if trainer.is_global_zero:
+        save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
+        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="featinv train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="featinv_convnext", help="preset name or YAML (project or reference style)")
+    p.add_argument("--init", required=True, help="initial FeatInv checkpoint (from `featinv build-control`)")
+    p.add_argument("--data", help="ImageNet-layout training folder (sets data.root)")
+    p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
+    p.add_argument("--resume", default="auto", help="Lightning checkpoint to resume, 'auto' (run-dir/last.ckpt) or 'none'")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto", help="e.g. 1, 8, or auto")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", default="auto", help="e.g. ddp")
+    p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+          accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume)
+    return 0

@@ -1,0 +1,336 @@
+"""Checkpoint layout, strict loading, file formats, atomic saving and config files."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, assert_close_rel
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import featinv.checkpoint as ckpt
+from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
+                                load_featinv, load_into, read_state_dict, save_featinv, to_reference)
+from featinv.config import PRESETS, AdapterConfig, DiffusionConfig, load_config
+from featinv.model import FeatInv
+
+TINY = PRESETS["tiny"].model
+FULL = PRESETS["featinv_convnext"].model
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+class Opaque:
+    """A custom class: unpickling it would need this module's code."""
+
+
+@pytest.fixture(scope="module")
+def full_meta() -> FeatInv:
+    """The full FeatInv model without storage (shapes only)."""
+    with torch.device("meta"):
+        return FeatInv(FULL)
+
+
+@pytest.fixture(scope="module")
+def full_ref_sd(full_meta) -> dict[str, torch.Tensor]:
+    """The full model's state dict in the reference layout (meta tensors, real schedule buffers)."""
+    return to_reference(full_meta.state_dict(), FULL.diffusion)
+
+
+@pytest.fixture()
+def tiny_model() -> FeatInv:
+    return FeatInv(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_sd) -> FeatInv:
+    model = FeatInv(TINY).eval()
+    load_into(model, tiny_sd)
+    return model
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _eps(model: FeatInv, io: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(io["in_x_noisy"], io["in_t"], io["in_context"], io["in_hint"])
+
+
+# ----- the full model's key layout ---------------------------------------------------------------------
+
+def test_full_model_has_reference_keys_in_order(full_ref_sd):
+    with open(FIXTURES / "featinv_convnext_keys.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert list(full_ref_sd) == [r["key"] for r in rows]
+    for r in rows:
+        shape = tuple(int(d) for d in r["shape"].split("x"))
+        assert tuple(full_ref_sd[r["key"]].shape) == shape, r["key"]
+
+
+def test_full_model_parameter_counts(full_meta):
+    # reference README section 1 (params only)
+    assert _params(full_meta.unet) == 859_520_964
+    assert _params(full_meta.control) == 368_746_432
+    assert _params(full_meta.control.input_hint_block) == 8_553_792
+    assert _params(full_meta.vae) == 83_653_863
+    assert _params(full_meta.text_encoder) == 123_060_480
+
+
+def test_infer_model_config(tiny_sd, full_ref_sd):
+    assert infer_model_config(tiny_sd) == TINY
+    assert infer_model_config(full_ref_sd) == FULL
+
+
+# ----- strict loading ---------------------------------------------------------------------------------
+
+def test_tiny_state_dict_loads_exactly(tiny_sd, tiny_model):
+    assert load_into(tiny_model, tiny_sd) == []
+    ours = tiny_model.state_dict()
+    assert torch.equal(ours["control.zero_convs.0.0.weight"], tiny_sd["control_model.zero_convs.0.0.weight"])
+    assert torch.equal(ours["text_encoder.final_layer_norm.weight"],
+                       tiny_sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+
+
+@pytest.mark.parametrize("edit, group, key, kind", [
+    (lambda sd: sd.pop("control_model.zero_convs.0.0.weight"), "control branch", "zero_convs.0.0.weight", "missing"),
+    (lambda sd: sd.update({"model.diffusion_model.extra.weight": torch.zeros(3)}), "UNet", "extra.weight",
+     "unexpected"),
+    (lambda sd: sd.update({"first_stage_model.encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)}), "VAE",
+     "encoder.conv_in.weight", "mis-shaped"),
+    (lambda sd: sd.update({"surprise": torch.zeros(1)}), "unrecognised", "surprise", "unexpected"),
+], ids=["missing", "unexpected", "mis-shaped", "unknown prefix"])
+def test_strict_load_names_group_and_key(tiny_sd, tiny_model, edit, group, key, kind):
+    sd = dict(tiny_sd)
+    edit(sd)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_into(tiny_model, sd, source="bad.ckpt")
+    msg = str(err.value)
+    assert "bad.ckpt" in msg and f"{group}: 1 {kind}" in msg and key in msg
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items()), "failed load changed weights"
+
+
+def test_mis_shape_names_both_shapes(tiny_sd, tiny_model):
+    sd = {**tiny_sd, "first_stage_model.encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)}
+    with pytest.raises(CheckpointError, match=r"file \(32, 3, 5, 5\), model \(32, 3, 3, 3\)"):
+        load_into(tiny_model, sd)
+
+
+def test_other_model_fails_with_grouped_mis_shapes(full_ref_sd, tiny_model):
+    with pytest.raises(CheckpointError) as err:
+        load_into(tiny_model, full_ref_sd)
+    lines = str(err.value).splitlines()[1:]
+    for group in ("UNet", "control branch", "VAE", "text encoder"):
+        line = next((ln for ln in lines if ln.strip().startswith(group + ":")), None)
+        assert line is not None and "mis-shaped" in line, f"{group} not reported: {err.value}"
+    assert "text encoder" in str(err.value) and "unexpected" in str(err.value)  # layers 1..11
+
+
+def test_harmless_extras_are_dropped_with_a_note(tiny_sd, tiny_model):
+    sd = {**tiny_sd, "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+          "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0)}
+    notes = load_into(tiny_model, sd)
+    assert len(notes) == 1 and "3 known harmless" in notes[0] and "position_ids" in notes[0]
+
+
+def test_transformers5_text_keys_load(tiny_sd, tiny_model):
+    old = "cond_stage_model.transformer.text_model."
+    sd = {k.replace(old, "cond_stage_model.transformer."): v for k, v in tiny_sd.items()}
+    assert not any(k.startswith(old) for k in sd)
+    load_into(tiny_model, sd)
+    assert torch.equal(tiny_model.text_encoder.embeddings.token_embedding.weight,
+                       tiny_sd[old + "embeddings.token_embedding.weight"])
+
+
+def test_schedule_buffer_must_match_config(tiny_sd, tiny_model):
+    sd = {**tiny_sd, "alphas_cumprod": tiny_sd["alphas_cumprod"] * (1 + 1e-3)}
+    with pytest.raises(CheckpointError, match="alphas_cumprod"):
+        load_into(tiny_model, sd)
+    other = FeatInv(dataclasses.replace(TINY, diffusion=DiffusionConfig(linear_end=0.02)))
+    with pytest.raises(CheckpointError, match="schedule buffer .* linear_end=0.02"):
+        load_into(other, tiny_sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads(tiny_sd, tiny_model, dtype):
+    # fp16 / bf16 releases round the schedule buffers too; weights are cast into the fp32 model
+    load_into(tiny_model, {k: v.to(dtype) for k, v in tiny_sd.items()})
+    w = "model.diffusion_model.out.2.weight"
+    assert torch.equal(tiny_model.unet.out[2].weight, tiny_sd[w].to(dtype).float())
+    with pytest.raises(CheckpointError, match="schedule buffer"):
+        load_into(tiny_model, {**tiny_sd, "betas": (tiny_sd["betas"] * 1.05).to(dtype)})
+
+
+# ----- file formats -----------------------------------------------------------------------------------
+
+def test_lightning_ckpt_loads(tiny_sd, ref_model, tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": tiny_sd, "epoch": 1, "global_step": 7}, path)
+    model = load_featinv(path)
+    assert model.cfg == TINY  # inferred from shapes
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_plain_pt_and_legacy_pickle_load(tiny_sd, tmp_path):
+    for name, zip_format in (("plain.pt", True), ("legacy.pth", False)):
+        torch.save(tiny_sd, tmp_path / name, _use_new_zipfile_serialization=zip_format)
+        sd, metadata = read_state_dict(tmp_path / name)
+        assert metadata == {} and sd.keys() == tiny_sd.keys()
+        assert torch.equal(sd["control_model.middle_block_out.0.weight"],
+                           tiny_sd["control_model.middle_block_out.0.weight"])
+    load_featinv(tmp_path / "plain.pt", TINY)
+
+
+def test_safetensors_round_trip(tiny_sd, tiny_io, ref_model, tmp_path):
+    path = save_featinv(ref_model, tmp_path / "out" / "featinv.safetensors", {"note": "test"})
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(tiny_sd)  # the reference layout, schedule buffers included
+        metadata = f.metadata()
+        for k in ("control_model.input_hint_block.block.5.weight", "model.diffusion_model.out.2.weight", "betas"):
+            assert torch.equal(f.get_tensor(k), tiny_sd[k]), k
+    assert metadata["note"] == "test"
+    assert config_from_metadata(metadata) == TINY
+    assert json.loads(metadata[METADATA_KEY])["unet"]["model_channels"] == 32
+    model = load_featinv(path)
+    assert model.cfg == TINY
+    assert_close_rel(_eps(model.eval(), tiny_io), tiny_io["eps_ctrl"], name="eps_ctrl after reload")
+
+
+def test_metadata_config_wins_over_shapes(ref_model, tmp_path):
+    # Heads are invisible in shapes: a file saved with 1 head must come back with 1 head.
+    cfg = dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet, num_heads=1))
+    model = FeatInv(cfg)
+    model.load_state_dict(ref_model.state_dict())
+    assert load_featinv(save_featinv(model, tmp_path / "h1.safetensors")).cfg.unet.num_heads == 1
+
+
+@pytest.mark.parametrize("payload", [Opaque(), argparse.Namespace(lr=1e-5)], ids=["custom class", "Namespace"])
+def test_pickle_needing_code_is_refused(tiny_sd, tmp_path, payload):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": tiny_sd, "hyper_parameters": payload}, path)
+    with pytest.raises(CheckpointError, match="arbitrary code") as err:
+        read_state_dict(path)
+    assert "weights_only" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "not a readable safetensors"),
+    ("empty.safetensors", b"", "not a readable safetensors"),
+    ("garbage.ckpt", b"this is not a checkpoint", "not a checkpoint"),
+])
+def test_corrupt_files_give_clear_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as err:
+        read_state_dict(tmp_path / name)
+    assert name in str(err.value)
+
+
+def test_truncated_torch_file(tiny_sd, tmp_path):
+    torch.save(tiny_sd, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="cut.pt.*(damaged|truncated|corrupt)"):
+        read_state_dict(tmp_path / "cut.pt")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        load_featinv(tmp_path / "nothing.safetensors")
+
+
+def test_non_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="expected a state dict"):
+        read_state_dict(tmp_path / "list.pt")
+
+
+def test_save_is_atomic(ref_model, tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"previous good file")
+
+    def failing_writer(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_featinv(ref_model, target)
+    assert target.read_bytes() == b"previous good file"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name], "temporary file left behind"
+    with pytest.raises(OSError):
+        save_featinv(ref_model, tmp_path / "new.safetensors")
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+# ----- config files -----------------------------------------------------------------------------------
+
+def test_reference_yaml_tiny():
+    assert load_config(str(FIXTURES / "tiny_config.yaml")).model == TINY
+
+
+def test_reference_yaml_full():
+    model = load_config(str(FIXTURES / "featinv_convnext_config.yaml")).model
+    assert model.unet.gradient_checkpointing is True  # use_checkpoint: True
+    assert dataclasses.replace(model, unet=dataclasses.replace(model.unet, gradient_checkpointing=False)) == FULL
+
+
+@pytest.mark.parametrize("block, key", [
+    ("unet_config", "use_fp16"), ("control_stage_config", "hint_width"), (None, "ckpt_bogus")])
+def test_reference_yaml_unknown_key(tmp_path, block, key):
+    data = OmegaConf.to_container(OmegaConf.load(FIXTURES / "tiny_config.yaml"))
+    params = data["model"]["params"] if block is None else data["model"]["params"][block]["params"]
+    params[key] = 1
+    OmegaConf.save(OmegaConf.create(data), tmp_path / "ref.yaml")
+    with pytest.raises(ValueError, match=key):
+        load_config(str(tmp_path / "ref.yaml"))
+
+
+def test_reference_yaml_with_overrides():
+    cfg = load_config(str(FIXTURES / "tiny_config.yaml"), ["model.adapter.in_channels=2048", "train.lr=0.5"])
+    assert cfg.model == dataclasses.replace(TINY, adapter=AdapterConfig(in_channels=2048)) and cfg.train.lr == 0.5
+
+
+def test_project_yaml_merges_onto_preset(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\nmodel:\n  unet:\n    num_heads: 4\ntrain:\n  lr: 0.003\n")
+    cfg = load_config(str(tmp_path / "run.yaml"), ["data.batch_size=2"])
+    assert cfg.model.unet.num_heads == 4 and cfg.train.lr == 0.003 and cfg.data.batch_size == 2
+    assert cfg.model.unet.model_channels == 32 and cfg.backbone == PRESETS["tiny"].backbone
+
+
+@pytest.mark.parametrize("text, key", [
+    ("preset: tiny\nmodel:\n  unet:\n    num_hedas: 4\n", "num_hedas"),
+    ("preset: tiny\ntrian:\n  lr: 0.1\n", "trian"),
+    ("preset: tinyy\n", "tinyy"),
+])
+def test_project_yaml_unknown_key(tmp_path, text, key):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ValueError, match=key):
+        load_config(str(tmp_path / "run.yaml"))
+
+
+def test_dotlist_overrides():
+    cfg = load_config("tiny", ["train.lr=0.5", "model.unet.num_heads=4", "model.unet.channel_mult=[1,2]"])
+    assert cfg.train.lr == 0.5 and cfg.model.unet.num_heads == 4 and cfg.model.unet.channel_mult == (1, 2)
+    with pytest.raises(ValueError, match="no_such_field"):
+        load_config("tiny", ["train.no_such_field=1"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_shipped_configs_equal_presets(name):
+    path = CONFIGS / f"{name}.yaml"
+    assert load_config(str(path)) == PRESETS[name]
+    # written out in full: every field of every section appears in the file
+    written = OmegaConf.to_container(OmegaConf.load(path))
+    expected = OmegaConf.to_container(OmegaConf.structured(PRESETS[name]))
+
+    def keys(d, prefix=""):
+        return {f"{prefix}{k}" for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
+                                                          for x in keys(v, f"{prefix}{k}.")}
+    assert keys(expected) <= keys(written)
