@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -33,10 +34,10 @@ class FeatInvModule(pl.LightningModule):
     """Trains ``model.control`` (and optionally the UNet decoder) on a frozen backbone's features."""
 
     def __init__(self, model: FeatInv, backbone: FeatureExtractor, cfg: TrainConfig,
-                 image_dir: str | Path | None = None):
+                 run_dir: str | Path | None = None):
         super().__init__()
         self.model, self.backbone, self.cfg = model, backbone, cfg
-        self.image_dir = Path(image_dir) if image_dir else None
+        self.run_dir = Path(run_dir) if run_dir else None
         model.requires_grad_(False)
         backbone.requires_grad_(False)
         model.control.requires_grad_(True)
@@ -98,11 +99,22 @@ class FeatInvModule(pl.LightningModule):
         originals = (batch["image"][:n].float().cpu() + 1) / 2
         grid = image_grid(torch.stack([originals, samples], dim=1))
         path = None
-        if self.image_dir is not None:
-            path = save_png(grid, self.image_dir / f"step{self.global_step:08d}.png")
+        if self.run_dir is not None:
+            path = save_png(grid, self.run_dir / "images" / f"step{self.global_step:08d}.png")
         if self.logger is not None and hasattr(self.logger, "log_image"):  # e.g. WandbLogger
             self.logger.log_image("samples", [grid], step=self.global_step)
         return path
+
+    def on_train_end(self) -> None:
+        """Check that every rank ends with the same trainable weights (a silent DDP failure otherwise)."""
+        params = [p.detach().double() for p in self.parameters() if p.requires_grad]
+        mine = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
+        prints = self.all_gather(mine).reshape(-1, 2).tolist()
+        if self.trainer.is_global_zero and self.run_dir is not None:
+            report = {"world_size": self.trainer.world_size, "fingerprints": prints}
+            atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(report)), self.run_dir / "ddp_check.json")
+        if any(fp != prints[0] for fp in prints):
+            raise RuntimeError(f"ranks ended with different weights (sum, sum of squares per rank: {prints})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_keys()
@@ -117,7 +129,12 @@ class FeatInvModule(pl.LightningModule):
         if missing:
             raise KeyError(f"training checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}; "
                            "was it written with another train.unlock_decoder setting?")
-        rng = checkpoint.get("rng")
+        self._resume_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # Restore the RNG states here, the last moment before data is fetched: Lightning draws
+        # random numbers between loading a checkpoint and starting the loop.
+        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
@@ -179,7 +196,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     if resume == "auto":
         resume = last if last.exists() else None
     model = build_training_model(cfg, init, backbone)
-    module = FeatInvModule(model, backbone, cfg.train, image_dir=run_dir / "images")
+    module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))), run_dir / "config.yaml")
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
@@ -191,6 +208,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     out = run_dir / "featinv.safetensors"
     if trainer.is_global_zero:

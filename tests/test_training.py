@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from featinv.backbone import build_backbone
 from featinv.build_control import build_control
+from featinv.checkpoint import load_featinv
 from featinv.config import PRESETS, merge
-from featinv.data import sample_photos_folder
+from featinv.data import ImageDataset, collate_skip, sample_photos_folder
+from featinv.diffusion import eps_loss
 from featinv.training import train
 
 
@@ -25,34 +28,62 @@ def photos(tmp_path_factory):
     return root
 
 
+ADAPTER_WIDTH = 64  # the fixture's 512-wide adapter would dominate the CPU time of these tests
+
+
 @pytest.fixture(scope="module")
 def init_ckpt(tiny_minisd, tmp_path_factory):
     # tiny preset backbone: resnet18 at 64 px -> 512 x 2 x 2
     out = tmp_path_factory.mktemp("init") / "init.safetensors"
-    build_control(tiny_minisd, out, hint_channels=512)
+    model_cfg = merge(PRESETS["tiny"].model, {"adapter": {"width": ADAPTER_WIDTH}})
+    build_control(tiny_minisd, out, cfg=model_cfg, hint_channels=512)
     return out
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return build_backbone(PRESETS["tiny"].backbone)
 
 
 def tiny_cfg(photos, **train):
     return merge(PRESETS["tiny"], {"data": {"root": str(photos), "batch_size": 2, "num_workers": 0},
+                                   "model": {"adapter": {"width": ADAPTER_WIDTH}},
                                    "train": {"lr": 1e-3, "log_images_every": 0, **train}})
+
+
+@torch.no_grad()
+def fixed_loss(ckpt, backbone, photos):
+    """ε loss of a checkpoint on all photos at fixed timesteps and noise (no sampling variance)."""
+    model = load_featinv(ckpt).eval()
+    data = ImageDataset(photos, backbone.image_size, model.cfg.image_size, train=False)
+    batch = collate_skip([data[i] for i in range(len(data))])
+    feats = backbone(batch["feat_input"])
+    latents = model.encode_images(batch["image"], sample=False)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for t in (50, 300, 600, 900):
+        noise = torch.randn(latents.shape, generator=g)
+        tt = torch.full((len(latents),), t)
+        ctx = model.text_context([PRESETS["tiny"].train.prompt] * len(latents))
+        losses.append(eps_loss(lambda x, t_: model(x, t_, ctx, feats), latents, tt, noise, model.alphas_cumprod))
+    return float(sum(losses) / len(losses))
 
 
 def control_weights(path):
     return {k: v for k, v in load_file(path).items() if k.startswith("control_model.")}
 
 
-def test_overfitting_photos_the_loss_falls(photos, init_ckpt, tmp_path):
+def test_overfitting_photos_the_loss_falls(photos, init_ckpt, backbone, tmp_path):
     cfg = tiny_cfg(photos, max_steps=60, checkpoint_every=0, drop_prob=0.0, log_images_every=30,
                    log_images_count=2, log_images_steps=2)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=4))
-    out = train(cfg, init_ckpt, tmp_path / "run", progress=False)
+    out = train(cfg, init_ckpt, tmp_path / "run", backbone=backbone, progress=False)
     with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    losses = [float(r["train/loss"]) for r in rows]
-    assert len(losses) == 60
-    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
-    assert last < 0.6 * first, (first, last)
+    assert len(rows) == 60 and all(torch.isfinite(torch.tensor(float(r["train/loss"]))) for r in rows)
+    before, after = fixed_loss(init_ckpt, backbone, photos), fixed_loss(out, backbone, photos)
+    assert after < 0.7 * before, (before, after)  # measured: 1.18 -> 0.62
     assert float(rows[-1]["train/skipped_images"]) >= 1  # the corrupt file was skipped and counted
     assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["step00000030.png", "step00000060.png"]
     # frozen parts are untouched; the export is a full reference-layout checkpoint
@@ -63,14 +94,16 @@ def test_overfitting_photos_the_loss_falls(photos, init_ckpt, tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text().count("batch_size: 4") == 1
 
 
-def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, tmp_path):
-    full = train(tiny_cfg(photos, max_steps=6, checkpoint_every=3), init_ckpt, tmp_path / "full", progress=False)
-    train(tiny_cfg(photos, max_steps=3, checkpoint_every=3), init_ckpt, tmp_path / "part", progress=False)
-    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=False)
+def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, backbone, tmp_path):
+    full = train(tiny_cfg(photos, max_steps=6, checkpoint_every=3), init_ckpt, tmp_path / "full", progress=False,
+                 backbone=backbone)
+    train(tiny_cfg(photos, max_steps=3, checkpoint_every=3), init_ckpt, tmp_path / "part", progress=False,
+          backbone=backbone)
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert all(k.startswith("model.control.") for k in ckpt["state_dict"])  # only what trains
     resumed = train(tiny_cfg(photos, max_steps=6, checkpoint_every=3), init_ckpt, tmp_path / "part", progress=False,
-                    resume="auto")
+                    resume="auto", backbone=backbone)
     a, b = control_weights(full), control_weights(resumed)
     assert any(not torch.equal(a[k], load_file(init_ckpt)[k]) for k in a)
     for k in a:
@@ -92,7 +125,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(photos, init_ckpt, t
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "featinv.cli", "train", "--config", "tiny", "--init", str(init_ckpt),
            "--data", str(photos), "--run-dir", str(run), "--accelerator", "cpu", "--devices", "2",
-           "--strategy", "ddp", "train.max_steps=3", "train.checkpoint_every=0", "train.log_images_every=0",
+           "--strategy", "ddp", "model.adapter.width=64", "train.max_steps=3", "train.checkpoint_every=0", "train.log_images_every=0",
            "data.batch_size=2", "data.num_workers=0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
