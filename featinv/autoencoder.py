@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featinv.config import VAEConfig
+from featinv.unet import Upsample  # same layer and key (`conv`) as the UNet's
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -73,18 +74,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)) (exactly H/2 for even H)."""
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then conv3x3."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
