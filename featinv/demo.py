@@ -3,8 +3,8 @@
 No miniSD, no ImageNet, no GPU needed. The demo runs the same code paths as a full-scale run,
 with tiny configs:
 
-1. trains a small CNN classifier on the 8x8 digits (upsampled to 16x16) -- the network whose
-   spatial feature map (64 x 4 x 4) is inverted;
+1. trains a small CNN classifier on the 8x8 digits (at their native size, as 3-channel images) --
+   the network whose spatial feature map (64 x 2 x 2) is inverted;
 2. trains a tiny KL autoencoder (one level: latent size = image size) and a tiny UNet with the
    plain epsilon loss -- the stand-in for miniSD (the CLIP text encoder stays randomly initialised
    and frozen; the prompt is constant, so it only has to be a fixed function);
@@ -88,7 +88,7 @@ def load_digits_split(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class DigitsCNN(nn.Module):
-    """(B, 3, S, S) normalised -> logits (B, 10); ``features`` -> (B, 64, S/4, S/4)."""
+    """(B, 3, S, S) normalised -> logits (B, 10); ``features`` -> (B, 64, S/4, S/4) (2x2 at 8 px)."""
 
     def __init__(self):
         super().__init__()
