@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="featinv demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="featinv_demo", help="output folder (picture, table; cache/ for artefacts)")
-    p.add_argument("--quick", action="store_true", help="smaller settings (about 2 minutes on a 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="smaller settings (2.5-3 minutes on a busy 2-core CPU; used by the tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--retrain", action="store_true", help="ignore cached artefacts and train everything again")
