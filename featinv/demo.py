@@ -68,7 +68,10 @@ class DemoSettings:
 
 
 DEFAULT = DemoSettings()
-QUICK = DemoSettings(vae_steps=200, unet_steps=600, unet_batch=32, control_steps=700, eval_digits=60, samples=2)
+# Calibrated on seeds 0 and 2 (label agreement 69 % and 75 % vs 10 % unconditional; 2.5 min uncontended):
+# control steps matter most (400 -> 55 %, 700 -> 75 % on seed 0), then guidance.
+QUICK = DemoSettings(vae_steps=120, unet_steps=600, unet_batch=32, control_steps=1000, eval_digits=60, samples=2,
+                     guidance=5.5)
 
 
 # ----- data and classifier ------------------------------------------------------------------------
