@@ -21,13 +21,13 @@ from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
 from featinv.checkpoint import atomic_save, load_featinv
+from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
 from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
 from featinv.data import ImageDataset, find_images
 from featinv.model import FeatInv, guess_mode_scales
@@ -64,15 +64,6 @@ def sample_seed(seed: int, key: str, k: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def to_uint8(images01: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) in [0, 1] -> uint8; truncates like the reference's ``.clip(0, 255).astype(uint8)``."""
-    return (images01.float() * 255).clamp(0, 255).to(torch.uint8)
-
-
-def save_png(image01: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write one (3, H, W) image in [0, 1] as PNG, atomically."""
-    array = to_uint8(image01).permute(1, 2, 0).cpu().numpy()
-    return atomic_save(lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), path)
 
 
 def uncertainty(samples: torch.Tensor) -> torch.Tensor:
