@@ -123,16 +123,22 @@ def from_reference(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return ours, schedule, notes
 
 
+def reference_key(key: str) -> str:
+    """Our key -> the reference (file) key; keys without a known prefix are returned unchanged."""
+    for ref, ours in PREFIXES.items():
+        if key.startswith(ours):
+            return ref + key[len(ours):]
+    return key
+
+
 def to_reference(sd: dict[str, torch.Tensor], diffusion: DiffusionConfig) -> dict[str, torch.Tensor]:
     """Our keys -> reference keys, with the 13 schedule buffers first (the reference order)."""
     out = dict(schedule_buffers(diffusion))
     for key, value in sd.items():
-        for ref, ours in PREFIXES.items():
-            if key.startswith(ours):
-                out[ref + key[len(ours):]] = value
-                break
-        else:
+        ref = reference_key(key)
+        if ref == key:
             raise KeyError(f"no reference prefix for key {key!r}")
+        out[ref] = value
     return out
 
 
@@ -145,6 +151,7 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor],
                      components: tuple[str, ...] | None = None, source: str = "checkpoint") -> None:
     """Raise CheckpointError listing missing / unexpected / mis-shaped keys, grouped by component.
 
+    ``sd`` has our keys (see ``from_reference``); the message names them as the file does (reference keys).
     components: restrict the check to these (e.g. a miniSD file has no ``control``)."""
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if components is None or component_of(k) in components}
@@ -152,13 +159,13 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor],
     for kind, keys in (("missing", sorted(set(expected) - set(sd))), ("unexpected", sorted(set(sd) - set(expected)))):
         by_comp = defaultdict(list)
         for k in keys:
-            by_comp[component_of(k)].append(k)
+            by_comp[component_of(k)].append(reference_key(k))
         for comp, ks in by_comp.items():
             problems[comp].append(f"{len(ks)} {kind}: {_examples(ks)}")
     shapes = defaultdict(list)
     for k in sorted(set(expected) & set(sd)):
         if tuple(sd[k].shape) != tuple(expected[k]):
-            shapes[component_of(k)].append(f"{k} (file {tuple(sd[k].shape)}, model {tuple(expected[k])})")
+            shapes[component_of(k)].append(f"{reference_key(k)} (file {tuple(sd[k].shape)}, model {tuple(expected[k])})")
     for comp, ks in shapes.items():
         problems[comp].append(f"{len(ks)} mis-shaped: {_examples(ks, 2)}")
     if problems:

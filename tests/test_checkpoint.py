@@ -99,11 +99,12 @@ def test_tiny_state_dict_loads_exactly(tiny_sd, tiny_model):
 
 
 @pytest.mark.parametrize("edit, group, key, kind", [
-    (lambda sd: sd.pop("control_model.zero_convs.0.0.weight"), "control branch", "zero_convs.0.0.weight", "missing"),
-    (lambda sd: sd.update({"model.diffusion_model.extra.weight": torch.zeros(3)}), "UNet", "extra.weight",
-     "unexpected"),
+    (lambda sd: sd.pop("control_model.zero_convs.0.0.weight"), "control branch",
+     "control_model.zero_convs.0.0.weight", "missing"),
+    (lambda sd: sd.update({"model.diffusion_model.extra.weight": torch.zeros(3)}), "UNet",
+     "model.diffusion_model.extra.weight", "unexpected"),
     (lambda sd: sd.update({"first_stage_model.encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)}), "VAE",
-     "encoder.conv_in.weight", "mis-shaped"),
+     "first_stage_model.encoder.conv_in.weight", "mis-shaped"),
     (lambda sd: sd.update({"surprise": torch.zeros(1)}), "unrecognised", "surprise", "unexpected"),
 ], ids=["missing", "unexpected", "mis-shaped", "unknown prefix"])
 def test_strict_load_names_group_and_key(tiny_sd, tiny_model, edit, group, key, kind):
@@ -113,7 +114,7 @@ def test_strict_load_names_group_and_key(tiny_sd, tiny_model, edit, group, key, 
     with pytest.raises(CheckpointError) as err:
         load_into(tiny_model, sd, source="bad.ckpt")
     msg = str(err.value)
-    assert "bad.ckpt" in msg and f"{group}: 1 {kind}" in msg and key in msg
+    assert "bad.ckpt" in msg and f"{group}: 1 {kind}" in msg and key in msg  # named as in the file
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items()), "failed load changed weights"
 
 
