@@ -94,15 +94,16 @@ def test_overfitting_photos_the_loss_falls(photos, init_ckpt, backbone, tmp_path
     assert (tmp_path / "run" / "config.yaml").read_text().count("batch_size: 4") == 1
 
 
-def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, backbone, tmp_path):
-    full = train(tiny_cfg(photos, max_steps=6, checkpoint_every=3), init_ckpt, tmp_path / "full", progress=False,
+@pytest.mark.parametrize("stop", [3, 2], ids=["epoch-end", "mid-epoch"])  # 3 batches an epoch
+def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, backbone, tmp_path, stop):
+    full = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "full", progress=False,
                  backbone=backbone)
-    train(tiny_cfg(photos, max_steps=3, checkpoint_every=3), init_ckpt, tmp_path / "part", progress=False,
+    train(tiny_cfg(photos, max_steps=stop, checkpoint_every=stop), init_ckpt, tmp_path / "part", progress=False,
           backbone=backbone)
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
+    assert ckpt["global_step"] == stop
     assert all(k.startswith("model.control.") for k in ckpt["state_dict"])  # only what trains
-    resumed = train(tiny_cfg(photos, max_steps=6, checkpoint_every=3), init_ckpt, tmp_path / "part", progress=False,
+    resumed = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "part", progress=False,
                     resume="auto", backbone=backbone)
     a, b = control_weights(full), control_weights(resumed)
     assert any(not torch.equal(a[k], load_file(init_ckpt)[k]) for k in a)
