@@ -285,6 +285,11 @@ def atomic_save(write, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file (JSON, YAML, CSV, Markdown) atomically."""
+    return atomic_save(lambda tmp: Path(tmp).write_text(text), path)
+
+
 # ----- reference-style YAML --------------------------------------------------------------------------
 
 _UNET_KEYS = {"in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",

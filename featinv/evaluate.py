@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_save
+from featinv.checkpoint import atomic_save, atomic_write_text
 from featinv.config import BackboneConfig, from_dict, to_dict
 from featinv.reconstruct import resolve_backbone, uncertainty
 
@@ -267,10 +267,6 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(text: str, path: Path) -> None:
-    atomic_save(lambda tmp: Path(tmp).write_text(text), path)
-
-
 def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneConfig, batch_size: int = 16,
                     fid: bool = True, device: str | None = None, fid_weights: str | None = None,
                     sheet_rows: int = 8) -> dict:
@@ -293,9 +289,9 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(buf.getvalue(), out / "eval" / "per_image.csv")
-    _write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
-    _write_text(_markdown(summary), out / "eval" / "summary.md")
+    atomic_write_text(buf.getvalue(), out / "eval" / "per_image.csv")
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
+    atomic_write_text(_markdown(summary), out / "eval" / "summary.md")
     atomic_save(lambda tmp: sheet.save(tmp, format="PNG"), out / "eval" / "contact_sheet.png")
     return summary
 

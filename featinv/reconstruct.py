@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_save, load_featinv
+from featinv.checkpoint import atomic_write_text, load_featinv
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
 from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
 from featinv.data import ImageDataset, find_images
@@ -317,7 +317,7 @@ def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int
     manifest = {**info, "items": len(items), "complete": len(items) - len(missing),
                 "already_complete": done_before, "reconstructed": len(items) - len(missing) - done_before,
                 "unreadable": [it.path for it in missing]}
-    atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"), out / "manifest.json")
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
     return manifest
 
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_save, load_featinv, save_featinv
+from featinv.checkpoint import atomic_write_text, load_featinv, save_featinv
 from featinv.config import FeatInvConfig, TrainConfig, load_config, to_dict
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
@@ -117,7 +117,7 @@ class FeatInvModule(pl.LightningModule):
         prints = self.all_gather(mine).reshape(-1, 2).tolist()
         if self.trainer.is_global_zero and self.run_dir is not None:
             report = {"world_size": self.trainer.world_size, "fingerprints": prints}
-            atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(report)), self.run_dir / "ddp_check.json")
+            atomic_write_text(json.dumps(report), self.run_dir / "ddp_check.json")
         if any(fp != prints[0] for fp in prints):
             raise RuntimeError(f"ranks ended with different weights (sum, sum of squares per rank: {prints})")
 
@@ -227,7 +227,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     model = build_training_model(cfg, init, backbone)
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))), run_dir / "config.yaml")
+    atomic_write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir / "config.yaml")
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
                                            auto_insert_metric_name=False, every_n_train_steps=cfg.train.checkpoint_every
                                            or None, save_top_k=1, save_last=True)

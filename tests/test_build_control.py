@@ -44,7 +44,7 @@ def test_refuses_to_overwrite_and_rejects_wrong_input(tiny_minisd, tmp_path):
     sd.pop("model.diffusion_model.out.2.weight")
     from safetensors.torch import save_file
     save_file(sd, broken)
-    with pytest.raises(CheckpointError, match=r"UNet: 1 missing: unet\.out\.2\.weight"):
+    with pytest.raises(CheckpointError, match=r"UNet: 1 missing: model\.diffusion_model\.out\.2\.weight"):
         build_control(broken, tmp_path / "x.safetensors", cfg=load_featinv(featinv_ckpt).cfg)
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         build_control(tmp_path / "nope.ckpt", tmp_path / "y.safetensors")

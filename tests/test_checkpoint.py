@@ -12,7 +12,6 @@ import torch
 from conftest import FIXTURES, assert_close_rel
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import featinv.checkpoint as ckpt
 from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
