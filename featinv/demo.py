@@ -277,6 +277,12 @@ def markdown(results: dict) -> str:
 
 # ----- the pipeline --------------------------------------------------------------------------------
 
+def cache_dir(out: Path, s: DemoSettings, seed: int, name: str) -> Path:
+    """``<out>/cache/<name>-seed<N>-<hash of the settings>``: changed settings never reuse stale artefacts."""
+    tag = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(out) / "cache" / f"{name}-seed{seed}-{tag}"
+
+
 def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, device: str = "cpu",
         retrain: bool = False, settings: DemoSettings | None = None) -> dict:
     """Run (or reuse) every stage; returns the results dict (also written to ``<out>/results.json``)."""
@@ -284,8 +290,7 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
     s = settings or (QUICK if quick else DEFAULT)
     dev = torch.device(device)
     out = Path(out)
-    tag = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
-    cache = out / "cache" / f"{'quick' if quick else 'default'}-seed{seed}-{tag}"  # new settings: new cache
+    cache = cache_dir(out, s, seed, "quick" if quick else "default")
     if retrain and cache.exists():
         shutil.rmtree(cache)
     cache.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,16 @@ def reference_shapes(group: str, prefix: str) -> dict[str, tuple[int, ...]]:
     return {r["key"][len(prefix):]: tuple(int(d) for d in r["shape"].split("x")) for r in rows}
 
 
+def assert_matches_reference_keys(module: torch.nn.Module, group: str, prefix: str, n_params: int) -> None:
+    """``module``'s state dict has exactly the keys, order and shapes of ``group`` in the reference table."""
+    ref = reference_shapes(group, prefix)
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert set(ours) == set(ref), (sorted(set(ours) - set(ref)), sorted(set(ref) - set(ours)))
+    assert list(ours) == list(ref)  # same order as the reference state_dict
+    assert ours == ref
+    assert sum(v.numel() for v in module.state_dict().values()) == n_params
+
+
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict[str, torch.Tensor]:
     """The reference tiny model's full state dict (reference key names, float32)."""

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_rel, reference_shapes, strip_prefix
+from conftest import assert_close_rel, assert_matches_reference_keys, strip_prefix
 from featinv.autoencoder import AutoencoderKL
 from featinv.config import VAEConfig
 
@@ -20,12 +20,7 @@ def tiny_vae(tiny_sd):
 def test_full_size_keys_match_reference():
     with torch.device("meta"):
         vae = AutoencoderKL(VAEConfig())
-    ref = reference_shapes("vae", PREFIX)
-    ours = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    assert set(ours) == set(ref), (sorted(set(ours) - set(ref)), sorted(set(ref) - set(ours)))
-    assert list(ours) == list(ref)  # same order as the reference state_dict
-    assert ours == ref
-    assert sum(v.numel() for v in vae.state_dict().values()) == 83_653_863
+    assert_matches_reference_keys(vae, "vae", PREFIX, 83_653_863)
 
 
 def test_encode_matches_reference(tiny_vae, tiny_io):

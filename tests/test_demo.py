@@ -1,6 +1,7 @@
 """Acceptance test of ``featinv demo --quick``: FeatInv inverts a digits classifier's feature map for real."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,3 +34,12 @@ def test_quick_demo_inverts_features_and_caches(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == artefacts
     printed = capsys.readouterr().out
     assert printed.count("cached") == 4, printed  # classifier, VAE+UNet, control branch, reconstructions
+
+
+def test_cache_folder_follows_settings_and_seed(tmp_path):
+    a = demo.cache_dir(tmp_path, demo.QUICK, 0, "quick")
+    assert a == demo.cache_dir(tmp_path, demo.DemoSettings(**vars(demo.QUICK)), 0, "quick")  # same settings
+    assert a.parent == tmp_path / "cache" and a.name.startswith("quick-seed0-")
+    others = {demo.cache_dir(tmp_path, demo.QUICK, 1, "quick"), demo.cache_dir(tmp_path, demo.DEFAULT, 0, "quick"),
+              demo.cache_dir(tmp_path, dataclasses.replace(demo.QUICK, guidance=4.0), 0, "quick")}
+    assert a not in others and len(others) == 3

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_rel, reference_shapes, strip_prefix
+from conftest import assert_close_rel, assert_matches_reference_keys, strip_prefix
 from featinv.config import TextConfig
 from featinv.text import BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, tokenize
 
@@ -22,12 +22,7 @@ def tiny_text(tiny_sd):
 def test_full_size_keys_match_reference():
     with torch.device("meta"):
         enc = CLIPTextEncoder(TextConfig())
-    ref = reference_shapes("text_encoder", PREFIX)
-    ours = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
-    assert set(ours) == set(ref), (sorted(set(ours) - set(ref)), sorted(set(ref) - set(ours)))
-    assert list(ours) == list(ref)  # same order as the reference state_dict
-    assert ours == ref
-    assert sum(v.numel() for v in enc.state_dict().values()) == 123_060_480
+    assert_matches_reference_keys(enc, "text_encoder", PREFIX, 123_060_480)
 
 
 def test_tokenize_matches_reference(tiny_io):
