@@ -238,9 +238,13 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
-    # _Loader resumes mid-epoch itself; Lightning cannot see that and would warn about it.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # Lightning warnings about what is done here on purpose:
+        # _Loader resumes mid-epoch itself; Lightning cannot see that.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        # The backbone, VAE, text encoder and frozen UNet stay in eval mode (BatchNorm statistics, no dropout).
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        if resume:  # the run directory holds the checkpoints being resumed
+            warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     out = run_dir / "featinv.safetensors"
     if trainer.is_global_zero:
