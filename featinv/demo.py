@@ -294,8 +294,6 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
     if retrain and cache.exists():
         shutil.rmtree(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec|TPU available"
-                                              "|GPU available|logger).*")
     data = load_digits_split(s.image_size)
 
     # 1. the classifier
@@ -441,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, min(available - 1, 4))
     torch.set_num_threads(max(1, threads))
     torch.set_flush_denormal(True)  # tiny activations otherwise slow CPU convolutions down many times
+    # Lightning's advice for large runs (workers, loggers, accelerators) is noise on this tiny one.
+    warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec|TPU available"
+                                              "|GPU available|logger).*")
     run(args.out, args.quick, args.seed, args.device, args.retrain)
     return 0
 

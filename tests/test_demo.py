@@ -5,12 +5,20 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from featinv import demo
 
 
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()  # demo.main sets the thread count (1 on a 2-core machine)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_quick_demo_inverts_features_and_caches(tmp_path, capsys):
+def test_quick_demo_inverts_features_and_caches(tmp_path, capsys, restore_torch_threads):
     out = tmp_path / "demo"
     assert demo.main(["--quick", "--out", str(out), "--seed", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
