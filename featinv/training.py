@@ -8,7 +8,8 @@ prompt, only the control branch trains. Differences from the reference, on purpo
 - the randomness of a step (t, noise, dropout, posterior sample) comes from a generator seeded
   by (seed, step, rank), and checkpoints carry the RNG states, so a resumed run is exact --
   also from a mid-epoch checkpoint: the resumed epoch skips the batches already trained on
-  (exact with ``num_workers=0``; with workers, the augmentations of the resumed epoch differ).
+  (bit for bit with ``num_workers=0``; with workers the data order is still exact, but the workers'
+  augmentation RNGs start afresh after a resume).
 """
 from __future__ import annotations
 
