@@ -357,11 +357,10 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
     extractor = extractor.to(dev).eval()
 
     # 5. reconstruct held-out digits
-    results_file = cache / "results.json"
     recon_file = cache / "reconstructions.safetensors"
     n = min(s.eval_digits, len(data["y_test"]))
     originals = rgb(data["x_test"][:n])
-    if results_file.exists() and recon_file.exists():
+    if recon_file.exists():
         rec = load_file(recon_file)
         featinv_rec, uncond_rec = rec["featinv"], rec["unconditional"]
         print(f"reconstructions: cached ({recon_file})")
@@ -379,11 +378,10 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
         chunk = 20
         with tqdm(total=n, desc="reconstructing held-out digits", unit="digit") as bar:
             for i in range(0, n, chunk):
-                x = originals[i:i + chunk].to(dev)
-                chunks_fi.append(rec_fi(x, keys[i:i + chunk]).cpu())
-                feats = rec_fi.features(x)
+                feats = rec_fi.features(originals[i:i + chunk].to(dev))
+                chunks_fi.append(rec_fi.from_features(feats, keys[i:i + chunk]).cpu())
                 chunks_un.append(rec_un.from_features(torch.zeros_like(feats), keys[i:i + chunk]).cpu())
-                bar.update(len(x))
+                bar.update(len(feats))
         featinv_rec, uncond_rec = torch.cat(chunks_fi), torch.cat(chunks_un)
         atomic_save(lambda tmp: save_file({"featinv": featinv_rec.contiguous(), "unconditional": uncond_rec.contiguous()},
                                           tmp), recon_file)
@@ -392,7 +390,6 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
                "unconditional": metrics(extractor, originals.to(dev), uncond_rec.to(dev)),
                "classifier_accuracy": acc, "eval_digits": n, "samples": s.samples, "seed": seed,
                "quick": quick, "settings": dataclasses.asdict(s)}
-    atomic_write_text(json.dumps(results, indent=2), results_file)
 
     # 6. picture and table
     from featinv.visualize import image_grid, save_png
