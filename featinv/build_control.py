@@ -48,7 +48,7 @@ def build_control(minisd: str | Path, out: str | Path, cfg: ModelConfig | None =
     model.to_empty(device="cpu")
     notes = load_into(model, sd, components=("unet", "vae", "text_encoder"), source=str(minisd))
     torch.manual_seed(seed)  # the adapter's first two convs use PyTorch's default init, reproducibly
-    model.control.load_state_dict(ControlNet.from_unet(model.unet, cfg.adapter).state_dict())
+    model.control = ControlNet.from_unet(model.unet, cfg.adapter)  # replaces the empty branch, no second copy
     copied = verify_copy(model)
     new = {k for k in model.control.state_dict() if not k.startswith(ENCODER_PARTS)}
     zero = sorted(k for k in new if model.control.state_dict()[k].abs().sum() == 0)
