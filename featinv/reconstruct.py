@@ -32,6 +32,7 @@ from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
 from featinv.data import ImageDataset, find_images
 from featinv.model import FeatInv, guess_mode_scales
 from featinv.sampling import ddim_sample, ddim_timesteps, guided_eps_fn
+from featinv.training import resolve_precision
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 INFERENCE_PROMPT = "a high-quality, detailed, and professional image, "  # training prompt + ", "
@@ -62,8 +63,6 @@ def sample_seed(seed: int, key: str, k: int) -> int:
     """A stable 63-bit seed for sample k of the image named ``key`` (same in every process and run)."""
     digest = hashlib.blake2b(f"{seed}\0{key}\0{k}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
 
 
 def uncertainty(samples: torch.Tensor) -> torch.Tensor:
@@ -306,11 +305,6 @@ def check_writable(out: str | Path) -> Path:
     return out
 
 
-def _auto_precision(accelerator: str) -> str:
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
 def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int, info: dict) -> dict:
     """Summarise the folder from what is on disk: an incomplete item after a finished run was unreadable."""
     missing = [it for it in items if not it.complete(out, k)]
@@ -357,7 +351,7 @@ def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtrac
     # fixed_batch: pixels do not depend on which items share a batch (resume, rank split, last batch)
     reconstructor = Reconstructor(model, extractor, sample_cfg, fixed_batch=batch_size)
     predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, batch_size, num_workers)
-    precision = _auto_precision(accelerator) if precision == "auto" else precision
+    precision = resolve_precision(precision, accelerator)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                          precision=precision, use_distributed_sampler=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -195,11 +195,12 @@ class _Loader(pl.LightningDataModule):
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16 mixed precision on GPUs, fp32 on the CPU."""
+    """Lightning precision for training and reconstruction; ``auto``: bf16 mixed precision on GPUs
+    that support bf16, fp32 otherwise (and on the CPU)."""
     if precision != "auto":
         return precision
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: FeatureExtractor) -> FeatInv:
