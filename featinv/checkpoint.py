@@ -52,13 +52,20 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """Tensors and metadata of a ``.safetensors``, ``.ckpt`` (Lightning) or ``.pt``/``.pth`` file.
 
     Pickles are read with ``weights_only=True``: a file that needs code execution is refused."""
+    sd, metadata, _ = read_checkpoint(path)
+    return sd, metadata
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
+    """:func:`read_state_dict` plus the torch.save dict that wraps the state dict (a Lightning
+    checkpoint's ``epoch``, ``global_step``, ...), None for safetensors and plain state dicts."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}), None
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     is_zip = zipfile.is_zipfile(path)
@@ -80,11 +87,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 f"(torch.load weights_only=True failed). Convert it to safetensors in a trusted environment. "
                 f"Details: {detail}") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(obj).__name__}")
-    return obj, {}
+    container = obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
+    sd = container["state_dict"] if container is not None else obj
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(sd).__name__}")
+    return sd, {}, container
 
 
 def component_of(key: str) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from featinv.checkpoint import (COMPONENT_NAMES, HARMLESS, CheckpointError, check_schedule, check_state_dict,
                                 component_of, config_from_metadata, from_reference, infer_model_config,
-                                read_state_dict)
+                                read_checkpoint)
 from featinv.config import PRESETS, ModelConfig, from_dict, load_config, to_dict
 from featinv.model import FeatInv
 
@@ -27,14 +27,6 @@ WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")
 MINISD = ("unet", "vae", "text_encoder")
 TRAINING_KEYS = ("epoch", "global_step", "optimizer_states", "lr_schedulers", "loops")
 WRAPPER = "model."  # FeatInvModule.model: our training checkpoints hold "model.control.*"
-
-
-def _container(path: Path) -> dict | None:
-    """The top-level dict of a torch.save file (read like read_state_dict: weights only)."""
-    if path.suffix == ".safetensors":
-        return None
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    return obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
 
 
 def _unwrap(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -147,8 +139,7 @@ def _strict_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], components
 def describe(path: str | os.PathLike, config: str | ModelConfig | None = None) -> dict:
     """Everything ``featinv inspect`` reports about one checkpoint, as a JSON-ready dict."""
     path = Path(path)
-    sd, metadata = read_state_dict(path)
-    container = _container(path)
+    sd, metadata, container = read_checkpoint(path)
     sd, wrapper = _unwrap(sd)
     components = _components(sd)
     has_control = "control" in components
