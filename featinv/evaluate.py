@@ -22,9 +22,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_save, atomic_write_text
+from featinv.checkpoint import atomic_write_text
 from featinv.config import BackboneConfig, from_dict, to_dict
 from featinv.reconstruct import resolve_backbone, uncertainty
+from featinv.visualize import heatmap, save_png
 
 FID_NEEDS = ("torchmetrics' FrechetInceptionDistance needs the torch-fidelity package "
              "(pip install torch-fidelity) and its Inception weights (downloaded on first use, "
@@ -201,11 +202,6 @@ def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric
     return rows
 
 
-def _heat(u: torch.Tensor) -> torch.Tensor:
-    """(H, W) in [0, 1] -> (3, H, W) "hot" colour map: black -> red -> yellow -> white."""
-    return torch.stack([(3 * u).clamp(0, 1), (3 * u - 1).clamp(0, 1), (3 * u - 2).clamp(0, 1)])
-
-
 def contact_sheet(records: list[Record], rows: int = 8) -> tuple[Image.Image, float]:
     """Rows original | K reconstructions | uncertainty heat map (when K > 1) for up to ``rows`` classes.
 
@@ -219,7 +215,7 @@ def contact_sheet(records: list[Record], rows: int = 8) -> tuple[Image.Image, fl
         lines.append([load_image(r.original), *samples])
         heats.append(uncertainty(samples[None])[0] if len(samples) > 1 else None)
     u_max = max([h.max().item() for h in heats if h is not None], default=0.0)
-    lines = [line + ([_heat(h / u_max if u_max > 0 else h)] if h is not None else [])
+    lines = [line + ([heatmap(h, vmax=u_max)] if h is not None else [])
              for line, h in zip(lines, heats)]
     size = lines[0][0].shape[-1]
     sheet = torch.zeros(3, size * len(lines), size * max(map(len, lines)))  # short rows stay black
@@ -292,7 +288,7 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     atomic_write_text(buf.getvalue(), out / "eval" / "per_image.csv")
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
     atomic_write_text(_markdown(summary), out / "eval" / "summary.md")
-    atomic_save(lambda tmp: sheet.save(tmp, format="PNG"), out / "eval" / "contact_sheet.png")
+    save_png(sheet, out / "eval" / "contact_sheet.png")
     return summary
 
 

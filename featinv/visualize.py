@@ -1,4 +1,4 @@
-"""Image grids and atomic PNG writing, shared by training logs, evaluation and the demo."""
+"""Image grids, heat maps and atomic PNG writing, shared by training logs, evaluation and the demo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +19,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x * 255.0).to(torch.uint8).movedim(-3, -1).numpy()
 
 
-def heatmap(values: torch.Tensor) -> torch.Tensor:
-    """(H, W) non-negative values -> (3, H, W) in [0, 1], black -> red -> yellow, scaled to the max."""
-    v = values.float() / values.max().clamp(min=1e-8)
-    return torch.stack([(2 * v).clamp(0, 1), (2 * v - 1).clamp(0, 1), torch.zeros_like(v)])
+def heatmap(values: torch.Tensor, vmax: float | None = None) -> torch.Tensor:
+    """(H, W) non-negative values -> (3, H, W) "hot" colour map in [0, 1]: black -> red -> yellow -> white.
+
+    ``vmax`` maps to white (default: the map's own max; 0 or less leaves the map black)."""
+    vmax = values.max().item() if vmax is None else vmax
+    u = values.float() / vmax if vmax > 0 else torch.zeros_like(values, dtype=torch.float32)
+    return torch.stack([(3 * u).clamp(0, 1), (3 * u - 1).clamp(0, 1), (3 * u - 2).clamp(0, 1)])
 
 
 def image_grid(images: torch.Tensor, pad: int = 2, size: int | None = None) -> Image.Image:
