@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Sampler, DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
