@@ -277,6 +277,14 @@ def save_featinv(model, path: str | os.PathLike, extra_metadata: dict[str, str] 
     return atomic_save(lambda tmp: save_file(sd, tmp, metadata=metadata), path)
 
 
+def save_minisd(model, path: str | os.PathLike) -> Path:
+    """Write a model's UNet, VAE and text encoder as a miniSD checkpoint (reference keys and schedule
+    buffers, no ``control_model.*``), atomically: what ``build_control`` starts from."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if component_of(k) != "control"}
+    ref = to_reference(sd, model.cfg.diffusion)
+    return atomic_save(lambda tmp: save_file(ref, tmp), path)
+
+
 def atomic_save(write, path: str | os.PathLike) -> Path:
     """Call write(tmp_path) then rename onto ``path``: a crash never leaves a partial file."""
     path = Path(path)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from featinv.autoencoder import AutoencoderKL
 from featinv.backbone import FeatureExtractor
-from featinv.checkpoint import atomic_save, atomic_write_text, load_featinv, to_reference
+from featinv.checkpoint import atomic_save, atomic_write_text, load_featinv, save_minisd
 from featinv.config import (AdapterConfig, FeatInvConfig, ModelConfig, TextConfig, TrainConfig, UNetConfig,
                             VAEConfig, merge)
 from featinv.diffusion import eps_loss
@@ -219,13 +219,6 @@ def train_unet(model: FeatInv, data: dict, s: DemoSettings, seed: int, device: t
             bar.set_postfix(loss=f"{ema:.4f}")
     model.requires_grad_(False)
     model.eval()
-
-
-def save_minisd(model: FeatInv, path: Path) -> Path:
-    """The miniSD layout: the reference keys of UNet, VAE, text encoder and schedule, no ``control_model.*``."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("control.")}
-    ref = to_reference(sd, model.cfg.diffusion)
-    return atomic_save(lambda tmp: save_file(ref, tmp), path)
 
 
 # ----- FeatInv training data ----------------------------------------------------------------------

@@ -56,17 +56,12 @@ def tiny_io() -> dict[str, torch.Tensor]:
 
 def write_tiny_minisd(path: Path, seed: int = 0) -> Path:
     """A miniSD-layout checkpoint (UNet, VAE, text encoder; no control branch) of the tiny model."""
-    from safetensors.torch import save_file
-
-    from featinv.checkpoint import to_reference
+    from featinv.checkpoint import save_minisd
     from featinv.config import PRESETS
     from featinv.model import FeatInv
 
     torch.manual_seed(seed)
-    model = FeatInv(PRESETS["tiny"].model)
-    sd = to_reference(model.state_dict(), model.cfg.diffusion)
-    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("control_model.")}, path)
-    return path
+    return save_minisd(FeatInv(PRESETS["tiny"].model), path)
 
 
 @pytest.fixture(scope="session")
