@@ -276,41 +276,40 @@ def cache_dir(out: Path, s: DemoSettings, seed: int, name: str) -> Path:
     return Path(out) / "cache" / f"{name}-seed{seed}-{tag}"
 
 
-def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, device: str = "cpu",
-        retrain: bool = False, settings: DemoSettings | None = None) -> dict:
-    """Run (or reuse) every stage; returns the results dict (also written to ``<out>/results.json``)."""
-    t0 = time.time()
-    s = settings or (QUICK if quick else DEFAULT)
-    dev = torch.device(device)
-    out = Path(out)
-    cache = cache_dir(out, s, seed, "quick" if quick else "default")
-    if retrain and cache.exists():
-        shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    data = load_digits_split(s.image_size)
+@dataclass
+class DemoPair:
+    """The demo's trained pair: the digits classifier and the FeatInv model that inverts its feature map."""
 
-    # 1. the classifier
+    model: FeatInv                   # eval mode, on the requested device
+    extractor: FeatureExtractor      # the classifier as a feature extractor (64 x 2 x 2 maps at 8 px)
+    classifier: DigitsCNN
+    data: dict                       # load_digits_split(settings.image_size)
+    settings: DemoSettings
+    sample_config: "SampleConfig"    # what the demo samples with (guidance, uncond mode, K, seed)
+    cache: Path                      # the cache folder the artefacts live in
+    classifier_accuracy: float
+
+
+def _stage_classifier(cache: Path, data: dict, s: DemoSettings, seed: int, dev: torch.device, log) -> DigitsCNN:
+    """1. the classifier (trained once, cached)."""
     clf_path = cache / "classifier.safetensors"
     clf = DigitsCNN()
     if clf_path.exists():
         clf.load_state_dict(load_file(clf_path))
-        print(f"1/4 classifier: cached ({clf_path})")
+        log(f"1/4 classifier: cached ({clf_path})")
     else:
         clf = train_classifier(data, s, seed, dev).cpu()
         atomic_save(lambda tmp: save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp), clf_path)
-    extractor = make_extractor(clf, s.image_size).to(dev).eval()
-    with torch.no_grad():
-        acc = (extractor.classify(rgb(data["x_test"]).to(dev)).argmax(1).cpu() == data["y_test"]).float().mean().item()
-    channels = extractor.feature_shape[0]
-    print(f"   classifier test accuracy {100 * acc:.1f} %; inverted feature map {tuple(extractor.feature_shape)}")
+    return clf.eval()
 
-    # 2.-3. the miniSD stand-in and the initial FeatInv checkpoint
-    minisd = cache / "minisd.safetensors"
-    init = cache / "featinv_init.safetensors"
-    scale_file = cache / "vae_scale.json"
+
+def _stage_minisd(cache: Path, data: dict, s: DemoSettings, seed: int, dev: torch.device, channels: int,
+                  log) -> ModelConfig:
+    """2.-3. the miniSD stand-in (autoencoder + UNet) and the initial FeatInv checkpoint; returns its config."""
+    minisd, init, scale_file = cache / "minisd.safetensors", cache / "featinv_init.safetensors", cache / "vae_scale.json"
     if minisd.exists() and scale_file.exists():
         scale = json.loads(scale_file.read_text())["scale_factor"]
-        print(f"2/4 autoencoder, 3/4 diffusion UNet: cached ({minisd})")
+        log(f"2/4 autoencoder, 3/4 diffusion UNet: cached ({minisd})")
     else:
         vae_sd, scale = train_vae(data, model_config(s, channels).vae, s, seed, dev)
         torch.manual_seed(seed)
@@ -326,86 +325,126 @@ def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, de
         from featinv.build_control import build_control
 
         build_control(minisd, init, cfg_model, channels, seed=seed)
-    print("   (the CLIP text encoder is randomly initialised and frozen: the prompt is a constant)")
+    log("   (the CLIP text encoder is randomly initialised and frozen: the prompt is a constant)")
+    return cfg_model
 
-    # 4. the control branch, with the project's trainer
+
+def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: torch.device, cfg_model: ModelConfig,
+                   extractor: FeatureExtractor, log) -> Path:
+    """4. the control branch, trained with the project's trainer; returns the final checkpoint."""
     run_dir = cache / "featinv_run"
     final = run_dir / "featinv.safetensors"
     if final.exists():
-        print(f"4/4 control branch: cached ({final})")
-    else:
-        from featinv.training import train
+        log(f"4/4 control branch: cached ({final})")
+        return final
+    from featinv.training import train
 
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        cfg = merge(FeatInvConfig(model=cfg_model), {
-            "backbone": {"name": "digits-cnn", "pretrained": False, "image_size": s.image_size},
-            "data": {"batch_size": s.control_batch, "num_workers": 0},
-            "train": {"lr": s.control_lr, "max_steps": s.control_steps, "drop_prob": 0.15, "log_images_every": 0,
-                      "checkpoint_every": s.control_steps, "seed": seed},
-        })
-        print(f"4/4 control branch: featinv.training.train, {s.control_steps} steps")
-        train(cfg, init, run_dir, backbone=extractor, dataset=DigitsDataset(data["x_train"], data["y_train"]),
-              accelerator="cuda" if dev.type == "cuda" else "cpu", devices=1, progress=True)
-    extractor = extractor.to(dev).eval()
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = merge(FeatInvConfig(model=cfg_model), {
+        "backbone": {"name": "digits-cnn", "pretrained": False, "image_size": s.image_size},
+        "data": {"batch_size": s.control_batch, "num_workers": 0},
+        "train": {"lr": s.control_lr, "max_steps": s.control_steps, "drop_prob": 0.15, "log_images_every": 0,
+                  "checkpoint_every": s.control_steps, "seed": seed},
+    })
+    log(f"4/4 control branch: featinv.training.train, {s.control_steps} steps")
+    train(cfg, cache / "featinv_init.safetensors", run_dir, backbone=extractor,
+          dataset=DigitsDataset(data["x_train"], data["y_train"]),
+          accelerator="cuda" if dev.type == "cuda" else "cpu", devices=1, progress=True)
+    return final
 
-    # 5. reconstruct held-out digits
-    recon_file = cache / "reconstructions.safetensors"
-    n = min(s.eval_digits, len(data["y_test"]))
-    originals = rgb(data["x_test"][:n])
+
+def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool = True, device: str = "cpu",
+                   log=print, retrain: bool = False, settings: DemoSettings | None = None) -> DemoPair:
+    """The demo's classifier + FeatInv model, trained on first use and cached under ``<out>/cache/``.
+
+    The analyses, the app and the benchmarks use this pair; ``featinv demo`` adds the evaluation.
+    log: where progress lines go (training stages also show tqdm bars on stderr)."""
+    from featinv.reconstruct import SampleConfig
+
+    s = settings or (QUICK if quick else DEFAULT)
+    dev = torch.device(device)
+    cache = cache_dir(Path(out), s, seed, "quick" if quick else "default")
+    if retrain and cache.exists():
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    data = load_digits_split(s.image_size)
+    clf = _stage_classifier(cache, data, s, seed, dev, log)
+    extractor = make_extractor(clf, s.image_size).to(dev).eval()
+    with torch.no_grad():
+        acc = (extractor.classify(rgb(data["x_test"]).to(dev)).argmax(1).cpu() == data["y_test"]).float().mean().item()
+    log(f"   classifier test accuracy {100 * acc:.1f} %; inverted feature map {tuple(extractor.feature_shape)}")
+    cfg_model = _stage_minisd(cache, data, s, seed, dev, extractor.feature_shape[0], log)
+    final = _stage_control(cache, data, s, seed, dev, cfg_model, extractor, log)
+    sc = SampleConfig(steps=s.sample_steps, guidance_scale=s.guidance, prompt=PROMPT, uncond="features",
+                      num_samples=s.samples, seed=seed)
+    return DemoPair(model=load_featinv(final, device=dev).eval(), extractor=extractor.to(dev).eval(), classifier=clf,
+                    data=data, settings=s, sample_config=sc, cache=cache, classifier_accuracy=acc)
+
+
+def _reconstruct_held_out(pair: DemoPair, originals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """5. FeatInv and unconditional reconstructions of held-out digits (cached): (n, K, 3, S, S), (n, 1, 3, S, S)."""
+    recon_file = pair.cache / "reconstructions.safetensors"
     if recon_file.exists():
         rec = load_file(recon_file)
-        featinv_rec, uncond_rec = rec["featinv"], rec["unconditional"]
         print(f"reconstructions: cached ({recon_file})")
-    else:
-        from featinv.reconstruct import Reconstructor, SampleConfig
+        return rec["featinv"], rec["unconditional"]
+    from featinv.reconstruct import Reconstructor
 
-        model = load_featinv(final, device=dev)
-        keys = [f"test{i}" for i in range(n)]
-        sc = SampleConfig(steps=s.sample_steps, guidance_scale=s.guidance, prompt=PROMPT, uncond="features",
-                          num_samples=s.samples, seed=seed)
-        rec_fi = Reconstructor(model, extractor, sc)
-        # The unconditional model: zero feature map AND empty prompt (what joint dropout trained), no guidance.
-        rec_un = Reconstructor(model, extractor, dataclasses.replace(sc, prompt="", guidance_scale=1.0, num_samples=1))
-        chunks_fi, chunks_un = [], []
-        chunk = 20
-        with tqdm(total=n, desc="reconstructing held-out digits", unit="digit") as bar:
-            for i in range(0, n, chunk):
-                feats = rec_fi.features(originals[i:i + chunk].to(dev))
-                chunks_fi.append(rec_fi.from_features(feats, keys[i:i + chunk]).cpu())
-                chunks_un.append(rec_un.from_features(torch.zeros_like(feats), keys[i:i + chunk]).cpu())
-                bar.update(len(feats))
-        featinv_rec, uncond_rec = torch.cat(chunks_fi), torch.cat(chunks_un)
-        atomic_save(lambda tmp: save_file({"featinv": featinv_rec.contiguous(), "unconditional": uncond_rec.contiguous()},
-                                          tmp), recon_file)
+    dev, sc, n = next(pair.model.parameters()).device, pair.sample_config, len(originals)
+    keys = [f"test{i}" for i in range(n)]
+    rec_fi = Reconstructor(pair.model, pair.extractor, sc)
+    # The unconditional model: zero feature map AND empty prompt (what joint dropout trained), no guidance.
+    rec_un = Reconstructor(pair.model, pair.extractor, dataclasses.replace(sc, prompt="", guidance_scale=1.0, num_samples=1))
+    chunks_fi, chunks_un = [], []
+    chunk = 20
+    with tqdm(total=n, desc="reconstructing held-out digits", unit="digit") as bar:
+        for i in range(0, n, chunk):
+            feats = rec_fi.features(originals[i:i + chunk].to(dev))
+            chunks_fi.append(rec_fi.from_features(feats, keys[i:i + chunk]).cpu())
+            chunks_un.append(rec_un.from_features(torch.zeros_like(feats), keys[i:i + chunk]).cpu())
+            bar.update(len(feats))
+    featinv_rec, uncond_rec = torch.cat(chunks_fi), torch.cat(chunks_un)
+    atomic_save(lambda tmp: save_file({"featinv": featinv_rec.contiguous(), "unconditional": uncond_rec.contiguous()},
+                                      tmp), recon_file)
+    return featinv_rec, uncond_rec
 
-    results = {"featinv": metrics(extractor, originals.to(dev), featinv_rec.to(dev)),
-               "unconditional": metrics(extractor, originals.to(dev), uncond_rec.to(dev)),
-               "classifier_accuracy": acc, "eval_digits": n, "samples": s.samples, "seed": seed,
-               "quick": quick, "settings": dataclasses.asdict(s)}
 
-    # 6. picture and table
+def _write_report(out: Path, results: dict, pair: DemoPair, originals: torch.Tensor, featinv_rec: torch.Tensor,
+                  uncond_rec: torch.Tensor) -> Path:
+    """6. the picture (one digit per class) and the table; returns the picture's path."""
     from featinv.visualize import image_grid, save_png
 
-    show = []
-    labels = data["y_test"][:n]
-    for c in range(10):  # one digit per class, the first in the held-out set
-        hits = (labels == c).nonzero().flatten()
-        if len(hits):
-            show.append(int(hits[0]))
-    show = torch.tensor(show)
+    s, labels = pair.settings, pair.data["y_test"][:len(originals)]
+    show = torch.tensor([int((labels == c).nonzero()[0]) for c in range(10) if (labels == c).any()])
     rows = [originals[show]] + [featinv_rec[show, k] for k in range(s.samples)] + [uncond_rec[show, 0]]
-    grid = image_grid(torch.stack(rows), size=48)
-    picture = save_png(grid, out / "demo.png")
-    table = markdown(results)
+    picture = save_png(image_grid(torch.stack(rows), size=48), out / "demo.png")
     atomic_write_text(
-        "# featinv demo: inverting a digits classifier's feature map\n\n" + table
+        "# featinv demo: inverting a digits classifier's feature map\n\n" + markdown(results)
         + f"\nPicture: `demo.png` -- row 1: held-out originals; rows 2-{1 + s.samples}: FeatInv reconstructions "
-          f"from the classifier's {tuple(extractor.feature_shape)} feature map ({s.samples} samples); "
+          f"from the classifier's {tuple(pair.extractor.feature_shape)} feature map ({s.samples} samples); "
           f"last row: unconditional samples (feature map dropped).\n", out / "results.md")
     atomic_write_text(json.dumps(results, indent=2), out / "results.json")
+    return picture
+
+
+def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, device: str = "cpu",
+        retrain: bool = False, settings: DemoSettings | None = None) -> dict:
+    """Run (or reuse) every stage; returns the results dict (also written to ``<out>/results.json``)."""
+    t0 = time.time()
+    out = Path(out)
+    pair = load_demo_pair(out, seed, quick, device, retrain=retrain, settings=settings)
+    s, dev = pair.settings, next(pair.model.parameters()).device
+    n = min(s.eval_digits, len(pair.data["y_test"]))
+    originals = rgb(pair.data["x_test"][:n])
+    featinv_rec, uncond_rec = _reconstruct_held_out(pair, originals)
+    results = {"featinv": metrics(pair.extractor, originals.to(dev), featinv_rec.to(dev)),
+               "unconditional": metrics(pair.extractor, originals.to(dev), uncond_rec.to(dev)),
+               "classifier_accuracy": pair.classifier_accuracy, "eval_digits": n, "samples": s.samples, "seed": seed,
+               "quick": quick, "settings": dataclasses.asdict(s)}
+    picture = _write_report(out, results, pair, originals, featinv_rec, uncond_rec)
     results["seconds"] = time.time() - t0
-    print("\n" + table)
+    print("\n" + markdown(results))
     print(f"picture: {picture}  (row 1 originals, rows 2-{1 + s.samples} FeatInv samples, last row unconditional)")
     print(f"table:   {out / 'results.md'}, {out / 'results.json'}   ({results['seconds']:.0f} s)")
     return results

@@ -67,3 +67,20 @@ def write_tiny_minisd(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_minisd(tmp_path_factory) -> Path:
     return write_tiny_minisd(tmp_path_factory.mktemp("minisd") / "minisd_tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def quick_demo_out(tmp_path_factory) -> Path:
+    """An out folder holding the quick demo pair (seed 0), trained once per test session (~1-2 min on 2 cores).
+
+    Tests that need a trained classifier + FeatInv model call ``load_demo_pair(quick_demo_out)``,
+    which then only reads the cache."""
+    from featinv.demo import load_demo_pair
+
+    out = tmp_path_factory.mktemp("demo")
+    threads = torch.get_num_threads()
+    try:
+        load_demo_pair(out, seed=0, quick=True, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
