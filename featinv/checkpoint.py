@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
 from featinv.diffusion import schedule_buffers
+from featinv.io import atomic_save
 
 PREFIXES = {  # reference prefix -> our attribute prefix
     "model.diffusion_model.": "unet.",
@@ -283,26 +283,6 @@ def save_minisd(model, path: str | os.PathLike) -> Path:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if component_of(k) != "control"}
     ref = to_reference(sd, model.cfg.diffusion)
     return atomic_save(lambda tmp: save_file(ref, tmp), path)
-
-
-def atomic_save(write, path: str | os.PathLike) -> Path:
-    """Call write(tmp_path) then rename onto ``path``: a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a text file (JSON, YAML, CSV, Markdown) atomically."""
-    return atomic_save(lambda tmp: Path(tmp).write_text(text), path)
 
 
 # ----- reference-style YAML --------------------------------------------------------------------------

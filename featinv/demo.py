@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from featinv.autoencoder import AutoencoderKL
 from featinv.backbone import FeatureExtractor
-from featinv.checkpoint import atomic_save, atomic_write_text, load_featinv, save_minisd
+from featinv.checkpoint import load_featinv, save_minisd
+from featinv.io import atomic_save, atomic_write_text
 from featinv.config import (AdapterConfig, FeatInvConfig, ModelConfig, TextConfig, TrainConfig, UNetConfig,
                             VAEConfig, merge)
 from featinv.diffusion import eps_loss

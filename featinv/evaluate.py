@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_write_text
+from featinv.io import atomic_write_text
 from featinv.config import BackboneConfig, from_dict, to_dict
 from featinv.reconstruct import resolve_backbone, uncertainty
 from featinv.visualize import heatmap, save_png

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_write_text, load_featinv
+from featinv.checkpoint import load_featinv
+from featinv.io import atomic_write_text
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
 from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
 from featinv.data import ImageDataset, find_images

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featinv.checkpoint import atomic_save
+from featinv.io import atomic_save
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
