@@ -33,7 +33,7 @@ from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
 from featinv.data import ImageDataset, find_images
 from featinv.model import FeatInv, guess_mode_scales
 from featinv.sampling import ddim_sample, ddim_timesteps, guided_eps_fn
-from featinv.training import resolve_precision
+from featinv.runtime import resolve_precision
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 INFERENCE_PROMPT = "a high-quality, detailed, and professional image, "  # training prompt + ", "

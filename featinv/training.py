@@ -34,6 +34,7 @@ from featinv.config import FeatInvConfig, TrainConfig, load_config, to_dict
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
+from featinv.runtime import resolve_precision
 
 
 class FeatInvModule(pl.LightningModule):
@@ -58,7 +59,9 @@ class FeatInvModule(pl.LightningModule):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def step_generator(self) -> torch.Generator:
-        """Randomness of this step, a function of (seed, global step, rank) only."""
+        """Randomness of this step, a function of (seed, global step, rank) only.
+
+        hash() of a tuple of ints is unsalted and the same in every process (see featinv.runtime)."""
         seed = hash((self.cfg.seed, self.global_step, self.global_rank)) % (2 ** 63)
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -193,15 +196,6 @@ class _Loader(pl.LightningDataModule):
         if len(loader):  # one optimizer step per batch: the steps done in this epoch are batches to skip
             sampler.skip = (self.trainer.global_step % len(loader)) * self.batch_size
         return loader
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """Lightning precision for training and reconstruction; ``auto``: bf16 mixed precision on GPUs
-    that support bf16, fp32 otherwise (and on the CPU)."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: FeatureExtractor) -> FeatInv:
