@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from featinv.config import load_config
+from featinv.config_file import load_config
 from featinv.model import FeatInv
 
 GIB = 2 ** 30

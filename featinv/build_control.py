@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from featinv.checkpoint import CheckpointError, infer_model_config, load_into, read_state_dict, save_featinv
-from featinv.config import BackboneConfig, ModelConfig, load_config
+from featinv.config import BackboneConfig, ModelConfig
+from featinv.config_file import load_config
 from featinv.controlnet import ControlNet
 from featinv.model import FeatInv
 

@@ -3,16 +3,15 @@
 Field names are permanent once written into a checkpoint's metadata, so they follow the
 LDM names where those exist (``model_channels``, ``attention_resolutions``, ...).
 
-A YAML file is merged onto a preset with ``OmegaConf.structured``, so an unknown key is an
-error that names the key. Reference-style YAML (``target:``/``params:`` blocks) is translated
-by :func:`featinv.checkpoint.config_from_reference_yaml`, next to the key table.
+A mapping is merged onto a preset with ``OmegaConf.structured``, so an unknown key is an
+error that names the key. This module imports nothing from featinv (every module may import it);
+reading YAML files, including reference-style ones, is :func:`featinv.config_file.load_config`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -188,32 +187,3 @@ def merge(base: Any, *overrides: Any) -> Any:
         return OmegaConf.to_object(conf)
     except OmegaConfBaseException as e:
         raise ValueError(f"invalid config for {type(base).__name__}: {e}") from None
-
-
-def load_config(path_or_preset: str, overrides: list[str] | None = None) -> FeatInvConfig:
-    """A preset name, a project YAML (``preset:`` key optional) or a reference-style YAML.
-
-    Project YAML: ``{preset: tiny, model: {...}, train: {...}}`` merged onto the preset.
-    Reference YAML (has ``model.target``): translated into a ModelConfig.
-    """
-    if path_or_preset in PRESETS:
-        return merge(PRESETS[path_or_preset], overrides or [])
-    path = Path(path_or_preset)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"config {path_or_preset!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    if isinstance(data.get("model"), dict) and "target" in data["model"]:
-        from featinv.checkpoint import config_from_reference_yaml
-
-        cfg = FeatInvConfig(model=config_from_reference_yaml(data, source=str(path)))
-        return merge(cfg, overrides or [])
-    preset = data.pop("preset", "featinv_convnext")
-    if preset not in PRESETS:
-        raise ValueError(f"{path}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    try:
-        return merge(PRESETS[preset], data, overrides or [])
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

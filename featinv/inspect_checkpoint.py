@@ -20,7 +20,8 @@ import torch
 from featinv.checkpoint import (COMPONENT_NAMES, HARMLESS, CheckpointError, check_schedule, check_state_dict,
                                 component_of, config_from_metadata, from_reference, infer_model_config,
                                 read_checkpoint)
-from featinv.config import PRESETS, ModelConfig, from_dict, load_config, to_dict
+from featinv.config import PRESETS, ModelConfig, from_dict, to_dict
+from featinv.config_file import load_config
 from featinv.model import FeatInv
 
 WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")

@@ -29,7 +29,8 @@ from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv
 from featinv.io import atomic_write_text
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
-from featinv.config import BackboneConfig, ModelConfig, load_config, to_dict
+from featinv.config import BackboneConfig, ModelConfig, to_dict
+from featinv.config_file import load_config
 from featinv.data import ImageDataset, find_images
 from featinv.model import FeatInv, guess_mode_scales
 from featinv.sampling import ddim_sample, ddim_timesteps, guided_eps_fn

@@ -30,7 +30,8 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv, save_featinv
 from featinv.io import atomic_write_text
-from featinv.config import FeatInvConfig, TrainConfig, load_config, to_dict
+from featinv.config import FeatInvConfig, TrainConfig, to_dict
+from featinv.config_file import load_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
