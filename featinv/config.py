@@ -89,6 +89,13 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     latent_size: int = 32  # latent grid (image size = latent_size * 2**(len(vae.ch_mult)-1))
 
+    def __post_init__(self):
+        # The latent grid is also adapter.grid (the hint is added to latent-grid activations); both
+        # fields are kept because checkpoint metadata names both, and checked together here.
+        if self.adapter.grid != self.latent_size:
+            raise ValueError(f"ModelConfig: adapter.grid ({self.adapter.grid}) must equal latent_size "
+                             f"({self.latent_size}); set both to the latent grid size")
+
     @property
     def image_size(self) -> int:
         return self.latent_size * 2 ** (len(self.vae.ch_mult) - 1)
@@ -112,11 +119,16 @@ class DataConfig:
     num_workers: int = 4
 
 
+PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
+INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
+UNCOND_MODES = ("prompt", "features")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-5
     max_steps: int = 480_000
-    prompt: str = "a high-quality, detailed, and professional image"
+    prompt: str = PROMPT
     drop_prob: float = 0.15          # joint dropout of feature map and prompt
     unlock_decoder: bool = False     # reference sd_locked=False: also train UNet output blocks
     precision: str = "auto"          # auto: bf16-mixed on GPU, 32 on CPU
@@ -125,6 +137,26 @@ class TrainConfig:
     log_images_steps: int = 20
     checkpoint_every: int = 5000
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling settings; defaults are the reference's inference settings."""
+
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.75
+    prompt: str = INFERENCE_PROMPT
+    uncond: str = "prompt"      # "prompt": uncond branch keeps the features (reference); "features": drops both
+    guess_mode: bool = False    # reference guess mode: ramp 0.825**(12-i), uncond without control (overrides uncond)
+    num_samples: int = 1        # K reconstructions per image
+    seed: int = 100
+
+    def __post_init__(self):
+        if self.uncond not in UNCOND_MODES:
+            raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
+        if self.steps < 1 or self.num_samples < 1:
+            raise ValueError(f"SampleConfig: steps ({self.steps}) and num_samples ({self.num_samples}) must be >= 1")
 
 
 @dataclass(frozen=True)

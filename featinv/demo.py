@@ -42,14 +42,11 @@ from featinv.autoencoder import AutoencoderKL
 from featinv.backbone import FeatureExtractor
 from featinv.checkpoint import load_featinv, save_minisd
 from featinv.io import atomic_save, atomic_write_text
-from featinv.config import (AdapterConfig, FeatInvConfig, ModelConfig, TextConfig, TrainConfig, UNetConfig,
-                            VAEConfig, merge)
+from featinv.config import (PROMPT, AdapterConfig, FeatInvConfig, ModelConfig, SampleConfig, TextConfig,
+                            UNetConfig, VAEConfig, merge)
 from featinv.diffusion import eps_loss
 from featinv.evaluate import cosine_similarity_pooled, cosine_similarity_spatial
 from featinv.model import FeatInv
-
-PROMPT = TrainConfig().prompt  # the training prompt; with a random text encoder, sampling uses it verbatim
-
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -286,7 +283,7 @@ class DemoPair:
     classifier: DigitsCNN
     data: dict                       # load_digits_split(settings.image_size)
     settings: DemoSettings
-    sample_config: "SampleConfig"    # what the demo samples with (guidance, uncond mode, K, seed)
+    sample_config: SampleConfig      # what the demo samples with (guidance, uncond mode, K, seed)
     cache: Path                      # the cache folder the artefacts live in
     classifier_accuracy: float
 
@@ -361,8 +358,6 @@ def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool 
 
     The analyses, the app and the benchmarks use this pair; ``featinv demo`` adds the evaluation.
     log: where progress lines go (training stages also show tqdm bars on stderr)."""
-    from featinv.reconstruct import SampleConfig
-
     s = settings or (QUICK if quick else DEFAULT)
     dev = torch.device(device)
     cache = cache_dir(Path(out), s, seed, "quick" if quick else "default")
@@ -377,6 +372,7 @@ def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool 
     log(f"   classifier test accuracy {100 * acc:.1f} %; inverted feature map {tuple(extractor.feature_shape)}")
     cfg_model = _stage_minisd(cache, data, s, seed, dev, extractor.feature_shape[0], log)
     final = _stage_control(cache, data, s, seed, dev, cfg_model, extractor, log)
+    # With a random text encoder the training prompt is used verbatim (no ", " appended).
     sc = SampleConfig(steps=s.sample_steps, guidance_scale=s.guidance, prompt=PROMPT, uncond="features",
                       num_samples=s.samples, seed=seed)
     return DemoPair(model=load_featinv(final, device=dev).eval(), extractor=extractor.to(dev).eval(), classifier=clf,

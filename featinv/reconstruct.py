@@ -29,7 +29,7 @@ from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv
 from featinv.io import atomic_write_text
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
-from featinv.config import BackboneConfig, ModelConfig, to_dict
+from featinv.config import UNCOND_MODES, BackboneConfig, ModelConfig, SampleConfig, to_dict
 from featinv.config_file import load_config
 from featinv.data import ImageDataset, find_images
 from featinv.model import FeatInv, guess_mode_scales
@@ -37,28 +37,6 @@ from featinv.sampling import ddim_sample, ddim_timesteps, guided_eps_fn
 from featinv.runtime import resolve_precision
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
-INFERENCE_PROMPT = "a high-quality, detailed, and professional image, "  # training prompt + ", "
-UNCOND_MODES = ("prompt", "features")
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Sampling settings; defaults are the reference's inference settings."""
-
-    steps: int = 50
-    eta: float = 0.0
-    guidance_scale: float = 1.75
-    prompt: str = INFERENCE_PROMPT
-    uncond: str = "prompt"      # "prompt": uncond branch keeps the features (reference); "features": drops both
-    guess_mode: bool = False    # reference guess mode: ramp 0.825**(12-i), uncond without control (overrides uncond)
-    num_samples: int = 1        # K reconstructions per image
-    seed: int = 100
-
-    def __post_init__(self):
-        if self.uncond not in UNCOND_MODES:
-            raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
-        if self.steps < 1 or self.num_samples < 1:
-            raise ValueError(f"SampleConfig: steps ({self.steps}) and num_samples ({self.num_samples}) must be >= 1")
 
 
 def sample_seed(seed: int, key: str, k: int) -> int:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv, save_featinv
 from featinv.io import atomic_write_text
-from featinv.config import FeatInvConfig, TrainConfig, to_dict
+from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
 from featinv.config_file import load_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
@@ -97,7 +97,7 @@ class FeatInvModule(pl.LightningModule):
     @torch.no_grad()
     def log_images(self, batch: dict) -> Path | None:
         """Originals next to reconstructions (a few DDIM steps) as a PNG grid; small and on the CPU."""
-        from featinv.reconstruct import Reconstructor, SampleConfig
+        from featinv.reconstruct import Reconstructor
         from featinv.visualize import image_grid, save_png
 
         n = min(self.cfg.log_images_count, batch["index"].numel())

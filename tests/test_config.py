@@ -5,11 +5,14 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FIXTURES
 from omegaconf import OmegaConf
 
-from featinv.config import PRESETS, AdapterConfig
+from featinv.config import PRESETS, AdapterConfig, SampleConfig
 from featinv.config_file import load_config
+from featinv.model import FeatInv
+from featinv.reconstruct import Reconstructor
 
 TINY = PRESETS["tiny"].model
 FULL = PRESETS["featinv_convnext"].model
@@ -79,3 +82,17 @@ def test_shipped_configs_equal_presets(name):
         return {f"{prefix}{k}" for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
                                                           for x in keys(v, f"{prefix}{k}.")}
     assert keys(expected) <= keys(written)
+
+
+def test_latent_grid_is_one_fact():
+    """adapter.grid and latent_size are checked together when the config is made."""
+    with pytest.raises(ValueError, match=r"adapter\.grid \(32\) must equal latent_size \(16\)"):
+        dataclasses.replace(TINY, latent_size=16)
+    with pytest.raises(ValueError, match="latent_size"):
+        load_config("tiny", ["model.latent_size=16"])
+    # Both set: the model samples on the 16x16 grid (32 px images through the 2-level VAE).
+    cfg = load_config("tiny", ["model.latent_size=16", "model.adapter.grid=16", "model.adapter.width=16"]).model
+    torch.manual_seed(0)
+    rec = Reconstructor(FeatInv(cfg), None, SampleConfig(steps=1))
+    images = rec.from_features(torch.randn(1, cfg.adapter.in_channels, 2, 2), ["a"])
+    assert images.shape == (1, 1, 3, 32, 32) and cfg.image_size == 32
