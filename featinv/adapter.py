@@ -1,6 +1,6 @@
 """The FeatInv feature adapter: a classifier feature map -> a hint on the latent grid.
 
-PAPER.md "FeatInv hint adapter": bilinear upsampling to the latent grid -> conv3x3 (C_f->512) ->
+FeatInv (arXiv 2505.21032) hint adapter, as its reference checkpoint holds it: bilinear upsampling to the latent grid -> conv3x3 (C_f->512) ->
 SiLU -> conv3x3 (512->512) -> SiLU -> zero-initialised conv3x3 (512->model_channels).
 Keys ``block.1``, ``block.3``, ``block.5`` follow the reference checkpoint.
 """

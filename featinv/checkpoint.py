@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
-from featinv.diffusion import schedule_buffers
+from featinv.diffusion import SCHEDULE_KEYS, schedule_buffers
 from featinv.io import atomic_save
 
 PREFIXES = {  # reference prefix -> our attribute prefix
@@ -37,7 +37,6 @@ PREFIXES = {  # reference prefix -> our attribute prefix
 }
 COMPONENT_NAMES = {"unet": "UNet", "control": "control branch", "vae": "VAE", "text_encoder": "text encoder",
                    "schedule": "diffusion buffers", "other": "unrecognised"}
-SCHEDULE_KEYS = tuple(schedule_buffers(DiffusionConfig()))
 # Keys that old or EMA-trained checkpoints carry and that we may drop without changing the model.
 HARMLESS = ("cond_stage_model.transformer.text_model.embeddings.position_ids", "model_ema.",
             "cond_stage_model.transformer.embeddings.position_ids")

@@ -1,6 +1,6 @@
 """The ControlNet branch: a trainable copy of the UNet encoder + middle block with zero convs.
 
-PAPER.md "ControlNet branch": after each input block and after the middle block a
+ControlNet (Zhang et al. 2023, arXiv 2302.05543) branch, as FeatInv (arXiv 2505.21032) uses it: after each input block and after the middle block a
 zero-initialised 1x1 conv emits a residual (13 for SD-1.x). The FeatInv adapter's hint is added
 to the hidden state after the first input block (conv_in), and only there.
 """

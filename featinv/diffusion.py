@@ -1,7 +1,8 @@
 """Diffusion math: the SD-1.x scaled-linear schedule, q_sample, ε <-> x0 conversions, the ε loss.
 
 Pure functions over tensors; the schedule is computed in float64 and stored in float32, as in the
-reference, so that its buffers match checkpoints bit for bit (reference README §4 "Schedule").
+reference, so that its buffers match checkpoints bit for bit. The schedule is SD-1.x's "scaled linear"
+one (Rombach et al. 2022, Stable Diffusion; LDM calls it "linear"); q_sample is Ho et al. 2020, eq. 4.
 """
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def betas(cfg: DiffusionConfig) -> torch.Tensor:
 def alphas_cumprod(cfg: DiffusionConfig) -> torch.Tensor:
     """ᾱ_t = Π_{s<=t} (1 - β_s): (T,) float32."""
     return torch.cumprod(1.0 - betas(cfg), dim=0).float()
+
+
+# The 13 schedule buffers at the top level of an LDM/FeatInv checkpoint, in the file's order: names
+# only, so that key tables need not compute a schedule (schedule_buffers asserts the same names).
+SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
 
 
 def schedule_buffers(cfg: DiffusionConfig) -> dict[str, torch.Tensor]:
@@ -44,6 +53,7 @@ def schedule_buffers(cfg: DiffusionConfig) -> dict[str, torch.Tensor]:
         "posterior_mean_coef2": (1.0 - ac_prev) * a.sqrt() / (1.0 - ac),
         "logvar": torch.zeros_like(b),
     }
+    assert tuple(buffers) == SCHEDULE_KEYS
     return {k: v.float() for k, v in buffers.items()}
 
 
@@ -71,6 +81,6 @@ def sigma_from_alpha(alpha_t: torch.Tensor) -> torch.Tensor:
 
 def eps_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """ε-prediction MSE (the reference ``loss_simple``): mean over batch and elements of (ε̂-ε)²."""
+    """ε-prediction MSE (the reference ``loss_simple``; Ho et al. 2020, eq. 14): mean of (ε̂-ε)²."""
     eps = eps_fn(q_sample(x0, t, noise, alphas_cumprod), t)
     return (eps.float() - noise.float()).pow(2).mean()

@@ -84,10 +84,6 @@ class FeatInv(nn.Module):
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1]."""
         return self.vae.decode(latents / self.cfg.vae.scale_factor)
 
-    def context_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, 77) int64 CLIP ids -> context (B, 77, D)."""
-        return self.text_encoder(tokens)
-
     def hint(self, feats: torch.Tensor) -> torch.Tensor:
         """Feature map (NCHW, NHWC or tokens) -> adapter output (B, model_channels, grid, grid).
 

@@ -1,6 +1,6 @@
 """DDIM sampling and classifier-free guidance as plain functions over an ε-callable.
 
-Conventions pinned by the reference fixtures (reference README §4 "DDIM"): uniform spacing
+Conventions pinned by the reference fixtures (DDIM: Song et al. 2021, eq. 12; CFG: Ho & Salimans 2022): uniform spacing
 ``arange(0, T, T // S) + 1``; the last step's ᾱ_prev is ᾱ[0] (not 1); the sample returned is
 x_prev of the last step.
 """
