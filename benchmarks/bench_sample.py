@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from featinv.config import PRESETS
+from featinv.config import PRESETS, SampleConfig
 from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor, SampleConfig, sample_seed
+from featinv.reconstruct import Reconstructor, sample_seed
 from featinv.sampling import ddim_sample, ddim_timesteps
 
 

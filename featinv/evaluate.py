@@ -1,12 +1,11 @@
-"""Evaluation of a reconstruction folder (PAPER.md "Evaluation"): feature cosine similarity, the
+"""Evaluation of a reconstruction folder with FeatInv's metrics (arXiv 2505.21032): feature cosine similarity, the
 classifier's accuracy on reconstructions, agreement with its predictions on the originals, FID.
 
-Reads the layout that :func:`featinv.reconstruct.reconstruct_folder` writes. Metric functions are
+Reads the layout that :func:`featinv.folder_job.reconstruct_folder` writes. Metric functions are
 pure; FID comes from torchmetrics (an established implementation) or is reported as unavailable.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,8 +22,8 @@ from tqdm import tqdm
 
 from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.io import atomic_write_text
-from featinv.config import BackboneConfig, from_dict, to_dict
-from featinv.reconstruct import resolve_backbone, uncertainty
+from featinv.config import BackboneConfig
+from featinv.reconstruct import uncertainty
 from featinv.visualize import heatmap, save_png
 
 FID_NEEDS = ("torchmetrics' FrechetInceptionDistance needs the torch-fidelity package "
@@ -246,7 +245,7 @@ def _summarise(rows: list[dict], pooled: dict, fid_metric, fid_note: str | None,
     return summary
 
 
-def _markdown(summary: dict) -> str:
+def markdown(summary: dict) -> str:
     names = [("images", "original images"), ("reconstructions", "reconstructions"),
              ("cos_pooled", "cosine similarity, pooled features"), ("cos_spatial", "cosine similarity, spatial"),
              ("top1", "top-1 accuracy on reconstructions"), ("top5", "top-5 accuracy on reconstructions"),
@@ -287,36 +286,6 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     writer.writerows(rows)
     atomic_write_text(buf.getvalue(), out / "eval" / "per_image.csv")
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
-    atomic_write_text(_markdown(summary), out / "eval" / "summary.md")
+    atomic_write_text(markdown(summary), out / "eval" / "summary.md")
     save_png(sheet, out / "eval" / "contact_sheet.png")
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """``featinv evaluate``: metrics of a reconstruct folder, written to ``<out>/eval``."""
-    p = argparse.ArgumentParser(prog="featinv evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Evaluate the reconstructions written by `featinv reconstruct`.")
-    p.add_argument("--out", required=True, help="the reconstruct output folder")
-    p.add_argument("--backbone", help="backbone preset or timm name (default: the one in manifest.json)")
-    p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
-    p.add_argument("--backbone-size", type=int, help="backbone input size")
-    p.add_argument("--batch-size", type=int, default=16, help="original images per batch")
-    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID")
-    p.add_argument("--fid-weights", help="local Inception weights for torchmetrics' FID")
-    p.add_argument("--device", help="torch device (default: cuda if available)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out: reconstruct folder {str(out)!r} not found")
-    manifest = out / "manifest.json"
-    saved = json.loads(manifest.read_text()).get("backbone") if manifest.is_file() else None
-    base = from_dict(BackboneConfig, saved) if saved else BackboneConfig()
-    backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
-    print("featinv evaluate\n" + json.dumps({**vars(args), "backbone": to_dict(backbone)}, indent=2))
-    summary = evaluate_folder(out, backbone, args.batch_size, args.fid, args.device, args.fid_weights)
-    print(_markdown(summary))
-    return summary
-
-
-if __name__ == "__main__":
-    main()

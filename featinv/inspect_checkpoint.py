@@ -1,4 +1,4 @@
-"""``featinv inspect CHECKPOINT``: what a checkpoint of unknown origin holds, and whether it loads.
+"""What a checkpoint of unknown origin holds, and whether it loads.
 
 Reports the file format, the components (UNet, control branch, VAE, text encoder, schedule buffers)
 with parameter counts and dtypes, the kind of checkpoint, its config (file metadata, else inferred
@@ -7,10 +7,7 @@ meta-device model (no weights are allocated).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -214,22 +211,3 @@ def format_report(info: dict) -> str:
             lines.append(f"strict load of the parts present ({', '.join(part['components'])}): "
                          + ("OK" if part["ok"] else "FAILS\n" + part["problems"]))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``featinv inspect CHECKPOINT [--config PRESET_OR_YAML] [--json]``."""
-    p = argparse.ArgumentParser(prog="featinv inspect", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help=".safetensors, .ckpt (Lightning) or .pt/.pth file")
-    p.add_argument("--config", default=None,
-                   help="preset name or YAML (project or reference style) to check against; "
-                        "default: the file's metadata, else inferred from its shapes")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
-    try:
-        info = describe(args.checkpoint, args.config)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"featinv inspect: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 0

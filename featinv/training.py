@@ -1,6 +1,6 @@
 """Training FeatInv: a thin LightningModule over the pure model, loss and sampler.
 
-PAPER.md "Training": ε-prediction MSE, AdamW lr 1e-5, joint 15 % dropout of feature map and
+FeatInv (arXiv 2505.21032), training recipe: ε-prediction MSE, AdamW lr 1e-5, joint 15 % dropout of feature map and
 prompt, only the control branch trains. Differences from the reference, on purpose:
 - the frozen backbone runs on the accelerator over the whole batch (not per image in the dataset);
 - frozen parameters have ``requires_grad=False``, so no weight gradients are computed for the
@@ -13,7 +13,6 @@ prompt, only the control branch trains. Differences from the reference, on purpo
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -31,7 +30,6 @@ from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv, save_featinv
 from featinv.io import atomic_write_text
 from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
-from featinv.config_file import load_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
@@ -249,26 +247,3 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
         save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
         print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="featinv train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="featinv_convnext", help="preset name or YAML (project or reference style)")
-    p.add_argument("--init", required=True, help="initial FeatInv checkpoint (from `featinv build-control`)")
-    p.add_argument("--data", help="ImageNet-layout training folder (sets data.root)")
-    p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
-    p.add_argument("--resume", default="auto", help="Lightning checkpoint to resume, 'auto' (run-dir/last.ckpt) or 'none'")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto", help="e.g. 1, 8, or auto")
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--strategy", default="auto", help="e.g. ddp")
-    p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
-    args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
-    cfg = load_config(args.config, overrides)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-          accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume)
-    return 0

@@ -1,5 +1,5 @@
 """Reconstruct ImageNet-val (10 images per class) from a FeatInv checkpoint: see ``featinv reconstruct -h``."""
-from featinv.reconstruct import main
+from featinv.commands.reconstruct import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

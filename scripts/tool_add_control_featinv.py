@@ -1,5 +1,5 @@
 """Build the initial FeatInv checkpoint from miniSD: ``python scripts/tool_add_control_featinv.py MINISD OUT``."""
-from featinv.build_control import main
+from featinv.commands.build_control import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

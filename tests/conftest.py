@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,43 @@ def quick_demo_out(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def make_tiny_model(in_channels: int = 512):
+    """The tiny preset with the backbone's channel count, a narrower adapter for speed, and every
+    zero-initialised layer made random so that the feature map changes the output."""
+    from featinv.config import PRESETS
+    from featinv.model import FeatInv
+
+    cfg = PRESETS["tiny"].model
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=in_channels, width=64))
+    torch.manual_seed(0)
+    model = FeatInv(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory):
+    """Model, backbone, their files, and an ImageNet-style folder with one unreadable image
+    (test_reconstruct, test_cli)."""
+    from safetensors.torch import save_file
+
+    from featinv.backbone import build_backbone
+    from featinv.checkpoint import save_featinv
+    from featinv.config import PRESETS
+    from helpers import sample_photos_folder
+
+    tmp = tmp_path_factory.mktemp("reconstruct")
+    torch.manual_seed(1)
+    backbone = build_backbone(PRESETS["tiny"].backbone)  # resnet18, random, 64 px -> 512x2x2
+    model = make_tiny_model(backbone.feature_shape[0])
+    root = sample_photos_folder(tmp / "photos", size=72)
+    (root / "animal" / "broken.JPEG").write_bytes(b"not a jpeg")  # sorts first in its class
+    ckpt = save_featinv(model, tmp / "tiny.safetensors")
+    bb_file = tmp / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(bb_file))
+    return dict(model=model, backbone=backbone, root=root, ckpt=ckpt, bb_file=bb_file, tmp=tmp)

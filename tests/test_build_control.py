@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from featinv.build_control import build_control, main
+from featinv.build_control import build_control
 from featinv.checkpoint import CheckpointError, load_featinv
+from featinv.commands.build_control import main
 
 
 def test_copied_tensors_equal_and_new_ones_as_specified(tiny_minisd, tmp_path, capsys):

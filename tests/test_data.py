@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from featinv.data import (UNLABELED, ImageDataset, collate_skip, find_images, make_loader,
-                          sample_photos_folder)
+from featinv.data import UNLABELED, ImageDataset, collate_skip, find_images, make_loader
+from helpers import sample_photos_folder
 
 S, IMG = 48, 32  # backbone crop and diffusion image size, small for speed
 

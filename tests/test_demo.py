@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from featinv import demo
+from featinv.commands.demo import main as demo_main
 
 
 @pytest.fixture
 def restore_torch_threads():
-    threads = torch.get_num_threads()  # demo.main sets the thread count (1 on a 2-core machine)
+    threads = torch.get_num_threads()  # featinv demo sets the thread count (1 on a 2-core machine)
     yield
     torch.set_num_threads(threads)
 
@@ -20,7 +21,7 @@ def restore_torch_threads():
 @pytest.mark.slow
 def test_quick_demo_inverts_features_and_caches(tmp_path, capsys, restore_torch_threads):
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--out", str(out), "--seed", "0"]) == 0
+    assert demo_main(["--quick", "--out", str(out), "--seed", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
     fi, un = results["featinv"], results["unconditional"]
     # The classifier's label on the reconstruction matches its label on the held-out original.
@@ -36,7 +37,7 @@ def test_quick_demo_inverts_features_and_caches(tmp_path, capsys, restore_torch_
     cache = out / "cache"
     artefacts = {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")}
     assert len(artefacts) >= 5, sorted(artefacts)  # classifier, miniSD, FeatInv init and trained, reconstructions
-    assert demo.main(["--quick", "--out", str(out), "--seed", "0"]) == 0
+    assert demo_main(["--quick", "--out", str(out), "--seed", "0"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["featinv"] == fi and again["unconditional"] == un
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == artefacts

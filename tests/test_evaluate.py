@@ -15,8 +15,9 @@ from PIL import Image
 import torchmetrics.image.fid
 from featinv.backbone import build_backbone
 from featinv.config import PRESETS, to_dict
+from featinv.commands.evaluate import main
 from featinv.evaluate import (agreement, cosine_similarity_pooled, cosine_similarity_spatial, evaluate_folder,
-                              frechet_distance, gaussian_stats, main, make_fid, read_layout, topk_accuracy)
+                              frechet_distance, gaussian_stats, make_fid, read_layout, topk_accuracy)
 
 
 def test_cosine_similarities_hand_computed():
@@ -120,8 +121,9 @@ def test_evaluate_folder_writes_report(recon_folder, monkeypatch):
 
 
 def test_evaluate_main_uses_manifest_backbone(recon_folder, capsys):
-    summary = main(["--out", str(recon_folder), "--no-fid", "--batch-size", "6", "--device", "cpu"])
+    assert main(["--out", str(recon_folder), "--no-fid", "--batch-size", "6", "--device", "cpu"]) == 0
+    summary = json.loads((recon_folder / "eval" / "summary.json").read_text())
     assert summary["fid"] is None and summary["fid_note"] == "FID not requested (--no-fid)"
     assert "resnet18" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="--out"):
-        main(["--out", str(recon_folder / "missing")])
+    assert main(["--out", str(recon_folder / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("featinv evaluate: error: --out: reconstruct folder")

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from featinv.checkpoint import CheckpointError, load_into, save_featinv
 from featinv.cli import main as cli_main
 from featinv.config import PRESETS, AdapterConfig, to_dict
-from featinv.inspect_checkpoint import describe, main, match_preset
+from featinv.commands.inspect import main
+from featinv.inspect_checkpoint import describe, match_preset
 from featinv.model import FeatInv
 
 TINY = PRESETS["tiny"].model
@@ -76,6 +77,12 @@ def test_metadata_config_and_mismatch(ref_model_file):
     assert not info["strict_load"]["full"]["ok"] and "UNet:" in problems and "mis-shaped" in problems
 
 
+def test_failed_strict_load_exits_1(ref_model_file, capsys):
+    assert main([str(ref_model_file)]) == 0
+    assert main([str(ref_model_file), "--config", "featinv_convnext"]) == 1
+    assert "strict load as a full FeatInv model: FAILS" in capsys.readouterr().out
+
+
 def test_own_training_checkpoint_layout(tiny_sd, tmp_path):
     # FeatInvModule checkpoints: trainable weights only, under the module's `model.` attribute
     control = {"model.control." + k[len("control_model."):]: v for k, v in tiny_sd.items()
@@ -117,7 +124,7 @@ def test_cli_table_and_json(files, capsys):
 
 
 def test_cli_failed_load_prints_problems(files, capsys):
-    assert main([str(files / "minisd.safetensors")]) == 0
+    assert main([str(files / "minisd.safetensors")]) == 0  # a miniSD file: the parts it holds load
     out = capsys.readouterr().out
     assert "FAILS" in out and "control branch: 118 missing" in out
     assert "parts present (UNet, VAE, text encoder): OK" in out
@@ -127,10 +134,10 @@ def test_corrupt_file(tmp_path, capsys):
     (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="broken.safetensors"):
         describe(tmp_path / "broken.safetensors")
-    assert main([str(tmp_path / "broken.safetensors")]) == 1
+    assert main([str(tmp_path / "broken.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "broken.safetensors" in err and "not a readable safetensors file" in err
-    assert main([str(tmp_path / "missing.ckpt")]) == 1
+    assert main([str(tmp_path / "missing.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

@@ -1,7 +1,6 @@
 """Reconstruction: batching, seeding, the resumable folder job and two-process prediction (tiny, CPU)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,48 +11,16 @@ from pathlib import Path
 import pytest
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from featinv.backbone import build_backbone
-from featinv.checkpoint import save_featinv
-from featinv.config import PRESETS
-from featinv.data import sample_photos_folder
+from featinv.commands.reconstruct import main
+from featinv.config import PRESETS, SampleConfig
+from featinv.folder_job import RankStridedSampler, plan_items, reconstruct_folder
 from featinv.model import FeatInv
+from featinv.reconstruct import Reconstructor, sample_seed, uncertainty
 from featinv.visualize import to_uint8
-from featinv.reconstruct import (RankStridedSampler, Reconstructor, SampleConfig, main, plan_items,
-                                 reconstruct_folder, sample_seed, uncertainty)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = SampleConfig(steps=2, num_samples=2)  # 1000 // 2 divides 1000: timesteps [1, 501]
-
-
-def tiny_model(in_channels: int = 512) -> FeatInv:
-    """The tiny preset with the backbone's channel count, a narrower adapter for speed, and every
-    zero-initialised layer made random so that the feature map changes the output."""
-    cfg = PRESETS["tiny"].model
-    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=in_channels, width=64))
-    torch.manual_seed(0)
-    model = FeatInv(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory):
-    """Model, backbone, their files, and an ImageNet-style folder with one unreadable image."""
-    tmp = tmp_path_factory.mktemp("reconstruct")
-    torch.manual_seed(1)
-    backbone = build_backbone(PRESETS["tiny"].backbone)  # resnet18, random, 64 px -> 512x2x2
-    model = tiny_model(backbone.feature_shape[0])
-    root = sample_photos_folder(tmp / "photos", size=72)
-    (root / "animal" / "broken.JPEG").write_bytes(b"not a jpeg")  # sorts first in its class
-    ckpt = save_featinv(model, tmp / "tiny.safetensors")
-    bb_file = tmp / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(bb_file))
-    return dict(model=model, backbone=backbone, root=root, ckpt=ckpt, bb_file=bb_file, tmp=tmp)
 
 
 def expected_files(k: int) -> set[str]:
@@ -186,12 +153,13 @@ def test_rank_strided_sampler_partitions_without_padding():
     assert len(RankStridedSampler(2, 2, 3)) == 0
 
 
-def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_path):
+def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         reconstruct_folder(tmp_path / "missing.safetensors", PRESETS["tiny"].backbone, tiny_job["root"], out)
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--data", str(tiny_job["root"]), "--out", str(out)])
+    assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--data", str(tiny_job["root"]),
+                 "--out", str(out)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
     assert not out.exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")  # as root, chmod cannot make a folder unwritable; a file can
@@ -203,14 +171,15 @@ def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_pat
 
 WRITE_LOGGER = """
 import os, sys
-import featinv.reconstruct as r
-save = r.save_png
+import featinv.folder_job as job
+from featinv.commands.reconstruct import main
+save = job.save_png
 def logged(image, path):
     with open(os.environ["WRITE_LOG"], "a") as f:
         f.write(os.environ.get("LOCAL_RANK", "0") + " " + str(path) + "\\n")
     return save(image, path)
-r.save_png = logged
-r.main()
+job.save_png = logged
+sys.exit(main())
 """
 
 

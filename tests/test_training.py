@@ -16,9 +16,10 @@ from featinv.backbone import build_backbone
 from featinv.build_control import build_control
 from featinv.checkpoint import load_featinv
 from featinv.config import PRESETS, merge
-from featinv.data import ImageDataset, collate_skip, sample_photos_folder
+from featinv.data import ImageDataset, collate_skip
 from featinv.diffusion import eps_loss
 from featinv.training import train
+from helpers import sample_photos_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,80 @@
+"""``featinv reconstruct``: reconstruct ImageNet-style images from their classifier features."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from pytorch_lightning.utilities import rank_zero_only
+
+from featinv.backbone import BACKBONE_PRESETS
+from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone
+from featinv.config import UNCOND_MODES, SampleConfig, to_dict
+from featinv.config_file import load_config
+from featinv.folder_job import reconstruct_folder
+
+_print0 = rank_zero_only(print)  # one copy of messages under DDP
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="featinv reconstruct",
+               description="Reconstruct ImageNet-style images from their classifier features.")
+    p.add_argument("--checkpoint", required=True, help="FeatInv weights (featinv .safetensors or reference .ckpt)")
+    p.add_argument("--config", help="preset name or YAML for the model (default: the checkpoint's metadata)")
+    p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
+                                      "(default: the config's, else convnext_base)")
+    p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
+    p.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
+    p.add_argument("--data", required=True, help="ImageNet-style folder <root>/<class>/<image>")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
+    d = SampleConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta")
+    p.add_argument("--scale", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
+    p.add_argument("--samples", type=int, default=d.num_samples, help="reconstructions per image (K)")
+    p.add_argument("--seed", type=int, default=d.seed, help="base seed; each image/sample gets its own")
+    p.add_argument("--uncond", choices=UNCOND_MODES, default=d.uncond,
+                   help="unconditional branch: empty prompt with the features (reference) or without them")
+    p.add_argument("--guess-mode", action="store_true", help="reference guess mode (control ramp, uncond w/o control)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch per device (x K samples x 2 branches)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per device")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
+    p.add_argument("--devices", default="auto", help="Lightning devices (auto, N, or a list like 0,1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy (auto, ddp, ...)")
+    p.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU, else 32-true) or a Lightning value")
+    return p
+
+
+@command("reconstruct")
+def main(argv: list[str]) -> int:
+    """``featinv reconstruct``: parse arguments, print the resolved settings, run the folder job."""
+    args = build_parser().parse_args(argv)
+    if not Path(args.checkpoint).is_file():  # fail before anything is loaded
+        raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} not found")
+    full = load_config(args.config) if args.config else None
+    base = full.backbone if full else BACKBONE_PRESETS["convnext_base"]
+    backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
+    sample = SampleConfig(steps=args.steps, eta=args.eta, guidance_scale=args.scale, prompt=args.prompt,
+                          uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
+    devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
+    settings = {"checkpoint": args.checkpoint, "config": args.config or "(from the checkpoint)",
+                "backbone": to_dict(backbone), "sample": dataclasses.asdict(sample), "data": args.data,
+                "out": args.out, "per_class": args.per_class, "batch_size": args.batch_size,
+                "accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,
+                "strategy": args.strategy, "precision": args.precision}
+    _print0("featinv reconstruct\n" + json.dumps(settings, indent=2))
+    with cleanup_on_failure(args.out):
+        manifest = reconstruct_folder(args.checkpoint, backbone, args.data, args.out, args.per_class or None,
+                                      sample, args.batch_size, full.model if full else None, args.accelerator,
+                                      devices, args.num_nodes, args.strategy, args.precision, args.num_workers)
+    if "items" in manifest:
+        _print0(f"{manifest['complete']}/{manifest['items']} items complete "
+                f"({manifest['reconstructed']} new, {len(manifest['unreadable'])} unreadable): {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""``featinv train``: train the control branch (one CPU to many GPUs); see :mod:`featinv.training`."""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.config_file import load_config
+from featinv.training import train
+
+
+@command("train")
+def main(argv: list[str]) -> int:
+    p = Parser(prog="featinv train",
+               description="Train FeatInv's control branch on a frozen classifier's feature maps.")
+    p.add_argument("--config", default="featinv_convnext", help="preset name or YAML (project or reference style)")
+    p.add_argument("--init", required=True, help="initial FeatInv checkpoint (from `featinv build-control`)")
+    p.add_argument("--data", help="ImageNet-layout training folder (sets data.root)")
+    p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
+    p.add_argument("--resume", default="auto",
+                   help="Lightning checkpoint to resume, 'auto' (run-dir/checkpoints/last.ckpt if it exists) or 'none'")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
+    p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 1, 8, or auto")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
+    cfg = load_config(args.config, overrides)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    with cleanup_on_failure(args.run_dir):
+        train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The ImageNet-val folder job: reconstruct the first N images of every class folder into an output
+folder, resumably, on one or many devices (Lightning prediction); what ``featinv reconstruct`` runs.
+
+Layout written: ``<out>/<class>/<stem>.png`` (the crop at the model's image size),
+``<out>/<class>/reconstructed_<stem>_<k>.png`` and ``<out>/manifest.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from featinv.backbone import FeatureExtractor, build_backbone
+from featinv.checkpoint import load_featinv
+from featinv.config import BackboneConfig, ModelConfig, SampleConfig, to_dict
+from featinv.data import ImageDataset, find_images
+from featinv.io import atomic_write_text
+from featinv.model import FeatInv
+from featinv.reconstruct import Reconstructor
+from featinv.runtime import resolve_precision
+from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
+
+_print0 = rank_zero_only(print)  # one copy of messages under DDP
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    """One source image of the job and where its outputs go."""
+
+    path: str
+    label: int
+    class_name: str
+    stem: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.class_name}/{self.stem}"
+
+    def outputs(self, out: Path, k: int) -> list[Path]:
+        """[original, reconstruction 0, ..., reconstruction K-1] under ``out``."""
+        folder = out / self.class_name
+        return [folder / f"{self.stem}.png"] + [folder / f"reconstructed_{self.stem}_{i}.png" for i in range(k)]
+
+    def complete(self, out: Path, k: int) -> bool:
+        return all(p.exists() for p in self.outputs(out, k))
+
+
+def plan_items(root: str | Path, per_class: int | None = 10) -> tuple[list[FolderItem], list[str]]:
+    """The first ``per_class`` images (sorted) of every class folder of ``root`` (all if None or 0)."""
+    paths, class_names = find_images(root)
+    if not class_names:
+        raise ValueError(f"--data: {str(root)!r} has no class folders; expected <root>/<class>/<image>")
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for path, label in paths:
+        by_class[label].append(path)
+    items = []
+    for label in sorted(by_class):
+        chosen = by_class[label][:per_class] if per_class else by_class[label]
+        stems = [Path(p).stem for p in chosen]
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        if dupes:
+            raise ValueError(f"--data: class {class_names[label]!r} has several images named {dupes[0]!r}.*; "
+                             "output names are <stem>.png, so stems must be unique per class")
+        items += [FolderItem(p, label, class_names[label], s) for p, s in zip(chosen, stems)]
+    return items, class_names
+
+
+class RankStridedSampler(Sampler[int]):
+    """Indices rank, rank+W, ... of n items, minus those ``keep`` rejects; never pads or repeats.
+
+    (Lightning's DistributedSampler pads with duplicates, which would write some files twice.)"""
+
+    def __init__(self, n: int, rank: int, world_size: int, keep=None):
+        self.indices = [i for i in range(rank, n, world_size) if keep is None or keep(i)]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Indexed(Dataset):
+    """Pairs each item of ``ImageDataset`` with its index, so unreadable ones stay identifiable."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset[i]
+
+
+def _collate(batch: list) -> dict:
+    good = [(i, d) for i, d in batch if d is not None]
+    out = default_collate([d for _, d in good]) if good else {}
+    out["index"] = torch.tensor([i for i, _ in good], dtype=torch.int64)
+    out["unreadable"] = [i for i, d in batch if d is None]
+    return out
+
+
+class ReconstructionPredictor(pl.LightningModule):
+    """Lightning prediction: each rank reconstructs its stride of the items and writes their PNGs."""
+
+    def __init__(self, reconstructor: Reconstructor, items: list[FolderItem], out: str | Path,
+                 backbone_size: int, batch_size: int = 8, num_workers: int = 0):
+        super().__init__()
+        self.model, self.backbone = reconstructor.model, reconstructor.backbone  # moved by the Trainer
+        self.reconstructor = reconstructor
+        self.items, self.out = items, Path(out)
+        self.backbone_size, self.batch_size, self.num_workers = backbone_size, batch_size, num_workers
+        self.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have nothing left
+        self._bar = None
+
+    def predict_dataloader(self) -> DataLoader:
+        k = self.reconstructor.cfg.num_samples
+        sampler = RankStridedSampler(len(self.items), self.trainer.global_rank, self.trainer.world_size,
+                                     keep=lambda i: not self.items[i].complete(self.out, k))
+        dataset = ImageDataset([(it.path, it.label) for it in self.items], self.backbone_size,
+                               image_size=self.model.cfg.image_size, train=False)
+        if self.trainer.is_global_zero:
+            self._bar = tqdm(total=len(sampler), unit="img", desc=f"reconstruct (rank 0 of {self.trainer.world_size})")
+        return DataLoader(_Indexed(dataset), batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=_collate)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> int:
+        """Reconstruct and write one batch; returns the number of source images done."""
+        items = [self.items[i] for i in batch["index"].tolist()]
+        if items:
+            samples = self.reconstructor(batch["feat_input"], [it.key for it in items])
+            for item, original, recons in zip(items, (batch["image"] + 1) / 2, samples):
+                # Only missing files are written: a resumed item keeps its existing files untouched.
+                for path, image in zip(item.outputs(self.out, len(recons)), [original, *recons]):
+                    if not path.exists():
+                        save_png(image, path)
+        if self._bar is not None:
+            self._bar.update(len(items) + len(batch["unreadable"]))
+        return len(items)  # not None: Lightning warns about None; return_predictions=False keeps nothing
+
+    def on_predict_end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def check_writable(out: str | Path) -> Path:
+    """Create ``out`` and probe it with a temporary file; ValueError naming it if that fails."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".featinv-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out: output folder {str(out)!r} is not writable ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int, info: dict) -> dict:
+    """Summarise the folder from what is on disk: an incomplete item after a finished run was unreadable."""
+    missing = [it for it in items if not it.complete(out, k)]
+    manifest = {**info, "items": len(items), "complete": len(items) - len(missing),
+                "already_complete": done_before, "reconstructed": len(items) - len(missing) - done_before,
+                "unreadable": [it.path for it in missing]}
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
+    return manifest
+
+
+def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtractor | BackboneConfig,
+                       root: str | Path, out: str | Path, per_class: int | None = 10,
+                       sample_cfg: SampleConfig = SampleConfig(), batch_size: int = 8,
+                       model_cfg: ModelConfig | None = None, accelerator: str = "auto", devices="auto",
+                       num_nodes: int = 1, strategy: str = "auto", precision: str = "auto",
+                       num_workers: int = 0) -> dict:
+    """Reconstruct the first ``per_class`` images of each class of ``root`` into ``out`` (resumable).
+
+    Layout: ``<out>/<class>/<stem>.png`` (the Resize+CenterCrop crop at the model's image size) and
+    ``<out>/<class>/reconstructed_<stem>_<k>.png``; ``<out>/manifest.json``. Returns the manifest.
+    Pixels are bitwise reproducible for one batch size, device and software stack, whatever the
+    resume history or number of ranks (see :class:`Reconstructor` ``fixed_batch``)."""
+    ckpt_name = None
+    if not isinstance(checkpoint, FeatInv):
+        ckpt_name = str(checkpoint)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint: {ckpt_name!r} not found")
+    items, class_names = plan_items(root, per_class)
+    out, k = check_writable(out), sample_cfg.num_samples
+    bcfg = backbone if isinstance(backbone, BackboneConfig) else None
+    info = {"checkpoint": ckpt_name, "data": str(root), "per_class": per_class, "classes": class_names,
+            "sample": dataclasses.asdict(sample_cfg), "backbone": to_dict(bcfg) if bcfg else None}
+    done_before = sum(it.complete(out, k) for it in items)
+    if done_before == len(items):  # nothing to do: no model is loaded
+        _print0(f"all {len(items)} items in {out} are complete")
+        rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from RANK / LOCAL_RANK / SLURM_PROCID
+        return _write_manifest(out, items, k, done_before, info) if rank == 0 else info
+
+    model = checkpoint if isinstance(checkpoint, FeatInv) else load_featinv(checkpoint, model_cfg)
+    extractor = build_backbone(backbone) if bcfg else backbone
+    if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
+        raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but the model's adapter "
+                         f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
+    # fixed_batch: pixels do not depend on which items share a batch (resume, rank split, last batch)
+    reconstructor = Reconstructor(model, extractor, sample_cfg, fixed_batch=batch_size)
+    predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, batch_size, num_workers)
+    precision = resolve_precision(precision, accelerator)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                         precision=precision, use_distributed_sampler=False, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(predictor, return_predictions=False)
+    trainer.strategy.barrier("featinv-reconstruct")  # every rank's files are on disk before the manifest
+    info.update(precision=precision, world_size=trainer.world_size)
+    return _write_manifest(out, items, k, done_before, info) if trainer.is_global_zero else info

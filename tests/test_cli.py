@@ -1,0 +1,79 @@
+"""The `featinv` command line: help, exit codes, the one-line error convention, --debug."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from featinv.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_exits_0_and_states_defaults_once(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith(f"usage: featinv {name}") and "--debug" in text
+    assert "(default: None)" not in text and ") (default:" not in text  # no default said twice
+
+
+def one_error_line(err: str, name: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"featinv {name}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["reconstruct", "--bogus"], ["evaluate", "--out"], ["train", "--config", "tiny"], ["demo", "--seed", "x"],
+    ["inspect"], ["build-control", "a.ckpt", "b.ckpt", "--hint-channels", "2"]])
+def test_bad_command_line_is_one_line_and_exit_2(argv, capsys):
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err, argv[0])
+
+
+def test_missing_file_and_bad_override(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt" in one_error_line(capsys.readouterr().err, "inspect")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--init", str(tmp_path / "init.safetensors"),
+                 "--run-dir", str(run_dir), "train.no_such_field=1"]) == 2
+    assert "no_such_field" in one_error_line(capsys.readouterr().err, "train")
+    assert not run_dir.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["--debug", "inspect", str(tmp_path / "missing.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
+    assert err.strip().splitlines()[-1].startswith("featinv inspect: error: ")
+    assert main(["inspect", str(tmp_path / "missing.ckpt"), "--debug"]) == 2  # per command as well
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert main(["nonsense"]) == 2
+    assert capsys.readouterr().err.strip() == "featinv: error: unknown command 'nonsense'"
+
+
+def test_reconstruct_then_evaluate_exit_0(tiny_job, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--checkpoint", str(tiny_job["ckpt"]), "--backbone", "resnet18",
+                 "--backbone-size", "64", "--backbone-checkpoint", str(tiny_job["bb_file"]),
+                 "--data", str(tiny_job["root"]), "--out", str(out), "--per-class", "1", "--steps", "1",
+                 "--samples", "2", "--batch-size", "3", "--num-workers", "0", "--accelerator", "cpu",
+                 "--devices", "1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["complete"] == 2  # animal/broken.JPEG sorts first
+    assert main(["evaluate", "--out", str(out), "--no-fid", "--device", "cpu"]) == 0
+    assert json.loads((out / "eval" / "summary.json").read_text())["reconstructions"] == 4
+    assert capsys.readouterr().err.count("error") == 0
+
+
+def test_failed_reconstruct_leaves_no_output_folder(tiny_job, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--checkpoint", str(bad), "--data", str(tiny_job["root"]), "--out", str(out),
+                 "--backbone", "resnet18", "--accelerator", "cpu"]) == 2
+    assert "bad.safetensors" in one_error_line(capsys.readouterr().err, "reconstruct")
+    assert not out.exists()
