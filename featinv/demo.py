@@ -42,7 +42,7 @@ from featinv.io import atomic_save, atomic_write_text
 from featinv.config import (PROMPT, AdapterConfig, FeatInvConfig, ModelConfig, SampleConfig, TextConfig,
                             UNetConfig, VAEConfig, merge)
 from featinv.diffusion import eps_loss
-from featinv.evaluate import cosine_similarity_pooled, cosine_similarity_spatial
+from featinv.evaluate import backbone_outputs, compare_outputs
 from featinv.model import FeatInv
 
 @dataclass(frozen=True)
@@ -234,18 +234,16 @@ class DigitsDataset(Dataset):
 
 # ----- evaluation ---------------------------------------------------------------------------------
 
-@torch.no_grad()
 def metrics(extractor: FeatureExtractor, originals: torch.Tensor, recon: torch.Tensor) -> dict:
-    """originals (B, 3, S, S), recon (B, K, 3, S, S) in [0, 1] -> feature cosine and label agreement."""
+    """originals (B, 3, S, S), recon (B, K, 3, S, S) in [0, 1] -> feature cosine and label agreement
+    (means over the B·K reconstructions of :func:`featinv.evaluate.compare_outputs`)."""
     k = recon.shape[1]
-    f0 = extractor(originals).repeat_interleave(k, dim=0)
-    r = recon.flatten(0, 1)
-    f1 = extractor(r)
-    l0 = extractor.classify(originals).argmax(1).repeat_interleave(k)
-    l1 = extractor.classify(r).argmax(1)
-    return {"feature_cosine_spatial": cosine_similarity_spatial(f0, f1).mean().item(),
-            "feature_cosine_pooled": cosine_similarity_pooled(f0, f1).mean().item(),
-            "label_agreement": (l0 == l1).float().mean().item()}
+    f0, l0 = backbone_outputs(extractor, originals)
+    f1, l1 = backbone_outputs(extractor, recon.flatten(0, 1))
+    m = compare_outputs(f0.repeat_interleave(k, dim=0), l0.repeat_interleave(k, dim=0), f1, l1)
+    return {"feature_cosine_spatial": m["cos_spatial"].mean().item(),
+            "feature_cosine_pooled": m["cos_pooled"].mean().item(),
+            "label_agreement": m["agree"].float().mean().item()}
 
 
 def markdown(results: dict) -> str:

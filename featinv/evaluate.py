@@ -24,7 +24,7 @@ from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.io import atomic_write_text
 from featinv.config import BackboneConfig
 from featinv.reconstruct import uncertainty
-from featinv.visualize import heatmap, save_png
+from featinv.visualize import heatmap, image_grid, save_png
 
 FID_NEEDS = ("torchmetrics' FrechetInceptionDistance needs the torch-fidelity package "
              "(pip install torch-fidelity) and its Inception weights (downloaded on first use, "
@@ -50,14 +50,16 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     return {k: hits[:, :k].any(dim=1) for k in ks}
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """logits: (B, N), labels: (B,) -> {k: fraction of rows whose label is in the top k}."""
-    return {k: v.float().mean().item() for k, v in topk_correct(logits, labels, ks).items()}
+def compare_outputs(f_orig: torch.Tensor, l_orig: torch.Tensor, f_rec: torch.Tensor,
+                    l_rec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-reconstruction metrics of evaluation, the demo and the analyses, row by row.
 
-
-def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
-    """(B, N) twice -> fraction of rows with the same top-1 class."""
-    return (logits_a.argmax(dim=1) == logits_b.argmax(dim=1)).float().mean().item()
+    f_*: (B, C, h, w) feature maps, l_*: (B, N) logits of B originals and their B reconstructions (the
+    caller repeats an original's row once per reconstruction) -> {"cos_pooled", "cos_spatial": (B,) float32,
+    "pred_original", "pred_reconstruction": (B,) int64 top-1 classes, "agree": (B,) bool, same top-1}."""
+    pred_o, pred_r = l_orig.argmax(dim=1), l_rec.argmax(dim=1)
+    return {"cos_pooled": cosine_similarity_pooled(f_orig, f_rec),
+            "cos_spatial": cosine_similarity_spatial(f_orig, f_rec), "pred_original": pred_o, "pred_reconstruction": pred_r, "agree": pred_o == pred_r}
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,7 @@ def load_image(path: Path) -> torch.Tensor:
 # ----- evaluation -------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """images (N, 3, H, W) in [0, 1] -> feature maps (N, C, h, w) and logits (N, classes), float32 on CPU.
 
     Originals and reconstructions are both resized from the saved size to the backbone's, so they
@@ -175,14 +177,12 @@ def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric
     originals = torch.stack([load_image(r.original) for r in batch])
     recons = torch.stack([load_image(p) for r in batch for p in r.reconstructions])
     owner = torch.tensor([i for i, r in enumerate(batch) for _ in r.reconstructions])
-    f_orig, l_orig = _backbone_outputs(extractor, originals)
-    f_rec, l_rec = _backbone_outputs(extractor, recons)
+    f_orig, l_orig = backbone_outputs(extractor, originals)
+    f_rec, l_rec = backbone_outputs(extractor, recons)
     labels = torch.tensor([r.label for r in batch])
     ks = (1, min(5, l_orig.shape[1]))
     hit_o, hit_r = topk_correct(l_orig, labels, ks), topk_correct(l_rec, labels[owner], ks)
-    cos_p = cosine_similarity_pooled(f_orig[owner], f_rec)
-    cos_s = cosine_similarity_spatial(f_orig[owner], f_rec)
-    pred_o, pred_r = l_orig.argmax(1), l_rec.argmax(1)
+    m = compare_outputs(f_orig[owner], l_orig[owner], f_rec, l_rec)
     pooled["original"].append(f_orig.mean(dim=(2, 3)))
     pooled["reconstruction"].append(f_rec.mean(dim=(2, 3)))
     if fid_metric is not None:
@@ -194,9 +194,11 @@ def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric
     for j, (i, k) in enumerate(zip(owner.tolist(), ks_of)):
         r = batch[i]
         rows.append({"class": r.class_name, "label": r.label, "image": r.stem, "k": k,
-                     "cos_pooled": round(cos_p[j].item(), 6), "cos_spatial": round(cos_s[j].item(), 6),
-                     "pred_original": pred_o[i].item(), "pred_reconstruction": pred_r[j].item(),
-                     "top1": int(hit_r[1][j]), "top5": int(hit_r[ks[1]][j]), "agree": int(pred_o[i] == pred_r[j]),
+                     "cos_pooled": round(m["cos_pooled"][j].item(), 6),
+                     "cos_spatial": round(m["cos_spatial"][j].item(), 6),
+                     "pred_original": m["pred_original"][j].item(),
+                     "pred_reconstruction": m["pred_reconstruction"][j].item(),
+                     "top1": int(hit_r[1][j]), "top5": int(hit_r[ks[1]][j]), "agree": int(m["agree"][j]),
                      "original_top1": int(hit_o[1][i]), "original_top5": int(hit_o[ks[1]][i])})
     return rows
 
@@ -217,14 +219,13 @@ def contact_sheet(records: list[Record], rows: int = 8) -> tuple[Image.Image, fl
     lines = [line + ([heatmap(h, vmax=u_max)] if h is not None else [])
              for line, h in zip(lines, heats)]
     size = lines[0][0].shape[-1]
-    sheet = torch.zeros(3, size * len(lines), size * max(map(len, lines)))  # short rows stay black
+    tiles = torch.zeros(len(lines), max(map(len, lines)), 3, size, size)  # short rows stay black
     for row, line in enumerate(lines):
         for col, img in enumerate(line):
             if img.shape[-2:] != (size, size):
                 img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True)[0]
-            sheet[:, row * size:(row + 1) * size, col * size:(col + 1) * size] = img
-    array = (sheet * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array), u_max
+            tiles[row, col] = img
+    return image_grid(tiles, pad=0), u_max  # the project's one grid and rounding rule (to_uint8)
 
 
 def _summarise(rows: list[dict], pooled: dict, fid_metric, fid_note: str | None, backbone: str) -> dict:

@@ -16,8 +16,8 @@ import torchmetrics.image.fid
 from featinv.backbone import build_backbone
 from featinv.config import PRESETS, to_dict
 from featinv.commands.evaluate import main
-from featinv.evaluate import (agreement, cosine_similarity_pooled, cosine_similarity_spatial, evaluate_folder,
-                              frechet_distance, gaussian_stats, make_fid, read_layout, topk_accuracy)
+from featinv.evaluate import (compare_outputs, cosine_similarity_pooled, cosine_similarity_spatial, evaluate_folder,
+                              frechet_distance, gaussian_stats, make_fid, read_layout, topk_correct)
 
 
 def test_cosine_similarities_hand_computed():
@@ -31,16 +31,19 @@ def test_cosine_similarities_hand_computed():
     assert both.tolist() == pytest.approx([0.5, 1.0])  # per image
 
 
-def test_topk_accuracy_and_agreement_hand_computed():
+def test_topk_and_agreement_hand_computed():
     logits = torch.tensor([[0.0, 1, 2, 3, 4, 5],    # ranking 5,4,3,2,1,0
                            [5.0, 4, 3, 2, 1, 0],    # ranking 0,1,2,3,4,5
                            [0.0, 9, 1, .5, .4, .3]])  # ranking 1,2,3,4,5,0
     labels = torch.tensor([5, 5, 2])
     # row 0: top-1 hit; row 1: label 5 is ranked last -> top-5 miss; row 2: label 2 second -> top-5 hit
-    acc = topk_accuracy(logits, labels, ks=(1, 5))
-    assert acc[1] == pytest.approx(1 / 3) and acc[5] == pytest.approx(2 / 3)
+    hits = topk_correct(logits, labels, ks=(1, 5))
+    assert hits[1].tolist() == [True, False, False] and hits[5].tolist() == [True, False, True]
     other = torch.tensor([[0.0, 0, 0, 0, 0, 1], [0.0, 1, 0, 0, 0, 0], [0.0, 1, 0, 0, 0, 0]])
-    assert agreement(logits, other) == pytest.approx(2 / 3)
+    feats = torch.rand(3, 4, 2, 2)
+    m = compare_outputs(feats, logits, feats, other)
+    assert m["agree"].tolist() == [True, False, True] and m["pred_reconstruction"].tolist() == [5, 1, 1]
+    assert m["cos_pooled"] == pytest.approx(torch.ones(3)) and m["cos_spatial"] == pytest.approx(torch.ones(3))
 
 
 def test_frechet_distance_diagonal_hand_computed():
