@@ -23,10 +23,16 @@ recorded as "not measured: time budget". A figure that raises is recorded with i
 Writes ``gpu_suite.json`` and ``gpu_suite.md`` to ``--out``; exit code 0 when every figure was made,
 1 when any failed, 3 when none failed but some were not measured for lack of time.
 
-``--cpu-smoke`` runs the same functions on the tiny config on the CPU in seconds (fp32, batch 2,
-2 DDIM steps, torch.compile with the ``aot_eager`` backend, the demo skipped); tests/test_gpu_suite.py
-runs it so that this script keeps working between GPU loans. Use ``--skip`` to finish a cut-off run
-in a second call (e.g. ``--skip train recon.eager``).
+``--cpu-smoke`` runs the same functions on the tiny config on the CPU (fp32, batch 2, 2 DDIM steps,
+torch.compile with the ``aot_eager`` backend, the demo skipped; ~30 s of CPU time, most of it the two
+torch.compile captures); tests/test_gpu_suite.py
+runs it so that this script keeps working between GPU loans. To finish a run the budget cut, skip what
+it measured in a second call (a group also skips the groups below it), e.g.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gpu_suite.py --out $OUT --budget-s 420 \
+        --skip train.eager.b8 train.reference recon.eager train.compiled.b8 recon.compiled.b64
+
+"Eager" and "compiled" are the two variants: without, and with both torch.compile and channels_last.
 """
 from __future__ import annotations
 
@@ -261,6 +267,8 @@ def train_figure(bench: Bench | None, kind: str, batch: int) -> dict:
     if flops is not None:
         out["mfu_pct"] = 100 * flops / seconds / bench.peak_flops
         out["note"] += f", {flops / batch / 1e9:.1f} GFLOP/image counted, {seconds * 1000:.1f} ms/step"
+        if not math.isfinite(bench.peak_flops):
+            out["note"] += f"; MFU: {bench.peak_source}"
     return out
 
 
@@ -378,7 +386,7 @@ def add_goals(suite: Suite, plan: Plan) -> None:
 # ----- the run -----------------------------------------------------------------------------------------
 
 def run_figures(suite: Suite, plan: Plan, args) -> Bench | None:
-    """Every figure, most important first, so that a short budget cuts the least important ones."""
+    """Every figure, those the goals need first, so that a short budget cuts the others."""
     bench = None
 
     def setup():
@@ -387,35 +395,37 @@ def run_figures(suite: Suite, plan: Plan, args) -> Bench | None:
         bench = build_bench(plan, args.peak_tflops)
         return {"seconds": time.perf_counter() - start, "note": f"peak for MFU: {bench.peak_source}"}
 
-    train = ["images_per_s", "mfu_pct", "peak_gib"]
-    recon = ["images_per_s", "time_10k_s", "peak_gib"]
-    b, prec = plan.train_batch, "bf16 autocast" if plan.bf16 else "fp32"
-    suite.measure("setup", "build random-weight models", ["seconds"], setup, need_s=5)
-    suite.measure(f"train.eager.b{b}", f"training step, {prec}, batched features, batch {b}", train,
-                  lambda: train_figure(bench, "eager", b), need_s=10)
-    suite.measure(f"train.reference.b{b}", f"training step the reference's way (fp32, per-image features), batch {b}",
-                  ["images_per_s", "peak_gib"], lambda: train_figure(bench, "reference", b), need_s=10)
-    for rb in plan.recon_batches:
-        suite.measure(f"recon.eager.b{rb}", f"reconstruction, {prec}, eager, batch {rb}", recon,
-                      lambda rb=rb: recon_figure(bench, rb, compiled=False), need_s=10)
-    suite.measure(f"train.compiled.b{b}", f"training step, {prec}, torch.compile + channels_last, batch {b}", train,
-                  lambda: train_figure(bench, "compiled", b), need_s=60)
-    suite.measure("train.max_batch", "largest eager training batch", ["batch"], lambda: max_batch_figure(bench),
-                  need_s=30)
-    suite.measure("train.eager.max", f"training step, {prec}, eager, largest batch", train,
-                  lambda: train_max_figure(bench, "eager"), need_s=15)
-    for rb in sorted(plan.recon_batches, reverse=True):  # the big batch decides the 10k goal
-        suite.measure(f"recon.compiled.b{rb}", f"reconstruction, {prec}, torch.compile + channels_last, batch {rb}", recon,
-                      lambda rb=rb: recon_figure(bench, rb, compiled=True), need_s=45)
-    suite.measure("train.compiled.max", f"training step, {prec}, torch.compile + channels_last, largest batch", train,
-                  lambda: train_max_figure(bench, "compiled"), need_s=60)
-    if bench is not None:  # free the GPU for the demo's own process
-        del bench.model, bench.backbone, bench.compiled
-        torch._dynamo.reset()
-        cleanup()
-    suite.measure("demo", "`featinv demo --quick --device cuda`", ["seconds", "label_agreement_pct"],
-                  lambda: demo_figure(min(args.demo_timeout_s, suite.left() - 2)), need_s=60,
-                  skip_reason="" if plan.demo else "skipped in --cpu-smoke (the demo has its own test)")
+    train, recon = ["images_per_s", "mfu_pct", "peak_gib"], ["images_per_s", "time_10k_s", "peak_gib"]
+    b, prec, compiled = plan.train_batch, "bf16 autocast" if plan.bf16 else "fp32", "torch.compile + channels_last"
+    big, *smaller = sorted(plan.recon_batches, reverse=True)  # the big batch decides the 10k goal
+
+    def recon_compiled(rb: int) -> tuple:
+        return (f"recon.compiled.b{rb}", f"reconstruction, {prec}, {compiled}, batch {rb}", recon,
+                lambda: recon_figure(bench, rb, compiled=True), 45)
+
+    figures = [
+        ("setup", "build random-weight models", ["seconds"], setup, 5),
+        (f"train.eager.b{b}", f"training step, {prec}, batched features, batch {b}", train,
+         lambda: train_figure(bench, "eager", b), 10),
+        (f"train.reference.b{b}", f"training step the reference's way (fp32, per-image features), batch {b}",
+         ["images_per_s", "peak_gib"], lambda: train_figure(bench, "reference", b), 10),
+        *[(f"recon.eager.b{rb}", f"reconstruction, {prec}, eager, batch {rb}", recon,
+           lambda rb=rb: recon_figure(bench, rb, compiled=False), 10) for rb in plan.recon_batches],
+        (f"train.compiled.b{b}", f"training step, {prec}, {compiled}, batch {b}", train,
+         lambda: train_figure(bench, "compiled", b), 60),
+        recon_compiled(big),
+        ("demo", "`featinv demo --quick --device cuda`", ["seconds", "label_agreement_pct"],
+         lambda: demo_figure(min(args.demo_timeout_s, suite.left() - 2)), 60),
+        ("train.max_batch", "largest eager training batch", ["batch"], lambda: max_batch_figure(bench), 30),
+        ("train.eager.max", f"training step, {prec}, eager, largest batch", train,
+         lambda: train_max_figure(bench, "eager"), 15),
+        *[recon_compiled(rb) for rb in smaller],
+        ("train.compiled.max", f"training step, {prec}, {compiled}, largest batch", train,
+         lambda: train_max_figure(bench, "compiled"), 60),
+    ]
+    for group, what, metrics, fn, need_s in figures:
+        skip = "skipped in --cpu-smoke (the demo has its own test)" if group == "demo" and not plan.demo else ""
+        suite.measure(group, what, metrics, fn, need_s=need_s, skip_reason=skip)
     return bench
 
 
