@@ -29,6 +29,8 @@ METRICS = {"images_per_s": ("throughput", "images/s"), "mfu_pct": ("MFU", "%"), 
 
 @dataclass
 class Row:
+    """One figure: value in ``unit`` when status is "ok", else None and the status says why."""
+
     key: str
     what: str
     unit: str
@@ -39,8 +41,8 @@ class Row:
     note: str = ""
 
 
-class BudgetExceeded(Exception):
-    pass
+class BudgetExceeded(BaseException):
+    """The time budget ran out (a BaseException, so that no ``except Exception`` in the code under test eats it)."""
 
 
 @contextlib.contextmanager
@@ -93,7 +95,8 @@ class Suite:
                 status = f"not measured: time budget ({e})"
             except Exception as e:  # any failure becomes a recorded row, never a silent gap
                 traceback.print_exc()
-                status = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                status = f"failed: {type(e).__name__}: {first_line}"
             cleanup()
         for m in metrics:
             label, unit = METRICS[m]
