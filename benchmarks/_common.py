@@ -78,7 +78,9 @@ def count_flops(fn: Callable) -> int:
 
     Counts what PyTorch has FLOP formulas for: matmuls, convolutions and attention (SDPA), forward
     and backward (a multiply-add is 2 FLOPs); elementwise ops, norms and optimizer updates count 0.
-    Run ``fn`` eagerly: kernels of a compiled graph bypass the counter."""
+    Attention is counted for the CUDA SDPA kernels (flash, memory-efficient, cuDNN), not for the CPU
+    flash kernel (torch 2.14), so a CPU count leaves attention out. Run ``fn`` eagerly: kernels of a
+    compiled graph bypass the counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
