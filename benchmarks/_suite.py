@@ -158,9 +158,9 @@ def fmt(v: float | None) -> str:
 
 def markdown(meta: dict, rows: list[Row]) -> str:
     lines = [f"## GPU suite on {meta['card']}", "",
-             f"torch {meta['torch']}, CUDA {meta['cuda']}, mode `{meta['mode']}`, config `{meta['preset']}` with random "
-             f"weights, {meta['date']}; wall time {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget; MFU "
-             f"relative to {fmt(meta['peak_tflops'])} TFLOP/s ({meta['peak_source']}), FLOPs counted by "
+             f"torch {meta['torch']}, CUDA {meta['cuda']}, mode `{meta['mode']}`, config `{meta['preset']}` "
+             f"with random weights, {meta['date']}; wall time {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s "
+             f"budget; MFU relative to {fmt(meta['peak_tflops'])} TFLOP/s ({meta['peak_source']}), FLOPs counted by "
              "FlopCounterMode (matmul/conv/attention).", "",
              "| figure | value | unit | goal | pass | status | notes | key |", "|---|---:|---|---|---|---|---|---|"]
     for r in rows:
