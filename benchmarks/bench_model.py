@@ -13,14 +13,12 @@ import os
 import platform
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from _common import GIB, reset_peak_rss, status_kib
 
 from featinv.config_file import load_config
 from featinv.model import FeatInv
-
-GIB = 2 ** 30
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -36,23 +34,6 @@ def param_table(model: FeatInv) -> str:
             ("text encoder", _params(model.text_encoder)),
             ("total", _params(model))]
     return "\n".join(["| component | parameters |", "|---|---:|"] + [f"| {n} | {p:,} |" for n, p in rows])
-
-
-def _status_kib(field: str) -> int:
-    """A ``/proc/self/status`` field (VmRSS, VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(f"/proc/self/status has no field {field}")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _inputs(model: FeatInv, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -78,8 +59,8 @@ def time_eps(model: FeatInv, batch: int, runs: int, device: torch.device) -> dic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
+        reset = reset_peak_rss()
+        base = status_kib("VmRSS") * 1024
     with autocast:
         model(*inputs)  # warm-up: oneDNN / cuBLAS kernel selection, allocator growth
         times = []
@@ -92,8 +73,8 @@ def time_eps(model: FeatInv, batch: int, runs: int, device: torch.device) -> dic
     if cuda:
         peak, total = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_allocated()
     else:
-        peak = _status_kib("VmHWM") * 1024 - base if reset else None
-        total = _status_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024 - base if reset else None
+        total = status_kib("VmHWM") * 1024
     return {"mean_s": sum(times) / len(times), "min_s": min(times), "peak_extra": peak, "peak_total": total}
 
 

@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from _common import random_featinv, timed
 
 from featinv.config import PRESETS, SampleConfig
 from featinv.model import FeatInv
@@ -44,16 +45,6 @@ def reference_way(model: FeatInv, feats: torch.Tensor, keys: list[str], cfg: Sam
     return torch.cat(images)
 
 
-def timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def bench(name: str, model: FeatInv, batch: int, steps: int, device: torch.device, bf16: bool,
           repeat: int = 1) -> dict:
     """Images/s of both ways on identical inputs (best of ``repeat``, alternating, so that load from
@@ -79,13 +70,7 @@ def bench(name: str, model: FeatInv, batch: int, steps: int, device: torch.devic
 
 def build(preset: str, device: torch.device) -> FeatInv:
     """The preset's model with random weights (zero convs randomised so control does real work)."""
-    torch.manual_seed(0)
-    model = FeatInv(PRESETS[preset].model).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.01)
-    return model.to(device)
+    return random_featinv(PRESETS[preset].model, device).eval()
 
 
 def main(argv=None) -> None:

@@ -7,31 +7,14 @@ CPU: fp32 with few steps; GPU: bf16 autocast, with model FLOP utilisation from a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _common import count_flops, mean_seconds as timed, peak_rss_gib, random_backbone
 
-from featinv.backbone import BACKBONE_PRESETS, build_backbone
+from featinv.backbone import BACKBONE_PRESETS
 from featinv.config import PRESETS
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
 
 
 def main(argv=None) -> None:
@@ -45,7 +28,7 @@ def main(argv=None) -> None:
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu)
     torch.manual_seed(0)
     bb_cfg = BACKBONE_PRESETS["convnext_base"]
-    backbone = build_backbone(type(bb_cfg)(**{**vars(bb_cfg), "pretrained": False})).to(dev)
+    backbone = random_backbone(bb_cfg).to(dev)
     images = torch.rand(batch, 3, bb_cfg.image_size, bb_cfg.image_size, device=dev)
     rows = []
     with torch.no_grad(), amp:
@@ -79,8 +62,7 @@ def main(argv=None) -> None:
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else peak_rss_gib()
     note = f"peak {'GPU memory' if gpu else 'RSS'} {mem:.1f} GiB"
     if gpu:
-        # forward 256.6 GFLOPs (ControlNet + UNet) + backward through both (~2x) + VAE encode and backbone forwards
-        flops = batch * (3 * 256.6e9 + 50.8e9 + 0.3e12)
+        flops = count_flops(step)  # matmul/conv/attention FLOPs of one step, forward and backward
         peak = 989e12 if "H100" in torch.cuda.get_device_name() else 790e12
         note += f", MFU ~{flops / t_step / peak:.1%} (bf16 peak {peak / 1e12:.0f} TFLOP/s)"
     rows.append((f"full training step (backbone + VAE encode + ControlNet/UNet fwd+bwd + AdamW), batch {batch}",

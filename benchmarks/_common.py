@@ -1,0 +1,107 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, FLOP counts, random-weight models.
+
+Not part of the library: benchmarks only measure, and every script imports these from its own folder
+(``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from featinv.backbone import FeatureExtractor, build_backbone
+from featinv.config import BackboneConfig, ModelConfig
+from featinv.model import FeatInv
+
+GIB = 2 ** 30
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued CUDA work, so that a wall-clock time covers it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: torch.device | str):
+    """(fn(), seconds) with the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def mean_seconds(fn: Callable, repeats: int, device: torch.device | str, warmup: int = 1,
+                 max_s: float | None = None) -> float:
+    """Mean seconds per ``fn()`` call after ``warmup`` untimed calls; stops early (after at least one
+    timed call) once ``max_s`` seconds have been spent timing."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start, n = time.perf_counter(), 0
+    while n < repeats:
+        fn()
+        n += 1
+        if max_s is not None and time.perf_counter() - start > max_s:
+            break
+    sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"/proc/self/status has no field {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident set size (VmHWM) in GiB."""
+    return status_kib("VmHWM") / 2 ** 20
+
+
+def count_flops(fn: Callable) -> int:
+    """FLOPs of one ``fn()`` call, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Counts what PyTorch has FLOP formulas for: matmuls, convolutions and attention (SDPA), forward
+    and backward (a multiply-add is 2 FLOPs); elementwise ops, norms and optimizer updates count 0.
+    Attention is counted for the CUDA SDPA kernels (flash, memory-efficient, cuDNN), not for the CPU
+    flash kernel (torch 2.14), so a CPU count leaves attention out. Run ``fn`` eagerly: kernels of a
+    compiled graph bypass the counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def random_backbone(cfg: BackboneConfig) -> FeatureExtractor:
+    """The backbone of ``cfg`` with random weights (no download): throughput only."""
+    return build_backbone(dataclasses.replace(cfg, pretrained=False, checkpoint=""))
+
+
+def random_featinv(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> FeatInv:
+    """A FeatInv of ``cfg`` with random weights, built on ``device``; the zero convs are randomised too,
+    so the control branch does real work. Timing does not depend on the weights."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = FeatInv(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.01)
+    return model
