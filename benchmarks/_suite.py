@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from featinv.checkpoint import atomic_write_text
+from featinv.io import atomic_write_text
 
 METRICS = {"images_per_s": ("throughput", "images/s"), "mfu_pct": ("MFU", "%"), "peak_gib": ("peak memory", "GiB"),
            "time_10k_s": ("implied time for 10,000 images", "s"), "batch": ("largest batch that fits", "images"),

@@ -58,9 +58,9 @@ from _common import (GIB, count_flops, mean_seconds, peak_rss_gib, random_backbo
 from _suite import Suite, cleanup, goal_row, largest_batch, markdown, write_outputs
 
 from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor
-from featinv.config import PRESETS, BackboneConfig
+from featinv.config import PRESETS, BackboneConfig, SampleConfig
 from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor, SampleConfig
+from featinv.reconstruct import Reconstructor
 from featinv.training import FeatInvModule
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendor data sheets; the first substring that the
