@@ -20,7 +20,7 @@ from featinv.config import PRESETS
 from featinv.data import sample_photos_folder
 from featinv.model import FeatInv
 from featinv.visualize import to_uint8
-from featinv.reconstruct import (RankStridedSampler, Reconstructor, SampleConfig, main, plan_items,
+from featinv.reconstruct import (RankStridedSampler, Reconstructor, SampleConfig, build_parser, main, plan_items,
                                  reconstruct_folder, sample_seed, uncertainty)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +147,35 @@ def test_one_batched_forward_per_step_and_hint_once(tiny_job, cfg, adapter_batch
         counts.close()
     assert counts.forwards == [2 * 3 * 2] * 2  # both guidance branches of all B*K samples, once per step
     assert counts.adapter == adapter_batches
+
+
+@pytest.mark.parametrize("sampler, spacing, steps, calls", [
+    ("ddim", "reference", 3, 4),      # 1000 // 3 = 333: the reference's 4 steps, t=1000 clamped to 999
+    ("dpmpp_2m", "trailing", 3, 3),   # exactly S steps from t=999
+])
+def test_sampler_and_spacing_settings_reach_the_sampler(tiny_job, sampler, spacing, steps, calls):
+    feats = torch.randn(1, 512, 2, 2)
+    cfg = SampleConfig(steps=steps, sampler=sampler, spacing=spacing)
+    rec, counts = Reconstructor(tiny_job["model"], None, cfg), Counts(tiny_job["model"])
+    try:
+        out = rec.from_features(feats, ["a"])
+    finally:
+        counts.close()
+    assert len(counts.forwards) == calls and out.isfinite().all()
+    other = Reconstructor(tiny_job["model"], None, dataclasses.replace(cfg, sampler="ddim", spacing="trailing"))
+    assert (out - other.from_features(feats, ["a"])).abs().max() > 1e-4  # a different solve
+
+
+def test_sampler_settings_validated_and_on_the_command_line():
+    for bad, field in [(dict(sampler="euler"), "sampler"), (dict(spacing="leading"), "spacing"),
+                       (dict(sampler="dpmpp_2m", eta=0.5), "eta")]:
+        with pytest.raises(ValueError, match=f"SampleConfig.{field}"):
+            SampleConfig(**bad)
+    args = build_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--sampler", "dpmpp_2m",
+                                      "--spacing", "trailing"])
+    assert (args.sampler, args.spacing) == ("dpmpp_2m", "trailing")
+    defaults = build_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o"])
+    assert (defaults.sampler, defaults.spacing) == ("ddim", "reference")
 
 
 @torch.no_grad()
