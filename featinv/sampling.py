@@ -119,7 +119,9 @@ def dpmpp_2m_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
         h = lam[i + 1] - lam[i]
         last = i == len(ts) - 1
         if x0_prev is None or (last and lower_order_final):
-            d = x0  # first order: Eq. (8) with x_θ held constant over the step (= DDIM)
+            # first order: the exact solution x_t = (σ_t/σ_s) x_s + σ_t ∫ e^λ x_θ dλ with x_θ held
+            # constant over the step (DPM-Solver++1, which is DDIM)
+            d = x0
         else:
             r = h_prev / h  # Algorithm 2: D_i = (1 + 1/(2r)) x_θ(t_{i-1}) - 1/(2r) x_θ(t_{i-2})
             d = coef(1 + 0.5 / r) * x0 - coef(0.5 / r) * x0_prev
