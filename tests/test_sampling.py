@@ -173,6 +173,20 @@ def test_dpmpp_first_step_is_ddim_and_lower_order_final():
     x_T = torch.randn(3, 4)
     one = ddim_timesteps(1, spacing="trailing")
     torch.testing.assert_close(dpmpp_2m_sample(eps_fn, x_T, AC, one), ddim_sample(eps_fn, x_T, AC, one))
+    # the first two steps by hand, in the paper's notation (Algorithm 2), float64, uneven steps
+    ac = torch.cumprod(1 - betas(DiffusionConfig()), 0)
+    x, ts2 = x_T.double(), torch.tensor([100, 400, 900])
+    a, s = ac[[900, 400, 100]].sqrt(), (1 - ac[[900, 400, 100]]).sqrt()
+    lam, w2 = (a / s).log(), w.double()
+    x0 = lambda x, i, t: (x - s[i] * torch.tanh(x @ w2) * t / 1000) / a[i]  # noqa: E731
+    x1 = s[1] / s[0] * x - a[1] * torch.expm1(lam[0] - lam[1]) * x0(x, 0, 900)
+    h1, h2 = lam[1] - lam[0], lam[2] - lam[1]
+    d = (1 + h2 / (2 * h1)) * x0(x1, 1, 400) - h2 / (2 * h1) * x0(x, 0, 900)  # 1/(2r), r = h1/h2
+    x2 = s[2] / s[1] * x1 - a[2] * torch.expm1(lam[1] - lam[2]) * d
+    steps = []
+    dpmpp_2m_sample(lambda x, t: torch.tanh(x @ w2) * (t.double()[:, None] / 1000), x, ac, ts2,
+                    callback=lambda i, x, x0: steps.append(x))
+    torch.testing.assert_close(steps[1], x2, rtol=1e-12, atol=1e-12)
     ts = ddim_timesteps(5)
     seen = []
     second = dpmpp_2m_sample(eps_fn, x_T, AC, ts, callback=lambda i, x, x0: seen.append(i))
