@@ -14,8 +14,13 @@ random) and random feature maps, guidance 1.75, 2 samples; the demo pair (the ca
 --quick`, seed 0) with its sample settings on 10 digits; and the demo's label agreement with its own
 60 digits x 2 samples for a few sampler settings. Prints Markdown tables.
 
-    python benchmarks/bench_samplers.py --demo-out /work/demo_shared   # ~6 min on a contended 2-core CPU
+    python benchmarks/bench_samplers.py --demo-out /work/demo_shared   # ~5 min on 2 cores at load 4 (per-call estimate)
+    python benchmarks/bench_samplers.py --all                          # + more rows: ~25 min at load 9 on 2 cores
     python benchmarks/bench_samplers.py --skip-demo                    # tiny only
+
+Wall time per image is model calls x one guided forward plus the sampler's own arithmetic (printed
+last: tens of µs per step); on a contended CPU the measured ms / image swing several-fold between
+identical runs, so compare solvers by model calls there.
 """
 from __future__ import annotations
 
@@ -33,11 +38,14 @@ from featinv.reconstruct import Reconstructor, SampleConfig
 from featinv.sampling import ddim_sample, ddim_timesteps, dpmpp_2m_sample
 
 STEPS = (5, 8, 10, 15, 20, 50)
-# (label, sampler function(eps_fn, x_T, alphas_cumprod, timesteps), spacing, step counts). The reference
-# spacing's rows are the demo's 20 and the default 50 only: each needs its own converged solve.
+# (label, sampler function(eps_fn, x_T, alphas_cumprod, timesteps), spacing, step counts)
 VARIANTS = [
     ("ddim", ddim_sample, "trailing", STEPS),
     ("dpmpp_2m", dpmpp_2m_sample, "trailing", STEPS),
+]
+# --all adds these. The reference spacing's rows are the demo's 20 and the default 50 only: each needs its
+# own converged solve (from its own first timestep).
+EXTRA_VARIANTS = [
     ("dpmpp_2m, lower-order final step", lambda *a: dpmpp_2m_sample(*a, lower_order_final=True), "trailing", (5, 8, 10)),
     ("ddim, reference spacing (default)", ddim_sample, "reference", (20, 50)),
 ]
@@ -143,7 +151,7 @@ def converged(p: Problem, top: int, ref_steps: int, solver=dpmpp_2m_sample) -> t
     return solver(p.eps_fn, p.x_T, p.model.alphas_cumprod, ts)
 
 
-def run(p: Problem, ref_steps: int) -> list[dict]:
+def run(p: Problem, ref_steps: int, variants: list) -> list[dict]:
     """Error to the converged solve of every (sampler, S) in VARIANTS, plus model calls and time."""
     ac = p.model.alphas_cumprod
     start = time.perf_counter()
@@ -154,7 +162,7 @@ def run(p: Problem, ref_steps: int) -> list[dict]:
           f"its change from {ref_steps // 2} steps: latent RMSE {rmse(half, refs[999]):.1e} "
           f"(latent std {refs[999].std():.2f})", flush=True)
     ref_pixels, rows = {999: pixels(p.model, refs[999])}, []
-    for label, solver, spacing, steps_list in VARIANTS:
+    for label, solver, spacing, steps_list in variants:
         for steps in steps_list:
             ts = ddim_timesteps(steps, spacing=spacing)
             top = int(ts[-1])
@@ -205,18 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-out", default="featinv_demo", help="out-folder of `featinv demo --quick` (its cache)")
     parser.add_argument("--skip-demo", action="store_true", help="only the tiny config")
     parser.add_argument("--skip-tiny", action="store_true", help="only the demo pair")
+    parser.add_argument("--all", action="store_true",
+                        help="also DPM-Solver++(2M) with a first-order last step, and DDIM with the reference spacing")
     parser.add_argument("--ref-steps", type=int, default=100, help="steps of the converged reference solve")
     args = parser.parse_args(argv)
-    tables = []
+    tables, variants = [], VARIANTS + (EXTRA_VARIANTS if args.all else [])
     with torch.no_grad():
         if not args.skip_tiny:
             p = tiny_problem()
-            tables.append(markdown(p.name, run(p, args.ref_steps)))
+            tables.append(markdown(p.name, run(p, args.ref_steps, variants)))
         if not args.skip_demo:
             pair = load_demo(args.demo_out)
             tables.append(markdown_agreement(demo_agreement(pair)))
             p = demo_problem(pair)
-            tables.append(markdown(p.name, run(p, args.ref_steps)))
+            tables.append(markdown(p.name, run(p, args.ref_steps, variants)))
             cost = overhead(p.x_T)
             tables.append(f"Sampler arithmetic per step on the demo's {tuple(p.x_T.shape)} latents (ε free): "
                           + ", ".join(f"{k} {v:.0f} µs" for k, v in cost.items()))
