@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler,
-                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), same accuracy in ~3x fewer "
-                        "steps (benchmarks/RESULTS.md, bench_samplers.py)")
+                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
+                        "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps S (model calls per sample, x2 with guidance)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
