@@ -46,7 +46,8 @@ VARIANTS = [
 # --all adds these. The reference spacing's rows are the demo's 20 and the default 50 only: each needs its
 # own converged solve (from its own first timestep).
 EXTRA_VARIANTS = [
-    ("dpmpp_2m, lower-order final step", lambda *a: dpmpp_2m_sample(*a, lower_order_final=True), "trailing", (5, 8, 10)),
+    ("dpmpp_2m, lower-order final step", lambda *a: dpmpp_2m_sample(*a, lower_order_final=True), "trailing",
+     (5, 8, 10)),
     ("ddim, reference spacing (default)", ddim_sample, "reference", (20, 50)),
 ]
 # The demo's label agreement with its own settings (60 digits x 2 samples): (sampler, spacing, steps)

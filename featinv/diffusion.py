@@ -70,7 +70,7 @@ def sigma_from_alpha(alpha_t: torch.Tensor) -> torch.Tensor:
 
 
 def log_snr(alpha_t: torch.Tensor) -> torch.Tensor:
-    """λ = log(√ᾱ/√(1-ᾱ)), the half log-SNR that DPM-Solver steps in (Lu et al. 2022, arXiv 2206.00927 §3.1)."""
+    """λ = log(√ᾱ/√(1-ᾱ)), the half log-SNR that DPM-Solver steps in (Lu et al. 2022, arXiv 2206.00927)."""
     return 0.5 * (alpha_t.log() - torch.log1p(-alpha_t))
 
 

@@ -61,7 +61,8 @@ class SampleConfig:
         if self.spacing not in SPACINGS:
             raise ValueError(f"SampleConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if self.eta != 0 and self.sampler != "ddim":
-            raise ValueError(f"SampleConfig.eta must be 0 for the deterministic sampler {self.sampler!r}, got {self.eta}")
+            raise ValueError(f"SampleConfig.eta must be 0 for the deterministic sampler {self.sampler!r}, "
+                             f"got {self.eta}")
         if self.uncond not in UNCOND_MODES:
             raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if self.steps < 1 or self.num_samples < 1:
@@ -409,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler,
                    help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
                         "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
-    p.add_argument("--steps", type=int, default=d.steps, help="sampler steps S (model calls per sample, x2 with guidance)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
                         "1000, as the reference); trailing = exactly S steps from t=999")

@@ -140,7 +140,7 @@ def _gaussian_problem(n_train: int = 800):
     mu = torch.tensor([0.7, -0.3, 1.2, 0.0], dtype=torch.float64)
     s2 = torch.tensor([0.4, 0.6, 0.8, 1.2], dtype=torch.float64) ** 2
 
-    def eps_fn(x, t):  # E[ε | x_t] for x_t = √ᾱ x0 + √(1-ᾱ) ε: √(1-ᾱ)(x - √ᾱ μ) / (ᾱ s² + 1 - ᾱ)
+    def eps_fn(x, t):  # E[ε | x_t], x_t = √ᾱ x0 + √(1-ᾱ) ε: √(1-ᾱ)(x - √ᾱ μ) / (ᾱ s² + 1 - ᾱ)
         a = ac[t][:, None]
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s2 + 1 - a)
 
