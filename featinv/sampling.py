@@ -27,13 +27,14 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str
     as they are so results equal the reference's. Where the list ends at T itself (T // S divides T - 1:
     S = 3, 9, 27, 37, 111, 333, ...) the reference indexes ᾱ[T] and crashes; that entry is clamped to
     T - 1: dropping it would start from pure noise at a timestep that expects signal (S=3 would start at
-    667), while clamping keeps every other timestep and the start at the top of the schedule.
+    667), while clamping keeps every other timestep and the start at the top of the schedule (for
+    S > T/2 the list already holds T - 1, so the entry merges with it: 999 steps).
     "trailing": exactly S steps, round(T - k·T/S) - 1 for k < S, starting at T - 1 (S=50 -> [19, ..., 999])."""
     if not 0 < num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     if spacing == "reference":
         steps = torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps, dtype=torch.int64) + 1
-        return steps.clamp(max=num_train_timesteps - 1)
+        return steps.clamp(max=num_train_timesteps - 1).unique()  # unique: T // S = 1 also lists T - 1 itself
     if spacing == "trailing":
         k = torch.arange(num_steps, dtype=torch.float64)
         return (torch.round(num_train_timesteps - k * num_train_timesteps / num_steps) - 1).long().flip(0)

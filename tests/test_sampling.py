@@ -120,6 +120,7 @@ def test_reference_spacing_pinned_and_clamped():
     assert ddim_timesteps(3).tolist() == [1, 334, 667, 999]
     nine = ddim_timesteps(9)
     assert nine[:-1].tolist() == (np.arange(0, 1000, 111)[:-1] + 1).tolist() and nine[-1] == 999
+    assert ddim_timesteps(1000).tolist() == list(range(1, 1000))  # 1..1000 listed; 1000 merges into 999
     out = ddim_sample(lambda x, t: 0.1 * x, torch.ones(1, 2), AC, nine)  # ᾱ[t] indexable: no crash
     assert torch.isfinite(out).all()
 
