@@ -122,6 +122,8 @@ class DataConfig:
 PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
 INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
 UNCOND_MODES = ("prompt", "features")
+SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.sampling.SAMPLERS, in this order
+SPACINGS = ("reference", "trailing")     # featinv.sampling.ddim_timesteps spacings
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,9 @@ class SampleConfig:
     """Sampling settings; defaults are the reference's inference settings."""
 
     steps: int = 50
-    eta: float = 0.0
+    eta: float = 0.0            # DDIM only; the ODE solvers are deterministic
+    sampler: str = "ddim"       # "ddim" (reference) or "dpmpp_2m" (DPM-Solver++(2M)); see featinv.sampling
+    spacing: str = "reference"  # timesteps: "reference" (its list, S+1 steps if S does not divide 1000) or "trailing"
     guidance_scale: float = 1.75
     prompt: str = INFERENCE_PROMPT
     uncond: str = "prompt"      # "prompt": uncond branch keeps the features (reference); "features": drops both
@@ -153,6 +157,13 @@ class SampleConfig:
     seed: int = 100
 
     def __post_init__(self):
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"SampleConfig.sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"SampleConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise ValueError(f"SampleConfig.eta must be 0 for the deterministic sampler {self.sampler!r}, "
+                             f"got {self.eta}")
         if self.uncond not in UNCOND_MODES:
             raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if self.steps < 1 or self.num_samples < 1:

@@ -79,6 +79,11 @@ def sigma_from_alpha(alpha_t: torch.Tensor) -> torch.Tensor:
     return ((1.0 - alpha_t) / alpha_t).sqrt()
 
 
+def log_snr(alpha_t: torch.Tensor) -> torch.Tensor:
+    """λ = log(√ᾱ/√(1-ᾱ)), the half log-SNR that DPM-Solver steps in (Lu et al. 2022, arXiv 2206.00927)."""
+    return 0.5 * (alpha_t.log() - torch.log1p(-alpha_t))
+
+
 def eps_loss(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """ε-prediction MSE (the reference ``loss_simple``; Ho et al. 2020, eq. 14): mean of (ε̂-ε)²."""

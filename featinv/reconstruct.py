@@ -17,7 +17,8 @@ import torch
 from featinv.backbone import FeatureExtractor
 from featinv.config import SampleConfig
 from featinv.model import FeatInv, guess_mode_scales
-from featinv.sampling import ddim_sample, ddim_timesteps, guided_eps_fn
+from featinv.sampling import EpsFn, ddim_timesteps, guided_eps_fn
+from featinv.sampling import sample as run_sampler
 
 
 def sample_seed(seed: int, key: str, k: int) -> int:
@@ -111,20 +112,29 @@ class Reconstructor:
             uncond["hint"] = model.hint(torch.zeros_like(feats[:1])).expand_as(hint)
         return cond, uncond
 
+    def start_noise(self, keys: list[str]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """x_T (B·K, C, h, w) float32 on the device, one CPU generator per (key, k) (the same noise on
+        every device), and those generators (they go on to draw DDIM's η noise)."""
+        generators = [torch.Generator().manual_seed(sample_seed(self.cfg.seed, key, k))
+                      for key in keys for k in range(self.cfg.num_samples)]
+        size, channels = self.model.cfg.latent_size, self.model.cfg.unet.in_channels
+        x_T = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators])
+        return x_T.to(self.device), generators
+
+    def eps_fn(self, feats: torch.Tensor) -> EpsFn:
+        """The guided ε-callable the sampler runs for feature maps (B, C, h, w): x (B·K, ...), t (B·K,) -> ε."""
+        cond, uncond = self._branches(feats.to(self.device))
+        return guided_eps_fn(self.model, cond, uncond, self.cfg.guidance_scale)
+
     @torch.no_grad()
     def _sample(self, feats: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """One sampler run for all B·K samples: (B, C, h, w), B keys -> (B, K, 3, H, W) in [0, 1]."""
         cfg, model = self.cfg, self.model
-        generators = [torch.Generator().manual_seed(sample_seed(cfg.seed, key, k))
-                      for key in keys for k in range(cfg.num_samples)]
-        size, channels = model.cfg.latent_size, model.cfg.unet.in_channels
-        # CPU generators: the starting noise is the same on every device.
-        x_T = torch.stack([torch.randn(channels, size, size, generator=g) for g in generators]).to(self.device)
-        timesteps = ddim_timesteps(cfg.steps, model.cfg.diffusion.timesteps)
+        x_T, generators = self.start_noise(keys)
+        timesteps = ddim_timesteps(cfg.steps, model.cfg.diffusion.timesteps, cfg.spacing)
         with self._autocast():
-            cond, uncond = self._branches(feats.to(self.device))
-            eps_fn = guided_eps_fn(model, cond, uncond, cfg.guidance_scale)
-            latents = ddim_sample(eps_fn, x_T, model.alphas_cumprod, timesteps, cfg.eta, generator=generators)
+            latents = run_sampler(cfg.sampler, self.eps_fn(feats), x_T, model.alphas_cumprod, timesteps, cfg.eta,
+                                  generators)
             images = model.decode_latents(latents)
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return images.view(len(keys), cfg.num_samples, *images.shape[1:])

@@ -12,7 +12,7 @@ import pytest
 import numpy as np
 import torch
 
-from featinv.commands.reconstruct import main
+from featinv.commands.reconstruct import build_parser, main
 from featinv.config import PRESETS, SampleConfig
 from featinv.folder_job import RankStridedSampler, plan_items, reconstruct_folder
 from featinv.model import FeatInv
@@ -116,6 +116,33 @@ def test_one_batched_forward_per_step_and_hint_once(tiny_job, cfg, adapter_batch
     assert counts.adapter == adapter_batches
 
 
+def test_sampler_and_spacing_settings_reach_the_sampler(tiny_job, monkeypatch):
+    import featinv.reconstruct as reconstruct
+    seen = []
+
+    def spy(sampler, eps_fn, x_T, alphas_cumprod, timesteps, eta, generator):
+        seen.append((sampler, timesteps.tolist(), eta, len(generator)))
+        return torch.zeros_like(x_T)
+
+    monkeypatch.setattr(reconstruct, "run_sampler", spy)
+    for cfg in [SampleConfig(steps=3, num_samples=2), SampleConfig(steps=3, sampler="dpmpp_2m", spacing="trailing")]:
+        out = Reconstructor(tiny_job["model"], None, cfg).from_features(torch.randn(1, 512, 2, 2), ["a"])
+        assert out.shape == (1, cfg.num_samples, 3, 64, 64)
+    assert seen == [("ddim", [1, 334, 667, 999], 0.0, 2), ("dpmpp_2m", [332, 666, 999], 0.0, 1)]
+
+
+def test_sampler_settings_validated_and_on_the_command_line():
+    for bad, field in [(dict(sampler="euler"), "sampler"), (dict(spacing="leading"), "spacing"),
+                       (dict(sampler="dpmpp_2m", eta=0.5), "eta")]:
+        with pytest.raises(ValueError, match=f"SampleConfig.{field}"):
+            SampleConfig(**bad)
+    args = build_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--sampler", "dpmpp_2m",
+                                      "--spacing", "trailing"])
+    assert (args.sampler, args.spacing) == ("dpmpp_2m", "trailing")
+    defaults = build_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o"])
+    assert (defaults.sampler, defaults.spacing) == ("ddim", "reference")
+
+
 @torch.no_grad()
 def test_guess_mode_branches(tiny_job):
     model = tiny_job["model"]
@@ -172,7 +199,7 @@ def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_pat
 WRITE_LOGGER = """
 import os, sys
 import featinv.folder_job as job
-from featinv.commands.reconstruct import main
+from featinv.commands.reconstruct import build_parser, main
 save = job.save_png
 def logged(image, path):
     with open(os.environ["WRITE_LOG"], "a") as f:

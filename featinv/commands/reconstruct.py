@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone
-from featinv.config import UNCOND_MODES, SampleConfig, to_dict
+from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
 from featinv.config_file import load_config
 from featinv.folder_job import reconstruct_folder
 
@@ -29,8 +29,15 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
-    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
+                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
+                        "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
+    p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
+                   help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
+                        "1000, as the reference); trailing = exactly S steps from t=999")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (ddim only)")
     p.add_argument("--scale", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
     p.add_argument("--samples", type=int, default=d.num_samples, help="reconstructions per image (K)")
@@ -57,7 +64,8 @@ def main(argv: list[str]) -> int:
     full = load_config(args.config) if args.config else None
     base = full.backbone if full else BACKBONE_PRESETS["convnext_base"]
     backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
-    sample = SampleConfig(steps=args.steps, eta=args.eta, guidance_scale=args.scale, prompt=args.prompt,
+    sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
+                          guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
     settings = {"checkpoint": args.checkpoint, "config": args.config or "(from the checkpoint)",
