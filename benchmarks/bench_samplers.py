@@ -90,27 +90,10 @@ def tiny_problem(n: int = 2) -> Problem:
 
 def load_demo(out: str) -> tuple[FeatInv, object, dict, SampleConfig]:
     """The cached quick demo pair (seed 0): model, extractor, digits data, the demo's sample settings."""
-    from featinv import demo
+    from featinv.demo import load_demo_pair
 
-    if hasattr(demo, "load_demo_pair"):
-        pair = demo.load_demo_pair(out, seed=0, quick=True)
-        return pair.model, pair.extractor, pair.data, pair.sample_config
-    # until load_demo_pair lands: read the cache `featinv demo --quick` wrote
-    from safetensors.torch import load_file
-
-    from featinv.checkpoint import load_featinv
-
-    s = demo.QUICK
-    cache = demo.cache_dir(Path(out), s, 0, "quick")
-    final = cache / "featinv_run" / "featinv.safetensors"
-    if not final.is_file():
-        raise FileNotFoundError(f"--demo-out: {final} not found (run `featinv demo --quick --out {out}`)")
-    clf = demo.DigitsCNN()
-    clf.load_state_dict(load_file(cache / "classifier.safetensors"))
-    sc = SampleConfig(steps=s.sample_steps, guidance_scale=s.guidance, prompt=demo.PROMPT, uncond="features",
-                      num_samples=s.samples, seed=0)
-    return (load_featinv(final).eval(), demo.make_extractor(clf, s.image_size).eval(),
-            demo.load_digits_split(s.image_size), sc)
+    pair = load_demo_pair(out, seed=0, quick=True)
+    return pair.model, pair.extractor, pair.data, pair.sample_config
 
 
 def demo_problem(pair, n: int = 10) -> Problem:
