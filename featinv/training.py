@@ -24,10 +24,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import load_featinv, save_featinv
+from featinv.checkpoint import config_from_metadata, load_featinv, save_featinv
 from featinv.io import atomic_write_text
 from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
 from featinv.data import ImageDataset, make_loader
@@ -197,11 +198,35 @@ class _Loader(pl.LightningDataModule):
         return loader
 
 
+def effective_config(cfg: FeatInvConfig, channels: int) -> FeatInvConfig:
+    """The config a run trains: ``model.adapter.in_channels`` is the backbone's feature channels
+    (whatever the YAML said); this is what ``<run_dir>/config.yaml`` records."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, adapter=dataclasses.replace(cfg.model.adapter, in_channels=channels)))
+
+
+def check_init_channels(init: str | Path, channels: int, backbone_name: str) -> None:
+    """ValueError naming build-control's ``--backbone`` if the initial checkpoint's adapter was built
+    for another number of feature channels than the training backbone gives (read from its metadata)."""
+    if Path(init).suffix != ".safetensors":
+        return
+    try:
+        with safe_open(str(init), framework="pt") as f:
+            model_cfg = config_from_metadata(dict(f.metadata() or {}))
+    except (SafetensorError, OSError):  # unreadable or missing: load_featinv says so
+        return
+    built = model_cfg.adapter.in_channels if model_cfg else None
+    if built is not None and built != channels:
+        raise ValueError(f"--init: {init} was built for a {built}-channel feature map, but the training backbone "
+                         f"{backbone_name!r} gives {channels} channels; rebuild it with "
+                         f"`featinv build-control MINISD OUT --backbone {backbone_name}` (the training backbone)")
+
+
 def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: FeatureExtractor) -> FeatInv:
     """Load the initial FeatInv checkpoint; the adapter's input channels follow from the backbone."""
     channels = backbone.feature_shape[0]
-    model_cfg = dataclasses.replace(cfg.model, adapter=dataclasses.replace(cfg.model.adapter, in_channels=channels))
-    return load_featinv(init, model_cfg)
+    check_init_channels(init, channels, cfg.backbone.name)
+    return load_featinv(init, effective_config(cfg, channels).model)
 
 
 def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone: FeatureExtractor | None = None,
@@ -221,6 +246,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     if resume == "auto":
         resume = last if last.exists() else None
     model = build_training_model(cfg, init, backbone)
+    cfg = effective_config(cfg, backbone.feature_shape[0])  # what the run trains is what it records
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir / "config.yaml")

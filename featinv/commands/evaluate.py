@@ -28,6 +28,9 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f"--out: reconstruct folder {str(out)!r} not found")
     manifest = out / "manifest.json"
     saved = json.loads(manifest.read_text()).get("backbone") if manifest.is_file() else None
+    if not saved and not args.backbone:
+        raise ValueError(f"no backbone known for {out} ({manifest} names none): pass --backbone "
+                         "(the one the reconstructions were made with)")
     base = from_dict(BackboneConfig, saved) if saved else BackboneConfig()
     backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
     print("featinv evaluate\n" + json.dumps({**vars(args), "backbone": to_dict(backbone)}, indent=2))

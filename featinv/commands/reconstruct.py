@@ -8,9 +8,8 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone
+from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone, run_config
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
-from featinv.config_file import load_config
 from featinv.folder_job import reconstruct_folder
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
@@ -20,9 +19,12 @@ def build_parser() -> Parser:
     p = Parser(prog="featinv reconstruct",
                description="Reconstruct ImageNet-style images from their classifier features.")
     p.add_argument("--checkpoint", required=True, help="FeatInv weights (featinv .safetensors or reference .ckpt)")
-    p.add_argument("--config", help="preset name or YAML for the model (default: the checkpoint's metadata)")
+    p.add_argument("--config", help="preset name or YAML for the model and backbone (default: the model from the "
+                                    "checkpoint's metadata, the backbone from the training run's config.yaml)")
+    p.add_argument("--run-dir", help="the training run whose config.yaml names the backbone (default: the "
+                                     "checkpoint's folder, when it holds a config.yaml)")
     p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(default: the config's, else convnext_base)")
+                                      "(default: the run's or --config's backbone)")
     p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
     p.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
     p.add_argument("--data", required=True, help="ImageNet-style folder <root>/<class>/<image>")
@@ -61,14 +63,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not Path(args.checkpoint).is_file():  # fail before anything is loaded
         raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} not found")
-    full = load_config(args.config) if args.config else None
-    base = full.backbone if full else BACKBONE_PRESETS["convnext_base"]
+    full, base, source = run_config(args.checkpoint, args.config, args.run_dir, args.backbone)
     backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                           guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
-    settings = {"checkpoint": args.checkpoint, "config": args.config or "(from the checkpoint)",
+    settings = {"checkpoint": args.checkpoint, "config": source,
                 "backbone": to_dict(backbone), "sample": dataclasses.asdict(sample), "data": args.data,
                 "out": args.out, "per_class": args.per_class, "batch_size": args.batch_size,
                 "accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,

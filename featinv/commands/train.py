@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from featinv.build_control import backbone_channels
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config_file import load_config
-from featinv.training import train
+from featinv.training import effective_config, train
 
 
 @command("train")
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
+    cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     with cleanup_on_failure(args.run_dir):
