@@ -172,10 +172,32 @@ def backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple
     return extractor(x).float().cpu(), extractor.classify(x).float().cpu()
 
 
-def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric, pooled: dict) -> list[dict]:
-    """Per-reconstruction rows for a batch of records; updates FID state and the pooled features."""
-    originals = torch.stack([load_image(r.original) for r in batch])
-    recons = torch.stack([load_image(p) for r in batch for p in r.reconstructions])
+def load_records(batch: list[Record], unreadable: list[str]) -> tuple[list[Record], list[torch.Tensor], list[torch.Tensor]]:
+    """The records of ``batch`` whose files all decode, with their originals and reconstructions;
+    the first file that does not decode of each other record is appended to ``unreadable``."""
+    good, originals, recons = [], [], []
+    for r in batch:
+        images = []
+        for path in (r.original, *r.reconstructions):
+            try:
+                images.append(load_image(path))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a bad or cut-short file
+                unreadable.append(f"{path} ({type(e).__name__})")
+                break
+        else:
+            good.append(r)
+            originals.append(images[0])
+            recons += images[1:]
+    return good, originals, recons
+
+
+def _evaluate_batch(batch: list[Record], extractor: FeatureExtractor, fid_metric, pooled: dict,
+                    unreadable: list[str]) -> list[dict]:
+    """Per-reconstruction rows for the readable records of a batch; updates FID state and the pooled features."""
+    batch, originals, recons = load_records(batch, unreadable)
+    if not batch:
+        return []
+    originals, recons = torch.stack(originals), torch.stack(recons)
     owner = torch.tensor([i for i, r in enumerate(batch) for _ in r.reconstructions])
     f_orig, l_orig = backbone_outputs(extractor, originals)
     f_rec, l_rec = backbone_outputs(extractor, recons)
@@ -260,6 +282,9 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {label} | {'n/a' if v is None else (f'{v:.4f}' if isinstance(v, float) else v)} |")
     if summary["fid_note"]:
         lines += ["", summary["fid_note"]]
+    if summary.get("unreadable"):
+        lines += ["", f"Skipped {len(summary['unreadable'])} image(s) whose file does not decode (rerun "
+                      f"`featinv reconstruct` on the folder to make them again): " + ", ".join(summary["unreadable"])]
     return "\n".join(lines) + "\n"
 
 
@@ -275,11 +300,16 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     extractor = extractor.to(device).eval()
     name = backbone.name if isinstance(backbone, BackboneConfig) else type(extractor.model).__name__
     fid_metric, fid_note = make_fid(device, fid_weights) if fid else (None, "FID not requested (--no-fid)")
-    rows, pooled = [], {"original": [], "reconstruction": []}
+    rows, pooled, unreadable = [], {"original": [], "reconstruction": []}, []
     for start in tqdm(range(0, len(records), batch_size), unit="batch", desc="evaluate"):
-        rows += _evaluate_batch(records[start:start + batch_size], extractor, fid_metric, pooled)
+        rows += _evaluate_batch(records[start:start + batch_size], extractor, fid_metric, pooled, unreadable)
+    if not rows:
+        raise ValueError(f"{out}: no image decodes ({len(unreadable)} unreadable, e.g. {unreadable[0]})")
     summary = _summarise(rows, pooled, fid_metric, fid_note, name)
-    sheet, u_max = contact_sheet(records, sheet_rows)
+    summary["unreadable"] = unreadable  # skipped images: reported, not fatal
+    bad = {u.rsplit(" (", 1)[0] for u in unreadable}
+    readable = [r for r in records if not bad & {str(p) for p in (r.original, *r.reconstructions)}]
+    sheet, u_max = contact_sheet(readable, sheet_rows)
     summary["contact_sheet_uncertainty_max"] = u_max
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

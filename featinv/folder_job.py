@@ -24,6 +24,8 @@ from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import load_featinv
 from featinv.config import BackboneConfig, ModelConfig, SampleConfig, to_dict
 from featinv.data import ImageDataset, find_images
+from featinv.folder_state import (check_same_settings, checkpoint_identity, clear_outputs,
+                                  drop_undecodable, read_manifest)
 from featinv.io import atomic_write_text
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor
@@ -168,13 +170,36 @@ def check_writable(out: str | Path) -> Path:
 
 
 def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int, info: dict) -> dict:
-    """Summarise the folder from what is on disk: an incomplete item after a finished run was unreadable."""
+    """Summarise the folder from what is on disk: an incomplete item after a finished run was unreadable.
+
+    ``verified``: the items whose files are known to decode (checked, or written by this job), which
+    a later run does not check again."""
     missing = [it for it in items if not it.complete(out, k)]
-    manifest = {**info, "items": len(items), "complete": len(items) - len(missing),
+    manifest = {**info, "status": "finished", "items": len(items), "complete": len(items) - len(missing),
                 "already_complete": done_before, "reconstructed": len(items) - len(missing) - done_before,
-                "unreadable": [it.path for it in missing]}
+                "unreadable": [it.path for it in missing],
+                "verified": [it.key for it in items if it not in missing]}
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
     return manifest
+
+
+def _prepare_folder(out: Path, items: list[FolderItem], k: int, info: dict, previous: dict | None,
+                    overwrite: bool, rank: int) -> set[str]:
+    """Start the folder over (``overwrite``, rank 0) or check that it holds this job; make outputs that do
+    not decode missing. Returns the keys of the items whose files the manifest records as whole."""
+    if overwrite:
+        if rank == 0:
+            removed = clear_outputs(out)
+            _print0(f"--overwrite: deleted {len(removed)} file(s) of the earlier job from {out} (its originals, "
+                    "reconstructions, eval/ and manifest.json)")
+        previous = None
+    else:
+        check_same_settings(out, previous, info, items, k)
+    verified = set(previous.get("verified", [])) if previous else set()
+    redo = drop_undecodable(out, items, k, verified)
+    if redo:
+        _print0(f"note: {len(redo)} output file(s) in {out} do not decode (e.g. {redo[0]}); they are made again")
+    return verified
 
 
 def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtractor | BackboneConfig,
@@ -182,11 +207,14 @@ def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtrac
                        sample_cfg: SampleConfig = SampleConfig(), batch_size: int = 8,
                        model_cfg: ModelConfig | None = None, accelerator: str = "auto", devices="auto",
                        num_nodes: int = 1, strategy: str = "auto", precision: str = "auto",
-                       num_workers: int = 0) -> dict:
+                       num_workers: int = 0, overwrite: bool = False) -> dict:
     """Reconstruct the first ``per_class`` images of each class of ``root`` into ``out`` (resumable).
 
     Layout: ``<out>/<class>/<stem>.png`` (the Resize+CenterCrop crop at the model's image size) and
     ``<out>/<class>/reconstructed_<stem>_<k>.png``; ``<out>/manifest.json``. Returns the manifest.
+    A folder holds one job: rerun with other settings (checkpoint, backbone, sampling, per_class) it
+    refuses, naming the setting, unless ``overwrite`` deletes the earlier job's files first. Outputs
+    that do not decode count as missing (see :func:`drop_undecodable`).
     Pixels are bitwise reproducible for one batch size, device and software stack, whatever the
     resume history or number of ranks (see :class:`Reconstructor` ``fixed_batch``)."""
     ckpt_name = None
@@ -196,13 +224,16 @@ def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtrac
             raise FileNotFoundError(f"--checkpoint: {ckpt_name!r} not found")
     items, class_names = plan_items(root, per_class)
     out, k = check_writable(out), sample_cfg.num_samples
+    rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from RANK / LOCAL_RANK / SLURM_PROCID
+    previous = read_manifest(out)
     bcfg = backbone if isinstance(backbone, BackboneConfig) else None
-    info = {"checkpoint": ckpt_name, "data": str(root), "per_class": per_class, "classes": class_names,
+    info = {"checkpoint": ckpt_name, "checkpoint_file": checkpoint_identity(ckpt_name, previous) if ckpt_name else None,
+            "data": str(root), "per_class": per_class, "classes": class_names,
             "sample": dataclasses.asdict(sample_cfg), "backbone": to_dict(bcfg) if bcfg else None}
+    verified = _prepare_folder(out, items, k, info, previous, overwrite, rank)
     done_before = sum(it.complete(out, k) for it in items)
     if done_before == len(items):  # nothing to do: no model is loaded
         _print0(f"all {len(items)} items in {out} are complete")
-        rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from RANK / LOCAL_RANK / SLURM_PROCID
         return _write_manifest(out, items, k, done_before, info) if rank == 0 else info
 
     model = checkpoint if isinstance(checkpoint, FeatInv) else load_featinv(checkpoint, model_cfg)
@@ -210,6 +241,9 @@ def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtrac
     if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
         raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but the model's adapter "
                          f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
+    if rank == 0:  # the settings are on disk before any image is: a killed job's folder still says them
+        atomic_write_text(json.dumps({**info, "status": "running", "verified": sorted(verified)}, indent=2) + "\n",
+                          out / "manifest.json")
     # fixed_batch: pixels do not depend on which items share a batch (resume, rank split, last batch)
     reconstructor = Reconstructor(model, extractor, sample_cfg, fixed_batch=batch_size)
     predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, batch_size, num_workers)

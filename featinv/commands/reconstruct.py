@@ -29,6 +29,9 @@ def build_parser() -> Parser:
     p.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
     p.add_argument("--data", required=True, help="ImageNet-style folder <root>/<class>/<image>")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --out over: delete the earlier job's PNGs (class folders), eval/ and manifest.json; "
+                        "without it a folder made with other settings is refused")
     p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
@@ -78,7 +81,8 @@ def main(argv: list[str]) -> int:
     with cleanup_on_failure(args.out):
         manifest = reconstruct_folder(args.checkpoint, backbone, args.data, args.out, args.per_class or None,
                                       sample, args.batch_size, full.model if full else None, args.accelerator,
-                                      devices, args.num_nodes, args.strategy, args.precision, args.num_workers)
+                                      devices, args.num_nodes, args.strategy, args.precision, args.num_workers,
+                                      overwrite=args.overwrite)
     if "items" in manifest:
         _print0(f"{manifest['complete']}/{manifest['items']} items complete "
                 f"({manifest['reconstructed']} new, {len(manifest['unreadable'])} unreadable): {args.out}")
