@@ -26,6 +26,22 @@ def backbone_channels(cfg: BackboneConfig) -> int:
         return build_backbone(dataclasses.replace(cfg, pretrained=False, checkpoint="")).feature_shape[0]
 
 
+def write_random_minisd(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """A miniSD-layout checkpoint (UNet, VAE, text encoder; random weights from ``seed``) of a preset's
+    model, e.g. the tiny one (34 MB) for trying every command on a CPU in minutes; refuses to overwrite."""
+    from featinv.checkpoint import save_minisd
+    from featinv.config import PRESETS
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        return save_minisd(FeatInv(PRESETS[preset].model), path)
+
+
 def build_control(minisd: str | Path, out: str | Path, cfg: ModelConfig | None = None,
                   hint_channels: int | None = None, seed: int = 0) -> dict:
     """miniSD checkpoint -> FeatInv safetensors at ``out``; returns a summary of what was copied / new.

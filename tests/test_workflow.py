@@ -1,0 +1,114 @@
+"""The command chain as a user runs it, in subprocesses, on the tiny config and real photos:
+build-control -> train -> continue with a larger max_steps -> reconstruct -> evaluate -> inspect.
+
+One module-scoped chain (~1 min on 2 cores); each test checks one part of what it left behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from featinv.build_control import write_random_minisd
+from helpers import sample_photos_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+pytestmark = pytest.mark.slow
+
+
+def featinv(*args: str, cwd: Path, wait: bool = True):
+    """``python -m featinv.cli ARGS`` as a user runs it (CPU only, one thread); the finished process,
+    or the running one with ``wait=False``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "featinv.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return finish(proc) if wait else proc
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{' '.join(proc.args[3:])}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess, name: str) -> str:
+    """The one line a user error prints (Lightning / Python warnings aside), with exit status 2."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("featinv ")]
+    assert len(lines) == 1 and lines[0].startswith(f"featinv {name}: error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("workflow")
+    write_random_minisd(tmp / "minisd.safetensors")
+    sample_photos_folder(tmp / "photos", size=72)
+    ok(featinv("build-control", "minisd.safetensors", "init.safetensors", "--backbone", "resnet18", cwd=tmp))
+    train = ["train", "--config", TINY, "--init", "init.safetensors", "--data", "photos"]
+    one_go = featinv(*train, "--run-dir", "runs/one_go", "train.max_steps=4", cwd=tmp, wait=False)  # alongside
+    first = ok(featinv(*train, "--run-dir", "runs/run", "train.max_steps=2", cwd=tmp))
+    continued = ok(featinv(*train, "--run-dir", "runs/run", "train.max_steps=4", cwd=tmp))
+    one_go = ok(finish(one_go))
+    recon = ["reconstruct", "--checkpoint", "runs/run/featinv.safetensors", "--data", "photos",
+             "--per-class", "1", "--batch-size", "2", "--num-workers", "0"]
+    bad_data = featinv(*recon[:3], "--data", "no_such_folder", "--out", "recon_bad", cwd=tmp, wait=False)
+    results = {"tmp": tmp, "first": first, "continued": continued, "one_go": one_go,
+               "recon": ok(featinv(*recon, "--steps", "2", "--out", "recon", cwd=tmp))}
+    results["recon_again"] = ok(featinv(*recon, "--steps", "2", "--out", "recon", cwd=tmp))
+    results["recon_other"] = featinv(*recon, "--steps", "3", "--out", "recon", cwd=tmp)
+    results["bad_data"] = finish(bad_data)
+    results["evaluate"] = ok(featinv("evaluate", "--out", "recon", "--no-fid", "--device", "cpu", cwd=tmp))
+    results["inspect"] = featinv("inspect", "runs/run/featinv.safetensors", cwd=tmp)
+    return results
+
+
+def test_the_run_records_its_effective_config(chain):
+    run = chain["tmp"] / "runs" / "run"
+    assert "in_channels: 512" in (run / "config.yaml").read_text()  # resnet18's channels, not tiny.yaml's 16
+    assert "in_channels: 512" in chain["first"].stdout  # printed as it is recorded
+    assert "(step 4)" in chain["continued"].stdout  # continued from step 2, not started over
+
+
+def test_continuing_a_run_equals_training_in_one_go(chain):
+    """Needs the `fixes` branch (the data position is checkpointed where max_steps stopped)."""
+    continued = load_file(chain["tmp"] / "runs" / "run" / "featinv.safetensors")
+    one_go = load_file(chain["tmp"] / "runs" / "one_go" / "featinv.safetensors")
+    assert continued.keys() == one_go.keys()
+    different = [k for k in continued if not (continued[k] == one_go[k]).all()]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_reconstruct_with_the_runs_config_then_rerun_writes_nothing(chain):
+    out = chain["tmp"] / "recon"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] == manifest["items"] == 3 and manifest["backbone"]["name"] == "resnet18"
+    assert manifest["sample"]["steps"] == 2 and len(list(out.glob("*/reconstructed_*_0.png"))) == 3
+    assert "3/3 items complete (0 new" in chain["recon_again"].stdout
+
+
+def test_reconstruct_with_other_settings_is_refused_naming_them(chain):
+    line = error_line(chain["recon_other"], "reconstruct")
+    assert "steps was 2, now 3" in line and "--overwrite" in line
+    assert json.loads((chain["tmp"] / "recon" / "manifest.json").read_text())["sample"]["steps"] == 2
+
+
+def test_bad_data_folder_is_one_line_and_leaves_no_output(chain):
+    assert "no_such_folder" in error_line(chain["bad_data"], "reconstruct")
+    assert not (chain["tmp"] / "recon_bad").exists()
+
+
+def test_evaluate_and_inspect(chain):
+    summary = json.loads((chain["tmp"] / "recon" / "eval" / "summary.json").read_text())
+    assert summary["images"] == 3 and summary["reconstructions"] == 3 and summary["unreadable"] == []
+    assert (chain["tmp"] / "recon" / "eval" / "contact_sheet.png").is_file()
+    ok(chain["inspect"])
