@@ -306,6 +306,33 @@ def _params(block: dict, where: str, allowed: set[str]) -> dict:
     return params
 
 
+# HF CLIPTextConfig keys: those read into TextConfig, and those that do not change the frozen encoder's
+# last hidden state (dropouts are off in eval; the projection, pooling token ids and init are unused).
+_CLIP_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "layer_norm_eps", "hidden_act"}
+_CLIP_IGNORED = {"dropout", "attention_dropout", "initializer_range", "initializer_factor", "projection_dim",
+                 "pad_token_id", "bos_token_id", "eos_token_id", "model_type", "architectures", "torch_dtype",
+                 "transformers_version"}
+
+
+def _text_config(clip: dict, where: str) -> TextConfig:
+    """clip_text_config -> TextConfig; unknown keys and activations other than CLIP's quick_gelu fail.
+
+    Exact GELU is refused rather than supported: every SD-1.x / miniSD text encoder (CLIP ViT-L/14)
+    uses quick_gelu, and a TextConfig field for it would be permanent in checkpoint metadata."""
+    unknown = set(clip) - _CLIP_KEYS - _CLIP_IGNORED
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+    act = clip.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported; the text encoder is CLIP's, with "
+                         "hidden_act quick_gelu (x * sigmoid(1.702 x))")
+    return TextConfig(vocab_size=clip.get("vocab_size", 49408), width=clip["hidden_size"],
+                      layers=clip["num_hidden_layers"], heads=clip["num_attention_heads"],
+                      mlp_width=clip["intermediate_size"], context_length=clip.get("max_position_embeddings", 77),
+                      layer_norm_eps=clip.get("layer_norm_eps", 1e-5))
+
+
 def _unet_fields(p: dict, where: str) -> dict:
     if p.get("transformer_depth", 1) != 1 or p.get("use_spatial_transformer", True) is not True:
         raise ValueError(f"{where}: only transformer_depth 1 with spatial transformers (SD-1.x) is supported")
@@ -341,12 +368,7 @@ def config_from_reference_yaml(data: dict, source: str = "yaml") -> ModelConfig:
                     scale_factor=top.get("scale_factor", 0.18215))
     cond = top["cond_stage_config"]
     clip = ((cond or {}).get("params") or {}).get("clip_text_config")
-    text = TextConfig()
-    if clip:  # any cond stage is "CLIP text transformer, ViT-L/14 unless clip_text_config says otherwise"
-        text = TextConfig(vocab_size=clip.get("vocab_size", 49408), width=clip["hidden_size"],
-                          layers=clip["num_hidden_layers"], heads=clip["num_attention_heads"],
-                          mlp_width=clip["intermediate_size"], context_length=clip.get("max_position_embeddings", 77),
-                          layer_norm_eps=clip.get("layer_norm_eps", 1e-5))
+    text = _text_config(clip, f"{source}: cond_stage_config.params.clip_text_config") if clip else TextConfig()
     diffusion = DiffusionConfig(timesteps=top.get("timesteps", 1000), linear_start=top.get("linear_start", 0.00085),
                                 linear_end=top.get("linear_end", 0.012))
     return ModelConfig(unet=unet, adapter=AdapterConfig(in_channels=ctrl_p["hint_channels"]), vae=vae, text=text,

@@ -40,6 +40,17 @@ def test_reference_yaml_unknown_key(tmp_path, block, key):
         load_config(str(tmp_path / "ref.yaml"))
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_activation": "quick_gelu"}, r"clip_text_config: unknown key\(s\) \['hidden_activation'\]"),
+    ({"hidden_act": "gelu"}, r"clip_text_config: hidden_act 'gelu' is not supported")])
+def test_reference_yaml_clip_text_config_is_checked(tmp_path, change, match):
+    data = OmegaConf.to_container(OmegaConf.load(FIXTURES / "tiny_config.yaml"))
+    data["model"]["params"]["cond_stage_config"]["params"]["clip_text_config"].update(change)
+    OmegaConf.save(OmegaConf.create(data), tmp_path / "ref.yaml")
+    with pytest.raises(ValueError, match=match):
+        load_config(str(tmp_path / "ref.yaml"))
+
+
 def test_reference_yaml_with_overrides():
     cfg = load_config(str(FIXTURES / "tiny_config.yaml"), ["model.adapter.in_channels=2048", "train.lr=0.5"])
     assert cfg.model == dataclasses.replace(TINY, adapter=AdapterConfig(in_channels=2048)) and cfg.train.lr == 0.5
