@@ -18,6 +18,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+def _check_range(cfg: Any, **bounds: tuple[float | None, float | None]) -> None:
+    """ValueError naming the first field of ``cfg`` outside its [low, high] (None: unbounded)."""
+    for name, (low, high) in bounds.items():
+        value = getattr(cfg, name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            want = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"{type(cfg).__name__}.{name} must be {want}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The SD-1.x UNet (and, by construction, its ControlNet copy)."""
@@ -118,6 +127,9 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 4
 
+    def __post_init__(self):
+        _check_range(self, batch_size=(1, None), num_workers=(0, None))
+
 
 PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
 INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
@@ -139,6 +151,10 @@ class TrainConfig:
     log_images_steps: int = 20
     checkpoint_every: int = 5000
     seed: int = 0
+
+    def __post_init__(self):
+        _check_range(self, lr=(0, None), max_steps=(1, None), drop_prob=(0, 1), log_images_every=(0, None),
+                     log_images_count=(1, None), log_images_steps=(1, None), checkpoint_every=(0, None))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ def load_config(path_or_preset: str, overrides: list[str] | None = None) -> Feat
     Reference YAML (has ``model.target``): translated into a ModelConfig.
     """
     if path_or_preset in PRESETS:
-        return merge(PRESETS[path_or_preset], overrides or [])
+        try:
+            return merge(PRESETS[path_or_preset], overrides or [])
+        except ValueError as e:
+            raise ValueError(f"command-line override(s) {' '.join(overrides or [])}: {e}") from None
     path = Path(path_or_preset)
     if not path.is_file():
         raise FileNotFoundError(
@@ -37,4 +40,11 @@ def load_config(path_or_preset: str, overrides: list[str] | None = None) -> Feat
     try:
         return merge(PRESETS[preset], data, overrides or [])
     except ValueError as e:
+        if overrides:  # say whose mistake it is: the file's, or the command line's
+            try:
+                merge(PRESETS[preset], data)
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f"command-line override(s) {' '.join(overrides)}: {e}") from None
         raise ValueError(f"{path}: {e}") from None

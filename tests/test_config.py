@@ -14,6 +14,8 @@ from featinv.config_file import load_config
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY = PRESETS["tiny"].model
 FULL = PRESETS["featinv_convnext"].model
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -107,3 +109,20 @@ def test_latent_grid_is_one_fact():
     rec = Reconstructor(FeatInv(cfg), None, SampleConfig(steps=1))
     images = rec.from_features(torch.randn(1, cfg.adapter.in_channels, 2, 2), ["a"])
     assert images.shape == (1, 1, 3, 32, 32) and cfg.image_size == 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.drop_prob=1.5", "TrainConfig.drop_prob must be in [0, 1], got 1.5"),
+    ("data.batch_size=0", "DataConfig.batch_size must be >= 1, got 0"),
+    ("train.max_steps=0", "TrainConfig.max_steps must be >= 1, got 0")])
+def test_ranges_are_checked_and_a_bad_override_is_named(override, message):
+    for source in ("tiny", str(REPO / "configs" / "tiny.yaml")):
+        with pytest.raises(ValueError) as e:
+            load_config(source, [override])
+        assert str(e.value) == f"command-line override(s) {override}: {message}"
+
+
+def test_a_bad_value_in_the_yaml_names_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\ntrain: {drop_prob: -0.1}\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: TrainConfig\.drop_prob must be in \[0, 1\], got -0\.1"):
+        load_config(str(tmp_path / "run.yaml"), ["train.lr=0.1"])
