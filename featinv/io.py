@@ -3,17 +3,39 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, without changing it where Linux reports it (``/proc/self/status``); elsewhere
+    set-and-restore under a lock (the umask is process-wide, so threads of this module never race)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_save(write, path: str | os.PathLike) -> Path:
-    """Call write(tmp_path) then rename onto ``path``: a crash never leaves a partial file."""
+    """Call write(tmp_path) then rename onto ``path``: a crash never leaves a partial file.
+
+    The file gets the permissions a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

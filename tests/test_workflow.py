@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from featinv.build_control import write_random_minisd
+from featinv.io import current_umask
 from helpers import sample_photos_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +96,15 @@ def test_reconstruct_with_the_runs_config_then_rerun_writes_nothing(chain):
     assert manifest["complete"] == manifest["items"] == 3 and manifest["backbone"]["name"] == "resnet18"
     assert manifest["sample"]["steps"] == 2 and len(list(out.glob("*/reconstructed_*_0.png"))) == 3
     assert "3/3 items complete (0 new" in chain["recon_again"].stdout
+
+
+def test_outputs_honour_the_umask(chain):
+    tmp, mode = chain["tmp"], 0o666 & ~current_umask()  # the subprocesses inherit this process's umask
+    files = [tmp / "init.safetensors", tmp / "runs/run/config.yaml", tmp / "runs/run/featinv.safetensors",
+             tmp / "runs/run/checkpoints/last.ckpt", tmp / "recon/manifest.json", tmp / "recon/eval/summary.json",
+             *sorted((tmp / "recon").glob("*/*.png"))]
+    assert {str(f.relative_to(tmp)): stat.S_IMODE(f.stat().st_mode) for f in files} == \
+        {str(f.relative_to(tmp)): mode for f in files}
 
 
 def test_reconstruct_with_other_settings_is_refused_naming_them(chain):

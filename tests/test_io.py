@@ -1,0 +1,38 @@
+"""Atomic writes leave files with the permissions the umask asks for (not mkstemp's 0600)."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+import featinv.io as fio
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_files_honour_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    path = fio.atomic_write_text("x", tmp_path / "a.txt")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left
+
+
+def test_umask_without_proc(monkeypatch, umask):
+    umask(0o027)
+    assert fio.current_umask() == 0o027
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(fio, "open", no_proc, raising=False)  # module global shadows the builtin
+    assert fio.current_umask() == 0o027
+    assert os.umask(0o027) == 0o027  # the fallback restored it
