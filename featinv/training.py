@@ -17,6 +17,8 @@ import dataclasses
 import itertools
 import json
 import random
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -154,6 +156,48 @@ class FeatInvModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+class LineProgress(pl.callbacks.ProgressBar):
+    """Training progress as whole lines on stderr (for logs, where a live bar's redraws are noise):
+    the first and last step, and at most one line every ``seconds`` in between; rank 0 only."""
+
+    def __init__(self, seconds: float = 30.0):
+        super().__init__()
+        self.seconds, self._enabled, self._start, self._last = seconds, True, 0.0, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.monotonic()
+        self._first = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, now = trainer.global_step, time.monotonic()
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        if step == self._first + 1 or step >= trainer.max_steps or now - self._last >= self.seconds:
+            self._last = now
+            metrics = "".join(f"  {k} {float(v):.4f}" for k, v in self.get_metrics(trainer, pl_module).items()
+                              if k.startswith("train/") and isinstance(v, (int, float, torch.Tensor)))
+            rate = (step - self._first) / max(now - self._start, 1e-9)
+            print(f"step {step}/{trainer.max_steps}{metrics}  ({rate:.2f} steps/s)", file=sys.stderr, flush=True)
+
+
+def progress_to_stderr(trainer: pl.Trainer) -> None:
+    """Replace Lightning's progress bar (it draws on stdout) by one on stderr: Rich's live bar on a
+    terminal, :class:`LineProgress` otherwise (or without rich). stdout keeps the run's messages."""
+    bars = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ProgressBar)]
+    if not bars:
+        return
+    new = LineProgress()
+    if sys.stderr.isatty() and isinstance(bars[0], pl.callbacks.RichProgressBar):
+        new = pl.callbacks.RichProgressBar(console_kwargs={"stderr": True})
+    trainer.callbacks = [c for c in trainer.callbacks if c not in bars] + [new]
+
+
 def _numpy_state() -> tuple:
     """numpy's RNG state with its key array as a tensor, so checkpoints load with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -258,6 +302,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                          default_root_dir=run_dir, callbacks=[ckpt_cb], use_distributed_sampler=False,
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
+    progress_to_stderr(trainer)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
     with warnings.catch_warnings():  # Lightning warnings about what is done here on purpose:

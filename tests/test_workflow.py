@@ -81,6 +81,13 @@ def test_the_run_records_its_effective_config(chain):
     assert "(step 4)" in chain["continued"].stdout  # continued from step 2, not started over
 
 
+def test_progress_is_whole_lines_on_stderr(chain):
+    for name in ("first", "continued"):
+        proc = chain[name]
+        assert "\r" not in proc.stdout + proc.stderr and "Epoch" not in proc.stdout
+    assert "step 3/4  train/loss " in chain["continued"].stderr and "step 4/4  train/loss " in chain["continued"].stderr
+
+
 def test_continuing_a_run_equals_training_in_one_go(chain):
     """Needs the `fixes` branch (the data position is checkpointed where max_steps stopped)."""
     continued = load_file(chain["tmp"] / "runs" / "run" / "featinv.safetensors")
