@@ -229,7 +229,8 @@ def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtrac
     bcfg = backbone if isinstance(backbone, BackboneConfig) else None
     info = {"checkpoint": ckpt_name, "checkpoint_file": checkpoint_identity(ckpt_name, previous) if ckpt_name else None,
             "data": str(root), "per_class": per_class, "classes": class_names,
-            "sample": dataclasses.asdict(sample_cfg), "backbone": to_dict(bcfg) if bcfg else None}
+            "sample": dataclasses.asdict(sample_cfg), "backbone": to_dict(bcfg) if bcfg else None,
+            "batch_size": batch_size}  # not compared: it moves at most a few pixels by 1/255 (Reconstructor)
     verified = _prepare_folder(out, items, k, info, previous, overwrite, rank)
     done_before = sum(it.complete(out, k) for it in items)
     if done_before == len(items):  # nothing to do: no model is loaded

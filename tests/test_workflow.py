@@ -69,7 +69,9 @@ def chain(tmp_path_factory) -> dict:
     results["recon_again"] = ok(featinv(*recon, "--steps", "2", "--out", "recon", cwd=tmp))
     results["recon_other"] = featinv(*recon, "--steps", "3", "--out", "recon", cwd=tmp)
     results["bad_data"] = finish(bad_data)
+    again = featinv(*recon, "--steps", "2", "--out", "recon_again", cwd=tmp, wait=False)  # alongside evaluate
     results["evaluate"] = ok(featinv("evaluate", "--out", "recon", "--no-fid", "--device", "cpu", cwd=tmp))
+    ok(finish(again))
     results["inspect"] = featinv("inspect", "runs/run/featinv.safetensors", cwd=tmp)
     return results
 
@@ -112,6 +114,14 @@ def test_outputs_honour_the_umask(chain):
              *sorted((tmp / "recon").glob("*/*.png"))]
     assert {str(f.relative_to(tmp)): stat.S_IMODE(f.stat().st_mode) for f in files} == \
         {str(f.relative_to(tmp)): mode for f in files}
+
+
+def test_the_same_job_twice_writes_the_same_bytes(chain):
+    """Needs the `fixes` branch (random backbone weights from backbone.seed, the same in every process)."""
+    first, again = chain["tmp"] / "recon", chain["tmp"] / "recon_again"
+    names = sorted(str(p.relative_to(first)) for p in first.glob("*/*.png"))
+    assert len(names) == 6 and names == sorted(str(p.relative_to(again)) for p in again.glob("*/*.png"))
+    assert [n for n in names if (first / n).read_bytes() != (again / n).read_bytes()] == []
 
 
 def test_reconstruct_with_other_settings_is_refused_naming_them(chain):
