@@ -172,7 +172,8 @@ def backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple
     return extractor(x).float().cpu(), extractor.classify(x).float().cpu()
 
 
-def load_records(batch: list[Record], unreadable: list[str]) -> tuple[list[Record], list[torch.Tensor], list[torch.Tensor]]:
+def load_records(batch: list[Record], unreadable: list[str]) -> tuple[list[Record], list[torch.Tensor],
+                                                                    list[torch.Tensor]]:
     """The records of ``batch`` whose files all decode, with their originals and reconstructions;
     the first file that does not decode of each other record is appended to ``unreadable``."""
     good, originals, recons = [], [], []

@@ -26,7 +26,8 @@ def read_manifest(out: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--out: {path} is not readable JSON ({e}); pass --overwrite to start the folder over") from None
+        raise ValueError(f"--out: {path} is not readable JSON ({e}); "
+                         "pass --overwrite to start the folder over") from None
     if not isinstance(data, dict):
         raise ValueError(f"--out: {path} is not a reconstruct manifest; pass --overwrite to start the folder over")
     return data

@@ -38,7 +38,8 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"{' '.join(proc.args[3:])}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    command = " ".join(proc.args[3:])
+    assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
