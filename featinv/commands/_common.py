@@ -1,0 +1,109 @@
+"""What every command face shares: the parser, the error convention, the output-folder cleanup.
+
+Convention: ``main(argv=None) -> int``; 0 on success, 2 on an error the user caused (missing file,
+bad flag, bad config or override, no CUDA), printed as ONE line ``featinv <command>: error: ...`` on
+stderr; ``--debug`` prints the traceback as well. Any other exception is a bug and propagates.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from omegaconf.errors import OmegaConfBaseException
+
+from featinv.backbone import BACKBONE_PRESETS
+from featinv.config import BackboneConfig
+
+# Errors a user causes; the library raises these with a message naming the file, key or shape at fault
+# (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu
+# without a GPU) is matched by name so that `--help` does not import Lightning.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
+               OmegaConfBaseException)
+USER_ERROR_NAMES = ("MisconfigurationException",)
+
+
+class UsageError(ValueError):
+    """A bad command line (unknown flag, missing or malformed argument)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" once: not for None/False defaults, nor where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's help format, a ``--debug`` flag and errors raised as UsageError
+    (so that they print as one line, without the usage block)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (KeyError without its quotes, multi-line messages joined)."""
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(e).__name__
+
+
+def command(name: str):
+    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv: list[str] | None = None) -> int:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            try:
+                return fn(argv) or 0
+            except Exception as e:  # noqa: BLE001 -- user errors are reported, anything else re-raised
+                if not isinstance(e, USER_ERRORS) and type(e).__name__ not in USER_ERROR_NAMES:
+                    raise
+                if "--debug" in argv:
+                    traceback.print_exc()
+                print(f"featinv {name}: error: {one_line(e)}", file=sys.stderr)
+                return 2
+        return main
+    return wrap
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(path: str | os.PathLike):
+    """If the body fails, remove ``path`` when it did not exist before and holds only empty folders."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir():
+            for folder, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only succeeds when empty
+        raise
+
+
+def resolve_backbone(name: str | None, checkpoint: str | None, size: int | None,
+                     base: BackboneConfig) -> BackboneConfig:
+    """``--backbone`` (preset of backbone.BACKBONE_PRESETS or timm name) + overrides onto ``base``."""
+    cfg = base
+    if name:
+        preset = BACKBONE_PRESETS.get(name)
+        cfg = preset if preset is not None else dataclasses.replace(base, name=name, pretrained=True)
+    if checkpoint:
+        cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
+    if size:
+        cfg = dataclasses.replace(cfg, image_size=size)
+    return cfg
