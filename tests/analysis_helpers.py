@@ -26,3 +26,28 @@ def random_reconstructor(extractor, cfg: SampleConfig = FAST, fixed_batch: int |
             if not p.any():
                 p.normal_(0, 0.05)
     return Reconstructor(model, extractor, dataclasses.replace(cfg), fixed_batch=fixed_batch)
+
+
+def tiny_checkpoint(tmp) -> dict:
+    """A random tiny FeatInv checkpoint over a random resnet18 (64 px -> 512x2x2), the backbone's weights
+    file (offline --backbone-checkpoint) and a folder of photos: the --checkpoint path of the commands."""
+    from safetensors.torch import save_file
+
+    from featinv.backbone import build_backbone
+    from featinv.checkpoint import save_featinv
+    from featinv.config import PRESETS
+    from featinv.data import sample_photos_folder
+
+    torch.manual_seed(1)
+    backbone = build_backbone(PRESETS["tiny"].backbone)
+    cfg = PRESETS["tiny"].model
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=512, width=64))
+    model = FeatInv(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    bb_file = tmp / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(bb_file))
+    return {"ckpt": save_featinv(model, tmp / "tiny.safetensors"), "bb_file": bb_file,
+            "photos": sample_photos_folder(tmp / "photos", size=72)}

@@ -16,8 +16,11 @@ def test_interpolate_endpoints_are_exact():
     assert path.shape == (3, 16, 3, 3)
     assert torch.equal(path[0], fa) and torch.equal(path[2], fb)
     torch.testing.assert_close(path[1], 0.7 * fa + 0.3 * fb)
-    batched = interpolate(fa[None].repeat(2, 1, 1, 1), fb[None].repeat(2, 1, 1, 1), [0.0, 1.0])
-    assert batched.shape == (2, 2, 16, 3, 3) and torch.equal(batched[1, 1], fb)
+    ga, gb = torch.randn(2, 3, 16, 3, 3, generator=g)
+    batched = interpolate(ga, gb, [0.0, 0.3, 1.0, 0.5])
+    assert batched.shape == (3, 4, 16, 3, 3)
+    assert torch.equal(batched[2, 0], ga[2]) and torch.equal(batched[1, 2], gb[1])
+    torch.testing.assert_close(batched[0, 3], 0.5 * ga[0] + 0.5 * gb[0])
     with pytest.raises(ValueError, match="differ in shape"):
         interpolate(fa, fb[:8], [0.5])
 

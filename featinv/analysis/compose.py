@@ -19,10 +19,11 @@ def interpolate(fa: Tensor, fb: Tensor, ts: Sequence[float]) -> Tensor:
     t = 0 gives fa and t = 1 gives fb exactly (bitwise), so the path's ends reconstruct as the inputs do."""
     if fa.shape != fb.shape:
         raise ValueError(f"interpolate: feature maps differ in shape, {tuple(fa.shape)} vs {tuple(fb.shape)}")
+    if fa.ndim not in (3, 4):
+        raise ValueError(f"interpolate: feature maps must be (C, h, w) or (B, C, h, w), got {tuple(fa.shape)}")
     t = torch.as_tensor(list(ts), dtype=fa.dtype, device=fa.device)
-    shape = (-1,) + (1,) * fa.ndim
-    a, b = fa.unsqueeze(-fa.ndim - 1), fb.unsqueeze(-fb.ndim - 1)  # (..., 1, C, h, w)
-    tt = t.view(shape)
+    a, b = fa.unsqueeze(-4), fb.unsqueeze(-4)  # (1, C, h, w) or (B, 1, C, h, w)
+    tt = t.view(-1, 1, 1, 1)                   # (T, 1, 1, 1), broadcast to (T, C, h, w) / (B, T, C, h, w)
     out = (1 - tt) * a + tt * b
     out = torch.where(tt == 0, a, torch.where(tt == 1, b, out))
     return out

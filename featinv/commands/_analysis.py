@@ -94,7 +94,10 @@ def pair_from_args(args) -> AnalysisPair:
 def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1):
     """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None)."""
     if args.images:
-        images, names = load_images(args.images, pair.extractor.image_size)
+        try:
+            images, names = load_images(args.images, pair.extractor.image_size)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--images: {e}") from None
         labels = None
     elif pair.data is not None:
         digits = parse_ints(args.digits, "--digits") if args.digits else None
