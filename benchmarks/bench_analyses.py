@@ -51,20 +51,20 @@ def bench_steering(pair, rec, ftr, ytr, x, y, n: int, g: torch.Generator) -> lis
         "probe (digits b vs. a)": lambda ai, bi: probe_direction(ftr[ytr == bi], ftr[ytr == ai]),
         "head weight of b": lambda ai, bi: class_direction(ext, bi),
     }
-    lo_hi = feature_range(ftr)
+    clamps = {"no": None, "per channel": feature_range(ftr), "per channel and location": feature_range(ftr, True)}
     rows = []
     for name, make in sources.items():
         cache = {}
         dirs = torch.stack([cache.setdefault((ai, bi), make(ai, bi)) for ai, bi in zip(a.tolist(), b.tolist())])
-        for clamp in (None, lo_hi):
-            row = {"source": name, "clamp": clamp is not None, "features": [], "reconstructions": []}
+        for clamp_name, clamp in clamps.items():
+            row = {"source": name, "clamp": clamp_name, "features": [], "reconstructions": []}
             steered = torch.stack([steer(feats[i:i + 1], dirs[i], ALPHAS, clamp=clamp)[0] for i in range(n)])
             for j in range(len(ALPHAS)):
                 row["features"].append(share(ext.logits_from_features(steered[:, j]).argmax(1) == b))
                 samples = rec.from_features(steered[:, j], keys)
                 row["reconstructions"].append(share(labels_of(ext, samples) == b[:, None]))
             rows.append(row)
-            print(f"  steering: {name}, clamp {clamp is not None}: {row['reconstructions']}", file=sys.stderr)
+            print(f"  steering: {name}, clamp {clamp_name}: {row['reconstructions']}", file=sys.stderr)
     return rows
 
 
@@ -106,10 +106,10 @@ def bench_interpolation(pair, rec, x, y, n: int, steps: int, g: torch.Generator)
     ts = [i / (steps - 1) for i in range(steps)]
     ia = torch.randperm(len(y), generator=g)[:4 * n]
     ib = torch.randperm(len(y), generator=g)[:4 * n]
-    keep = (y[ia] != y[ib]).nonzero().flatten()[:n]
-    ia, ib = ia[keep], ib[keep]
-    fa, fb = rec.features(rgb(x[ia])), rec.features(rgb(x[ib]))
     la, lb = labels_of(ext, rgb(x[ia])), labels_of(ext, rgb(x[ib]))
+    keep = (la != lb).nonzero().flatten()[:n]  # the classifier labels A and B differently
+    ia, ib, la, lb = ia[keep], ib[keep], la[keep], lb[keep]
+    fa, fb = rec.features(rgb(x[ia])), rec.features(rgb(x[ib]))
     path = interpolate(fa, fb, ts)                                                   # (n, T, C, h, w)
     keys = [f"interp{i}" for i in range(n)]
     lab_f = torch.stack([ext.logits_from_features(path[:, t]).argmax(1) for t in range(steps)], 1)  # (n, T)
@@ -165,14 +165,14 @@ def markdown(r: dict) -> str:
              "|---|---|" + "---|" * len(ALPHAS)]
     for row in r["steering"]:
         cells = [f"{pct(f)} / {pct(c)}" for f, c in zip(row["features"], row["reconstructions"])]
-        lines.append(f"| {row['source']} | {'yes' if row['clamp'] else 'no'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['source']} | {row['clamp']} | " + " | ".join(cells) + " |")
     m = r["masked"]
     lines += ["", f"Masked steering (one random cell of the {m['grid'][0]}x{m['grid'][1]} grid, mean-difference "
               f"direction, α = {m['alpha']:g}, {m['n']} digits): share of the pixel change inside the cell's image "
               f"region {pct(m['inside_masked'])}; steering everywhere instead: {pct(m['inside_unmasked'])}; "
               f"the cell's area: {pct(m['area_share'])}.", ""]
     it = r["interpolation"]
-    lines += [f"Interpolation A -> B ({it['n']} digit pairs of different classes): share labelled A / B along the path.",
+    lines += [f"Interpolation A -> B ({it['n']} digit pairs the classifier labels differently): share labelled A / B along the path.",
               "", "| t | " + " | ".join(f"{t:.1f}" for t in it["ts"]) + " |", "|---|" + "---|" * len(it["ts"])]
     for key, name in (("features", "features (head)"), ("recon", "reconstructions")):
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.0f} / {100 * b:.0f}" for a, b in

@@ -30,11 +30,11 @@ def check_outputs(out, picture: str, rows: int) -> dict:
 def test_steer_on_a_checkpoint(tiny, tmp_path):
     photos = tiny["photos"]
     args = ["steer", *tiny["args"], "--images", str(photos / "person"), "--alphas", "1,0,2",
-            "--direction", f"mean-diff:{photos / 'person'}:{photos / 'thing'}", "--target", "3", "--clamp",
+            "--direction", f"mean-diff:{photos / 'person'}:{photos / 'thing'}", "--target", "3", "--clamp", "channel",
             "--mask", "0,0,32,64", "--samples", "2", "--out", str(tmp_path / "steer")]
     assert cli.main(args) == 0
     table = check_outputs(tmp_path / "steer", "steer.png", 3)
-    assert table["alphas"] == [0.0, 1.0, 2.0] and table["clamped"] and table["masked"]
+    assert table["alphas"] == [0.0, 1.0, 2.0] and table["clamp"] == "per channel" and table["masked"]
     assert table["rows"][0]["shift_features"] == 0.0
 
 
@@ -81,7 +81,7 @@ def test_commands_on_the_demo_pair(quick_demo_out, tmp_path):
     demo = ["--demo-out", str(quick_demo_out)]
     out = tmp_path / "steer"
     assert cli.main(["steer", *demo, "--direction", "mean-diff:digit3:rest", "--digits", "1,7", "--count", "1",
-                     "--alphas", "0,1", "--samples", "2", "--out", str(out)]) == 0
+                     "--alphas", "0,1", "--samples", "2", "--clamp", "location", "--out", str(out)]) == 0
     table = check_outputs(out, "steer.png", 2)
     assert table["target"] == 3 and table["rows"][0]["target_features_share"] == 0.0
     assert table["rows"][1]["target_prob_features"] > table["rows"][0]["target_prob_features"]

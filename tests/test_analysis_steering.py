@@ -78,6 +78,10 @@ def test_clamp_keeps_edits_in_range_and_the_rest_bitwise():
     assert torch.equal(out[:, 1, others], feats[:, others])  # zero components are not clamped either
     unclamped = steer(feats, d, [3.0])
     assert (unclamped[:, 0, 2] < 0).any()
+    lo_l, hi_l = feature_range(feats, per_location=True)
+    assert lo_l.shape == (8, 2, 2) and (lo_l >= lo.view(8, 1, 1)).all() and (hi_l <= hi.view(8, 1, 1)).all()
+    up = steer(feats, channel_direction(8, 5), [5.0], clamp=(lo_l, hi_l))[:, 0]
+    assert torch.equal(up[:, 5].amax(dim=0), hi_l[5])  # each location stops at its own maximum
 
 
 def test_box_and_image_masks():

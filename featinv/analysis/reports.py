@@ -99,8 +99,9 @@ def steer_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str],
         block = sample_block(lead, samples[i], caps)
         picture_rows += block
         labels += [names[i]] + [""] * (len(block) - 1)
+    kind = "no" if clamp is None else ("per channel and location" if clamp[0].ndim == 3 else "per channel")
     title = [f"featinv steer: {description}", f"{ALPHA_TEXT}; mask: {'yes' if mask is not None else 'no'}; "
-             f"clamp to the backbone's range: {'yes' if clamp is not None else 'no'}",
+             f"clamp to the backbone's range: {kind}",
              "tile: rec = the classifier's top-1 (probability) on the reconstruction; same seeds in each row"
              + ("; last row: per-pixel spread over the K samples" if k > 1 else "")]
     columns = [("alpha", "α"), ("shift_features", "shift along d, steered features"),
@@ -110,10 +111,11 @@ def steer_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str],
                     ("target_prob_reconstruction", f"p(class {target}), reconstruction"),
                     ("target_features_share", f"top-1 = {target}, steered features"),
                     ("target_reconstruction_share", f"top-1 = {target}, reconstruction")]
-    md = (f"# featinv steer\n\n{description}; {ALPHA_UNIT}; {b} inputs x {k} samples, same seeds for every α.\n\n"
+    md = (f"# featinv steer\n\n{description}; {ALPHA_UNIT}; clamp to the backbone's range: {kind}; {b} inputs x "
+          f"{k} samples, same seeds for every α.\n\n"
           + markdown_table(rows, columns))
     table = {"description": description, "target": target, "alphas": alphas, "inputs": list(names), "samples": k,
-             "masked": mask is not None, "clamped": clamp is not None, "rows": rows}
+             "masked": mask is not None, "clamp": kind, "rows": rows}
     return grid(picture_rows, title, labels), table, md
 
 

@@ -103,8 +103,14 @@ def feature_scale(feats: Tensor) -> Tensor:
     return feats.float().norm(dim=1).mean(dim=(1, 2))
 
 
-def feature_range(feats_reference: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, C, h, w) features the backbone produced -> per-channel (lo, hi), each (C,), over N and locations."""
+def feature_range(feats_reference: Tensor, per_location: bool = False) -> tuple[Tensor, Tensor]:
+    """Features the backbone produced (N, C, h, w) -> (lo, hi): per channel (C,) over N and locations, or
+    with ``per_location`` per channel and location (C, h, w) over N (tighter; needs many reference maps)."""
+    if per_location:
+        if feats_reference.ndim != 4:
+            raise ValueError(f"per-location ranges need (N, C, h, w) maps, got {tuple(feats_reference.shape)}")
+        f = feats_reference.float()
+        return f.min(dim=0).values, f.max(dim=0).values
     v = _channel_vectors(feats_reference)
     return v.min(dim=0).values, v.max(dim=0).values
 
@@ -150,7 +156,8 @@ def steer(feats: Tensor, direction: Tensor, alphas: Sequence[float], mask: Tenso
     """feats (B, C, h, w) + α · feature_scale · direction for each α -> (B, A, C, h, w).
 
     mask: (h, w) weights in [0, 1] (the edit is scaled by them; 0 leaves a location untouched, bitwise).
-    clamp: (lo, hi), scalars or (C,) per channel: edited entries are clamped into the range; entries the
+    clamp: (lo, hi), scalars, (C,) per channel or (C, h, w) (:func:`feature_range`): edited entries are
+    clamped into the range (a ReLU backbone's map has no negative entries, say); entries the
     edit does not change (α = 0, outside the mask, zero components of the direction) stay bit-identical."""
     if feats.ndim != 4:
         raise ValueError(f"feats must be (B, C, h, w), got shape {tuple(feats.shape)}")

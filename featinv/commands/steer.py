@@ -28,7 +28,7 @@ one typical feature vector's length along the direction."""
 
 
 def direction_from_spec(spec: str, pair, reconstructor_features):
-    """--direction -> (unit vector (C,), target class or None, description)."""
+    """--direction -> (unit vector (C,), target class or None, description, the image sets' feature maps)."""
     kind, _, rest = spec.partition(":")
     c = pair.extractor.feature_shape[0]
     if kind in ("class", "channel"):
@@ -37,8 +37,8 @@ def direction_from_spec(spec: str, pair, reconstructor_features):
         except ValueError:
             raise ValueError(f"--direction {spec!r}: {kind}:<index> needs an integer index") from None
         if kind == "class":
-            return class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)"
-        return channel_direction(c, index), None, f"direction channel:{index}"
+            return class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)", []
+        return channel_direction(c, index), None, f"direction channel:{index}", []
     if kind in ("mean-diff", "probe"):
         concept, sep, other = rest.rpartition(":")
         if not sep or not concept or not other:
@@ -50,7 +50,7 @@ def direction_from_spec(spec: str, pair, reconstructor_features):
         target = None
         if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
             target = int(concept[5:])
-        return fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}"
+        return fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o]
     raise ValueError(f"--direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe)")
 
 
@@ -84,8 +84,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mask", help="steer only inside this box x0,y0,x1,y1 (pixels of the backbone input)")
     p.add_argument("--mask-image", help="steer only where this image is bright (grey levels weigh the edit; "
                    "the backbone input's size)")
-    p.add_argument("--clamp", action="store_true", help="keep edited features in the backbone's range "
-                   "(per-channel min/max of reference features: demo training digits, else inputs + direction sets)")
+    p.add_argument("--clamp", choices=("channel", "location"), help="keep edited features in the backbone's "
+                   "range: the min/max of reference features (the demo's training digits, else the inputs and the "
+                   "direction's image sets) per channel, or per channel and location (tighter; needs many references)")
     add_common_args(p)
     args = p.parse_args(argv)
     alphas = parse_floats(args.alphas, "--alphas")
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
     ext = pair.extractor
     feats_of = lambda x: torch.cat([ext(c.to(ext.mean.device)).float() for c in x.split(256)])  # noqa: E731
     with torch.no_grad(), flag("--direction"):
-        direction, target, description = direction_from_spec(args.direction, pair, feats_of)
+        direction, target, description, sets = direction_from_spec(args.direction, pair, feats_of)
     if args.target is not None:
         target = args.target
     size, grid_hw = ext.image_size, ext.feature_shape[1:]
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> int:
     if args.clamp:
         with torch.no_grad():
             ref = feats_of(pair.data["x_train"].expand(-1, 3, -1, -1)) if pair.data is not None else feats_of(images)
-        clamp = feature_range(ref)
+        clamp = feature_range(torch.cat([ref, *sets]), per_location=args.clamp == "location")
     with cleanup_on_failure(args.out):
         picture, table, md = steer_report(pair, images, names, direction, alphas, target, mask, clamp, description)
         paths = write_outputs(args.out, picture, "steer.png", md, table)
