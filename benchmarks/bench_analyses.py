@@ -22,10 +22,13 @@ from featinv.analysis.compose import interpolate
 from featinv.analysis.perturb import pgd
 from featinv.analysis.steering import (class_direction, feature_range, mean_difference_direction, probe_direction,
                                        steer)
-from featinv.demo import load_demo_pair, rgb
+from featinv.demo import QUICK, load_demo_pair, rgb
 from featinv.reconstruct import Reconstructor
 
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+# A finer feature grid for masked steering: digits upsampled to 16 px give the classifier a 4x4 map
+# (4x4 latents with a third autoencoder level); everything else as the quick demo.
+FINE = dataclasses.replace(QUICK, image_size=16, vae_mult=(1, 2, 2))
 
 
 def share(x: torch.Tensor) -> float:
@@ -171,6 +174,12 @@ def markdown(r: dict) -> str:
               f"direction, α = {m['alpha']:g}, {m['n']} digits): share of the pixel change inside the cell's image "
               f"region {pct(m['inside_masked'])}; steering everywhere instead: {pct(m['inside_unmasked'])}; "
               f"the cell's area: {pct(m['area_share'])}.", ""]
+    f = r.get("masked_fine")
+    if f:
+        lines += [f"The same on a 16 px demo pair with a {f['grid'][0]}x{f['grid'][1]} feature map (classifier "
+                  f"accuracy {pct(f['classifier_accuracy'])}, label agreement of plain reconstructions "
+                  f"{pct(f['label_agreement'])}): inside the cell {pct(f['inside_masked'])}; steering everywhere "
+                  f"{pct(f['inside_unmasked'])}; the cell's area {pct(f['area_share'])}.", ""]
     it = r["interpolation"]
     lines += [f"Interpolation A -> B ({it['n']} digit pairs the classifier labels differently): share labelled A / B along the path.",
               "", "| t | " + " | ".join(f"{t:.1f}" for t in it["ts"]) + " |", "|---|" + "---|" * len(it["ts"])]
@@ -198,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=200, help="steering: digit pairs a != b")
     p.add_argument("--digits", type=int, default=0, help="cap on the digits of the other measurements (0: defaults)")
     p.add_argument("--samples", type=int, default=1, help="K reconstructions per steered digit")
+    p.add_argument("--fine-grid", metavar="DIR", help="also measure masked steering on the 16 px demo pair "
+                   "(4x4 feature map) cached (or trained, ~3 minutes) under DIR")
+    p.add_argument("--only-fine", action="store_true", help="with --fine-grid: skip the other measurements")
     p.add_argument("--out", default="bench_analyses")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -217,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     results["masked"] = bench_masked(pair, rec, ftr, ytr, x, y, cap(100), 2.0, g)
     results["interpolation"] = bench_interpolation(pair, rec, x, y, cap(60), 11, g)
     results["pgd"] = bench_pgd(pair, rec, x, y, cap(len(y)), 0.15, 20)
+    if args.fine_grid:
+        fine = load_demo_pair(args.fine_grid, seed=args.pair_seed, settings=FINE, log=lambda m: print(m, file=sys.stderr))
+        rec_f = Reconstructor(fine.model, fine.extractor, sc, fixed_batch=50)
+        xf, yf = fine.data["x_test"], fine.data["y_test"]
+        ftr_f = rec_f.features(rgb(fine.data["x_train"]))
+        results["masked_fine"] = bench_masked(fine, rec_f, ftr_f, fine.data["y_train"], xf, yf, cap(100), 2.0,
+                                              torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            keys = [f"fine{i}" for i in range(len(yf))]
+            agree = labels_of(fine.extractor, rec_f(rgb(xf), keys)) == labels_of(fine.extractor, rgb(xf))[:, None]
+        results["masked_fine"]["label_agreement"] = share(agree)
+        results["masked_fine"]["classifier_accuracy"] = fine.classifier_accuracy
     results["seconds"] = time.time() - t0
     md = markdown(results)
     print(md)
