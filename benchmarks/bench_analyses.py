@@ -161,6 +161,19 @@ def pct(v: float) -> str:
 
 
 def markdown(r: dict) -> str:
+    lines = [] if "steering" in r else [markdown_fine(r["masked_fine"])]
+    return "\n".join(lines) + "\n" if lines else markdown_all(r)
+
+
+def markdown_fine(f: dict) -> str:
+    return (f"Masked steering on a 16 px demo pair with a {f['grid'][0]}x{f['grid'][1]} feature map (classifier "
+            f"accuracy {pct(f['classifier_accuracy'])}, label agreement of plain reconstructions "
+            f"{pct(f['label_agreement'])}; one random cell, mean-difference direction, α = {f['alpha']:g}, "
+            f"{f['n']} digits): share of the pixel change inside the cell's image region {pct(f['inside_masked'])}; "
+            f"steering everywhere instead: {pct(f['inside_unmasked'])}; the cell's area: {pct(f['area_share'])}.")
+
+
+def markdown_all(r: dict) -> str:
     lines = [f"Steering held-out digits of class a towards b ({r['n_steer']} random pairs a != b, seed {r['seed']}); "
              "share of the classifier's top-1 = b on the steered features / on their reconstructions "
              f"(K = {r['samples']}); α in units of the input's mean per-location feature norm.", "",
@@ -174,12 +187,8 @@ def markdown(r: dict) -> str:
               f"direction, α = {m['alpha']:g}, {m['n']} digits): share of the pixel change inside the cell's image "
               f"region {pct(m['inside_masked'])}; steering everywhere instead: {pct(m['inside_unmasked'])}; "
               f"the cell's area: {pct(m['area_share'])}.", ""]
-    f = r.get("masked_fine")
-    if f:
-        lines += [f"The same on a 16 px demo pair with a {f['grid'][0]}x{f['grid'][1]} feature map (classifier "
-                  f"accuracy {pct(f['classifier_accuracy'])}, label agreement of plain reconstructions "
-                  f"{pct(f['label_agreement'])}): inside the cell {pct(f['inside_masked'])}; steering everywhere "
-                  f"{pct(f['inside_unmasked'])}; the cell's area {pct(f['area_share'])}.", ""]
+    if r.get("masked_fine"):
+        lines += [markdown_fine(r["masked_fine"]), ""]
     it = r["interpolation"]
     lines += [f"Interpolation A -> B ({it['n']} digit pairs the classifier labels differently): share labelled A / B along the path.",
               "", "| t | " + " | ".join(f"{t:.1f}" for t in it["ts"]) + " |", "|---|" + "---|" * len(it["ts"])]
@@ -224,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     results = {"seed": args.seed, "pair_seed": args.pair_seed, "samples": args.samples, "n_steer": args.pairs,
                "classifier_accuracy": pair.classifier_accuracy}
-    results["steering"] = bench_steering(pair, rec, ftr, ytr, x, y, args.pairs, g)
     cap = lambda n: min(n, args.digits) if args.digits else n  # noqa: E731
-    results["masked"] = bench_masked(pair, rec, ftr, ytr, x, y, cap(100), 2.0, g)
-    results["interpolation"] = bench_interpolation(pair, rec, x, y, cap(60), 11, g)
-    results["pgd"] = bench_pgd(pair, rec, x, y, cap(len(y)), 0.15, 20)
+    if not args.only_fine:
+        results["steering"] = bench_steering(pair, rec, ftr, ytr, x, y, args.pairs, g)
+        results["masked"] = bench_masked(pair, rec, ftr, ytr, x, y, cap(100), 2.0, g)
+        results["interpolation"] = bench_interpolation(pair, rec, x, y, cap(60), 11, g)
+        results["pgd"] = bench_pgd(pair, rec, x, y, cap(len(y)), 0.15, 20)
     if args.fine_grid:
         fine = load_demo_pair(args.fine_grid, seed=args.pair_seed, settings=FINE, log=lambda m: print(m, file=sys.stderr))
         rec_f = Reconstructor(fine.model, fine.extractor, sc, fixed_batch=50)

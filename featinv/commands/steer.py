@@ -1,6 +1,7 @@
 """``featinv steer``: concept steering in the feature map, seen through reconstructions (FeatInv-Viz)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 
@@ -14,7 +15,7 @@ from featinv.analysis.steering import (box_mask, channel_direction, class_direct
                                        mask_from_image, mean_difference_direction, probe_direction)
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
                                         set_threads)
-from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.commands._common import HelpFormatter, Parser, cleanup_on_failure, command
 
 DIRECTIONS = """directions (unit vectors in the feature map's channel space):
   class:<i>                    the classifier head's weight vector of class i
@@ -54,6 +55,10 @@ def direction_from_spec(spec: str, pair, reconstructor_features):
     raise ValueError(f"--direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe)")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The project's help format, with the epilog's lines kept as written."""
+
+
 @contextlib.contextmanager
 def flag(name: str):
     """Prefix a user error raised in the block with the flag it came from."""
@@ -76,7 +81,7 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 
 @command("steer")
 def main(argv: list[str]) -> int:
-    p = Parser(prog="featinv steer", epilog=DIRECTIONS, description="Move feature maps along a direction and "
+    p = Parser(prog="featinv steer", epilog=DIRECTIONS, formatter_class=_Help, description="Move feature maps along a direction and "
                "reconstruct every strength with the same seeds: a strip per input, a table per alpha.")
     p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>")
     p.add_argument("--alphas", default="0,0.5,1,1.5,2", help="comma-separated strengths (0 is always shown first)")
