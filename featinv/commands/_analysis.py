@@ -18,7 +18,7 @@ from featinv.commands._common import resolve_backbone
 FIXED_BATCH = 8
 
 
-def add_common_args(p, default_count: int = 3) -> None:
+def add_common_args(p) -> None:
     """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""
     g = p.add_argument_group("model (default: the demo's digits pair, trained and cached on first use)")
     g.add_argument("--checkpoint", help="FeatInv weights; without it the demo pair under --demo-out is used")
@@ -31,8 +31,9 @@ def add_common_args(p, default_count: int = 3) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("--images", nargs="+", help="image files and/or folders (any size; resized to the backbone's "
                                                "input); default on the demo: held-out digits")
-    g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2)")
-    g.add_argument("--count", type=int, default=default_count, help="demo: digits per class (or in all)")
+    g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
+                                    "default: the command's example digits, or the first --count held-out digits)")
+    g.add_argument("--count", type=int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
     g = p.add_argument_group("sampling")
     g.add_argument("--samples", type=int, default=1, help="K reconstructions per input (K > 1 adds a spread map)")
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
@@ -91,8 +92,10 @@ def pair_from_args(args) -> AnalysisPair:
     return pair
 
 
-def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1):
-    """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None)."""
+def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits: str | None = None):
+    """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None).
+
+    example_digits: the demo digits (one each) when neither --digits nor --count is given."""
     if args.images:
         try:
             images, names = load_images(args.images, pair.extractor.image_size)
@@ -100,8 +103,12 @@ def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1):
             raise type(e)(f"--images: {e}") from None
         labels = None
     elif pair.data is not None:
-        digits = parse_ints(args.digits, "--digits") if args.digits else None
-        images, names, labels = demo_digits(pair.data, digits, args.count)
+        text = args.digits if args.digits or args.count else example_digits
+        digits = parse_ints(text, "--digits") if text else None
+        count = args.count or (1 if digits else 3)
+        if count < 1:
+            raise ValueError(f"--count must be >= 1, got {count}")
+        images, names, labels = demo_digits(pair.data, digits, count)
     else:
         raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
     if len(images) < minimum:

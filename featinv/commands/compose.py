@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
                                   "(default: the left half)")
     p.add_argument("--channels", type=int, default=8, help="keep / remove the k channels contributing most to --class")
     p.add_argument("--class", dest="cls", type=int, help="class for the channel selection (default: A's top-1)")
-    add_common_args(p, default_count=1)
+    add_common_args(p)
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in OPS]
@@ -35,9 +35,8 @@ def main(argv: list[str]) -> int:
     box = parse_box(args.mask) if args.mask else None
     set_threads()
     pair = pair_from_args(args)
-    if not args.images and args.digits is None:
-        args.digits = "3,8,0"  # demo default: A = 3, B = 8, C = 0
-    images, names, _ = inputs_from_args(args, pair, minimum=3 if "arithmetic" in ops else 2)
+    images, names, _ = inputs_from_args(args, pair, minimum=3 if "arithmetic" in ops else 2,
+                                        example_digits="3,8,0")  # demo: A = 3, B = 8, C = 0
     ext = pair.extractor
     size = ext.image_size
     mask = box_mask(box or (0, 0, size / 2, size), size, ext.feature_shape[1:])

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps")
     p.add_argument("--step-size", type=float, help="PGD step size (default: eps / 8)")
     p.add_argument("--target", type=int, help="targeted PGD towards this class (default: untargeted)")
-    add_common_args(p, default_count=3)
+    add_common_args(p)
     args = p.parse_args(argv)
     corruptions = [] if args.corruptions == "none" else [c.strip() for c in args.corruptions.split(",") if c.strip()]
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -38,10 +38,7 @@ def main(argv: list[str]) -> int:
     classes = pair.extractor.head_weight().shape[0] if args.target is not None else None
     if args.target is not None and not 0 <= args.target < classes:
         raise ValueError(f"--target {args.target} out of range: the classifier has {classes} classes (0..{classes - 1})")
-    if not args.images and args.digits is None:
-        args.digits = "2,4,7"
-        args.count = 1
-    images, names, labels = inputs_from_args(args, pair)
+    images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
     with cleanup_on_failure(args.out):
         picture, table, md = perturb_report(pair, images, names, labels, corruptions, severities, attack)
         paths = write_outputs(args.out, picture, "perturb.png", md, table)
