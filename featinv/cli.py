@@ -12,6 +12,9 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "train": ("featinv.commands.train", "train the control branch (one CPU to many GPUs)"),
     "reconstruct": ("featinv.commands.reconstruct", "reconstruct ImageNet-val images from their feature maps"),
     "evaluate": ("featinv.commands.evaluate", "feature similarity, accuracy and FID of reconstructions"),
+    "steer": ("featinv.commands.steer", "steer feature maps along a concept direction and reconstruct each strength"),
+    "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
+    "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
 }
 
 
