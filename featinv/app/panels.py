@@ -157,10 +157,16 @@ def direction(session: Session, kind: str, class_name: str, channel) -> tuple[to
     raise ValueError(f"direction {kind!r}: choose class or channel")
 
 
+@dataclass
+class SteerOutput:
+    strip: list[tuple[Image.Image, str]]  # one reconstruction per strength, captioned with its top-1
+    table: pd.DataFrame                   # per strength: the head's top-1 on the steered map and the picture's
+
+
 def steer(session: Session, path: str | None, kind: str, class_name: str, channel, strength: float,
-          region: str, coords: str, cfg: SampleConfig, progress=_no_progress) -> list[tuple[Image.Image, str]]:
-    """A strip over strengths 0..``strength`` (units of the map's mean feature norm), one sample each,
-    captioned with the head's top-1 on the steered map and the classifier's top-1 on the picture."""
+          region: str, coords: str, cfg: SampleConfig, progress=_no_progress) -> SteerOutput:
+    """A strip over strengths 0..``strength`` (units of the map's mean feature norm, see
+    ``featinv.analysis.steering``), one sample each with the same noise, so only the steering differs."""
     image = session.load_image(path)
     d, name = direction(session, kind, class_name, channel)
     mask = region_mask(session, region, coords)
@@ -168,15 +174,17 @@ def steer(session: Session, path: str | None, kind: str, class_name: str, channe
     rec = session.reconstructor(dataclasses.replace(cfg, num_samples=1))  # one sample per strength
     feats = rec.features(image)
     progress(0.1, f"steering along {name}: {STRIP} strengths")
-    steered = steering.steer(feats, d, alphas, mask=mask)                          # (1, A, C, h, w)
     samples = steering.steer_and_reconstruct(rec, feats, d, alphas, [KEY], mask=mask)  # (1, A, 1, 3, H, W)
     progress(0.9, "classifying")
     with torch.no_grad():
-        map_probs = session.extractor.logits_from_features(steered[0]).float().softmax(dim=-1)
+        steered = steering.steer(feats, d, alphas, mask=mask)[0]                   # (A, C, h, w)
+        map_probs = session.extractor.logits_from_features(steered).float().softmax(dim=-1)
     _, probs = classify(session, samples[0, :, 0])
-    return [(tile(samples[0, a, 0]), f"α {alpha:+.2f}: map → {label(session, map_probs[a])}; "
-                                     f"image → {label(session, probs[a])}")
-            for a, alpha in enumerate(alphas)]
+    strip = [(tile(samples[0, a, 0]), f"α {alpha:+.2f}: {label(session, probs[a])}") for a, alpha in enumerate(alphas)]
+    table = pd.DataFrame({"strength α": [f"{a:+.2f}" for a in alphas],
+                          f"head on the map steered along {name}": [label(session, p) for p in map_probs],
+                          "classifier on the reconstruction": [label(session, p) for p in probs]})
+    return SteerOutput(strip=strip, table=table)
 
 
 # ----- Compose ------------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ def compose_maps(session: Session, path_a: str | None, path_b: str | None, t: fl
 
 PGD = "PGD attack"
 PERTURBATIONS = tuple(perturb.CORRUPTIONS) + (PGD,)
-MAX_EPS_255 = 64      # PGD budget, in 1/255 steps of intensity
+MAX_EPS_255 = 128     # PGD budget, in 1/255 steps of intensity (8x8 digits need ~32)
 MAX_PGD_STEPS = 100
 
 

@@ -63,8 +63,9 @@ class Callbacks:
     def steer(self, path, kind, class_name, channel, strength, region, coords, *sampler, progress=gr.Progress()):
         with user_errors():
             cfg = self.session.sample_config_from(*sampler)
-            return panels.steer(self.session, path, kind, class_name, channel, strength, region, coords, cfg,
-                                progress)
+            out = panels.steer(self.session, path, kind, class_name, channel, strength, region, coords, cfg,
+                               progress)
+            return out.strip, out.table
 
     def compose(self, path_a, path_b, t, region, coords, *sampler, progress=gr.Progress()):
         with user_errors():
@@ -80,9 +81,14 @@ class Callbacks:
             return out.clean, out.perturbed, out.table
 
 
-def _gallery(label: str, columns: int, elem_id: str) -> gr.Gallery:
-    return gr.Gallery(label=label, columns=columns, height="auto", format="png", object_fit="contain",
+def _gallery(label: str, columns: int, elem_id: str, height: int = 230) -> gr.Gallery:
+    return gr.Gallery(label=label, columns=columns, height=height, format="png", object_fit="contain",
                       elem_id=elem_id, elem_classes=["pixelated"], interactive=False)
+
+
+def _table(label: str, elem_id: str, columns: list[str]) -> gr.Dataframe:
+    return gr.Dataframe(headers=["rank"] + columns, label=label, interactive=False, elem_id=elem_id,
+                        wrap=True)
 
 
 def _region_inputs(prefix: str, session: Session):
@@ -130,15 +136,16 @@ def build(session: Session) -> gr.Blocks:
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab("Reconstruct", id="reconstruct"):
                     run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-run")
-                    gallery = _gallery("reconstructions (K samples)", 4, "reconstruct-gallery")
                     with gr.Row():
-                        spread = gr.Image(label="uncertainty: per-pixel std over the K samples", format="png",
-                                          interactive=False, elem_classes=["pixelated"], height=200,
-                                          elem_id="reconstruct-uncertainty")
-                        with gr.Column():
-                            table = gr.Dataframe(label="classifier top-5: original and each reconstruction",
-                                                 interactive=False, elem_id="reconstruct-table")
-                            note = gr.Markdown(elem_id="reconstruct-cosine")
+                        with gr.Column(scale=3):
+                            gallery = _gallery("reconstructions (K samples)", 4, "reconstruct-gallery")
+                        with gr.Column(scale=1, min_width=160):
+                            spread = gr.Image(label="uncertainty: per-pixel std over the K samples", format="png",
+                                              interactive=False, elem_classes=["pixelated"], height=200,
+                                              elem_id="reconstruct-uncertainty")
+                    table = _table("classifier top-5: original and each reconstruction", "reconstruct-table",
+                                   ["original", "sample 1"])
+                    note = gr.Markdown(elem_id="reconstruct-cosine")
                     run.click(cb.reconstruct, [upload, *sampler], [gallery, spread, table, note])
                 with gr.Tab("Steer", id="steer"):
                     with gr.Row():
@@ -150,11 +157,14 @@ def build(session: Session) -> gr.Blocks:
                                          label="strength (units of the map's mean feature norm); the strip runs 0..strength")
                     region, coords = _region_inputs("steer", session)
                     go = gr.Button("Steer", variant="primary", elem_id="steer-run")
-                    strip = _gallery("strip over strengths (captions: top-1 of the steered map and of the picture)",
+                    strip = _gallery("reconstructions over strengths 0..strength (caption: the classifier's top-1)",
                                      panels.STRIP, "steer-strip")
+                    steer_table = gr.Dataframe(headers=["strength α", "head on the steered map",
+                                                        "classifier on the reconstruction"],
+                                               label="top-1 per strength", interactive=False, elem_id="steer-table")
                     args = [upload, kind, cls, channel, strength, region, coords, *sampler]
-                    go.click(cb.steer, args, strip)
-                    strength.release(cb.steer, args, strip)
+                    go.click(cb.steer, args, [strip, steer_table])
+                    strength.release(cb.steer, args, [strip, steer_table])
                 with gr.Tab("Compose", id="compose"):
                     upload_b = gr.File(label="image B (A is the shared input)", type="filepath", elem_id="upload-b")
                     if session.examples:
@@ -164,9 +174,10 @@ def build(session: Session) -> gr.Blocks:
                     region_b, coords_b = _region_inputs("compose", session)
                     gr.Markdown("The region (if any) is pasted from B's feature map into the interpolated map.")
                     go_b = gr.Button("Compose", variant="primary", elem_id="compose-run")
-                    composite = _gallery("A, B and reconstructions of the composed map", 4, "compose-gallery")
+                    composite = _gallery("A, B and reconstructions of the composed map", 6, "compose-gallery")
                     with gr.Row():
-                        compose_table = gr.Dataframe(label="top-5", interactive=False, elem_id="compose-table")
+                        compose_table = _table("top-5: the head on the composed map, the classifier on each "
+                                               "reconstruction", "compose-table", ["composed map (head)", "sample 1"])
                         compose_note = gr.Markdown(elem_id="compose-cosine")
                     go_b.click(cb.compose, [upload, upload_b, t, region_b, coords_b, *sampler],
                                [composite, compose_table, compose_note])
@@ -175,13 +186,14 @@ def build(session: Session) -> gr.Blocks:
                         method = gr.Dropdown(list(panels.PERTURBATIONS), value=panels.PERTURBATIONS[0],
                                              label="perturbation", elem_id="perturb-kind")
                         severity = gr.Slider(1, 3, value=2, step=1, label="corruption severity")
-                        eps = gr.Slider(1, panels.MAX_EPS_255, value=8, step=1, label="PGD budget eps (/255)")
+                        eps = gr.Slider(1, panels.MAX_EPS_255, value=32, step=1, label="PGD budget eps (/255)")
                         pgd_steps = gr.Slider(1, panels.MAX_PGD_STEPS, value=10, step=1, label="PGD steps")
                         target = gr.Dropdown(["untargeted"] + names, value="untargeted", label="PGD target")
                     go_p = gr.Button("Perturb", variant="primary", elem_id="perturb-run")
                     clean = _gallery("clean input and its reconstructions", 5, "perturb-clean")
                     attacked = _gallery("perturbed input and its reconstructions", 5, "perturb-perturbed")
-                    perturb_table = gr.Dataframe(label="top-5", interactive=False, elem_id="perturb-table")
+                    perturb_table = _table("top-5", "perturb-table",
+                                           ["clean", "clean sample 1", "perturbed", "perturbed sample 1"])
                     go_p.click(cb.perturb, [upload, method, severity, eps, pgd_steps, target, *sampler],
                                [clean, attacked, perturb_table])
         upload.change(cb.preview, upload, preview)
