@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from featinv.config import BackboneConfig
 
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+HeadFn = Callable[[nn.Module, Tensor], Tensor]  # (model, feats (B, C, h, w)) -> logits (B, num_classes)
 
 # The paper's backbones at their evaluation resolution (feature map in the comment).
 BACKBONE_PRESETS: dict[str, BackboneConfig] = {
@@ -30,7 +31,7 @@ class FeatureExtractor(nn.Module):
     """Frozen classifier: images (B, 3, S, S) in [0, 1] -> feature map (B, C, h, w)."""
 
     def __init__(self, model: nn.Module, feature_fn: FeatureFn | None, mean: Sequence[float],
-                 std: Sequence[float], image_size: int, layer: int = -1):
+                 std: Sequence[float], image_size: int, layer: int = -1, head_fn: HeadFn | None = None):
         super().__init__()
         if feature_fn is None and not hasattr(model, "forward_intermediates"):
             raise ValueError(f"{type(model).__name__} has no forward_intermediates(); "
@@ -40,6 +41,7 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.feature_fn = feature_fn
         self.layer = layer              # forward_intermediates index, used when feature_fn is None
+        self.head_fn = head_fn          # feature map -> logits (the analyses); timm: forward_head
         self.image_size = image_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -83,6 +85,47 @@ class FeatureExtractor(nn.Module):
     def classify(self, images: Tensor) -> Tensor:
         """images: (B, 3, S, S) in [0, 1] -> logits (B, num_classes) of the full classifier."""
         return self.model(self.normalize(images))
+
+    def logits_from_features(self, feats: Tensor) -> Tensor:
+        """feats: (B, C, h, w), possibly edited -> logits (B, num_classes) of the classifier's head.
+
+        ``head_fn`` if given; timm models: ``forward_head`` (only when the map is the final stage)."""
+        if self.head_fn is not None:
+            return self.head_fn(self.model, feats)
+        if self.feature_fn is not None or not hasattr(self.model, "forward_head"):
+            raise ValueError(f"{type(self.model).__name__}: no classifier head for feature maps; pass "
+                             "head_fn=lambda model, feats: <(B, num_classes) logits> to FeatureExtractor")
+        num_stages = len(getattr(self.model, "feature_info", []) or [])
+        if num_stages and self.layer not in (-1, num_stages - 1):
+            raise ValueError(f"backbone.layer={self.layer} is not the final stage ({num_stages - 1} or -1): "
+                             "the classifier head only applies to the final stage's feature map")
+        x = feats
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # Swin(V2): forward_head pools NHWC maps
+            x = x.permute(0, 2, 3, 1)
+        elif hasattr(self.model, "num_prefix_tokens"):  # ViT: forward_head takes (B, N, C) tokens
+            if getattr(self.model, "global_pool", "token") not in ("avg", "avgmax", "max"):
+                raise ValueError(f"{type(self.model).__name__} pools its class token, which the patch-token "
+                                 "feature map does not hold; pass head_fn to FeatureExtractor")
+            tokens = x.flatten(2).transpose(1, 2)
+            prefix = tokens.new_zeros(tokens.shape[0], self.model.num_prefix_tokens, tokens.shape[2])
+            x = torch.cat([prefix, tokens], dim=1)  # the head skips the prefix tokens when pooling
+        return self.model.forward_head(x)
+
+    def head_weight(self) -> Tensor:
+        """(num_classes, C): the head's weight over pooled channels (class directions in feature space).
+
+        timm: the final Linear's weight (a head norm such as ConvNeXt's LayerNorm is not folded in);
+        otherwise the Jacobian of the logits w.r.t. a spatially constant map at zero, which is exactly
+        the weight for global-average-pooling + Linear heads (the demo's DigitsCNN)."""
+        c, h, w = self.feature_shape
+        fc = self.model.get_classifier() if self.head_fn is None and hasattr(self.model, "get_classifier") else None
+        if isinstance(fc, nn.Linear) and fc.in_features == c:
+            return fc.weight.detach().clone()
+        ref = self.mean
+        with torch.enable_grad():
+            v = torch.zeros(c, device=ref.device, dtype=ref.dtype, requires_grad=True)
+            fn = lambda u: self.logits_from_features(u.view(1, c, 1, 1).expand(1, c, h, w))[0]  # noqa: E731
+            return torch.autograd.functional.jacobian(fn, v).detach()
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

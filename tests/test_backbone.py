@@ -139,3 +139,24 @@ def test_missing_checkpoint_and_unknown_names(tmp_path):
         build_backbone(BackboneConfig(name="not_a_model", pretrained=False))
     with pytest.raises(ValueError, match="resnet18.no_such_tag"):
         build_backbone(BackboneConfig(name="resnet18.no_such_tag", pretrained=False))
+
+
+def test_logits_from_features_timm_final_stage(resnet18):
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(resnet18.logits_from_features(resnet18(images)), resnet18.classify(images))
+    assert torch.equal(resnet18.head_weight(), resnet18.model.fc.weight)
+    with pytest.raises(ValueError, match="not the final stage"):
+        build_backbone(dataclasses.replace(RESNET18, layer=-2)).logits_from_features(torch.zeros(1, 256, 4, 4))
+
+
+def test_logits_from_features_head_fn():
+    from featinv.demo import DigitsCNN, make_extractor
+
+    torch.manual_seed(0)
+    ext = make_extractor(DigitsCNN().eval(), 8)
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(ext.logits_from_features(ext(images)), ext.classify(images))
+    torch.testing.assert_close(ext.head_weight(), ext.model.head.weight)  # Jacobian of pooling + Linear
+    no_head = FeatureExtractor(ext.model, lambda m, x: m.features(x), (0.5,) * 3, (0.5,) * 3, 8)
+    with pytest.raises(ValueError, match="pass head_fn"):
+        no_head.logits_from_features(torch.zeros(1, 64, 2, 2))
