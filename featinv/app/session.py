@@ -8,6 +8,7 @@ pixel is decoded, so a text file or a decompression bomb becomes a one-line ``Va
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +63,17 @@ class Session:
         if size > MAX_FILE_BYTES:
             raise ValueError(f"{what} {name!r}: file is {size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB")
         try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise ValueError(f"{what} {name!r}: {w}x{h} = {w * h / 1e6:.0f} megapixels; "
-                                     f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
-                im = im.convert("RGB")
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+            with warnings.catch_warnings():  # the size check below is ours; PIL's bomb warning is noise
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if w * h > MAX_PIXELS:
+                        raise ValueError(f"{what} {name!r}: {w}x{h} = {w * h / 1e6:.0f} megapixels; "
+                                         f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
+                    im = im.convert("RGB")
+        except Image.DecompressionBombError:
+            raise ValueError(f"{what} {name!r}: far more than {MAX_PIXELS / 1e6:.0f} megapixels") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"{what} {name!r} is not an image this app can read "
                              f"(PNG, JPEG, WebP, BMP, ...): {type(e).__name__}") from None
         crop = crop_transform(self.image_size, train=False)(im)  # same crop as the evaluation pipeline
