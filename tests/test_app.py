@@ -15,19 +15,23 @@ from featinv.app.face import main
 gr = pytest.importorskip("gradio")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As `featinv app` runs on 2 cores: one torch thread (tiny tensors; on a busy machine OpenMP barriers
+    cost more than the work, measured 7-70x slower with two) and denormals flushed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def session(quick_demo_out):
     from featinv.app.session import demo_session
 
-    # As `featinv app` runs: one thread (tiny tensors; a busy 2-core CI machine makes OpenMP barriers
-    # cost more than the work) and denormals flushed.
-    threads, flush = torch.get_num_threads(), torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
-    try:
-        yield demo_session(quick_demo_out, log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+    return demo_session(quick_demo_out, log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,28 @@ def test_library_never_imports_the_app():
                  if p.relative_to(root).parts[0] != "app"
                  and re.search(r"^\s*(from|import)\s+featinv\.app\b", p.read_text(), re.M)]
     assert offenders == []
+
+
+def test_checkpoint_session_serves_a_run_folder(tmp_path):
+    """--checkpoint <run folder>: featinv.safetensors + config.yaml (a random timm resnet18 at 64 px)."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from featinv.app.session import checkpoint_session
+    from featinv.app.ui import Callbacks
+    from featinv.checkpoint import save_featinv
+    from featinv.config import PRESETS, merge
+    from featinv.model import FeatInv
+
+    cfg = merge(PRESETS["tiny"], {"model": {"adapter": {"in_channels": 512}}})  # resnet18's final stage
+    torch.manual_seed(0)
+    save_featinv(FeatInv(cfg.model), tmp_path / "run" / "featinv.safetensors")
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    session = checkpoint_session(tmp_path / "run")
+    assert session.image_size == 64 and len(session.class_names) == 1000
+    photo = tmp_path / "photo.jpg"  # not square, not 64 px: resized and centre-cropped
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(photo)
+    gallery, spread, table, _ = Callbacks(session).reconstruct(str(photo), 2, 1.5, "prompt", 0, 2)
+    assert len(gallery) == 2 and len(table) == 5 and spread.size == gallery[0][0].size
+    with pytest.raises(ValueError, match="does not match the model"):  # the tiny preset's adapter takes 16 channels
+        checkpoint_session(tmp_path / "run" / "featinv.safetensors", config="tiny")

@@ -117,10 +117,73 @@ def _advanced(session: Session) -> list:
     return [steps, guidance, uncond, seed, k]
 
 
+def _reconstruct_tab(cb: Callbacks, upload, sampler) -> None:
+    run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-run")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = _gallery("reconstructions (K samples)", 4, "reconstruct-gallery")
+        with gr.Column(scale=1, min_width=160):
+            spread = gr.Image(label="uncertainty: per-pixel std over the K samples", format="png", interactive=False,
+                              elem_classes=["pixelated"], height=200, elem_id="reconstruct-uncertainty")
+    table = _table("classifier top-5: original and each reconstruction", "reconstruct-table", ["original", "sample 1"])
+    note = gr.Markdown(elem_id="reconstruct-cosine")
+    run.click(cb.reconstruct, [upload, *sampler], [gallery, spread, table, note])
+
+
+def _steer_tab(cb: Callbacks, upload, sampler) -> None:
+    session, names = cb.session, cb.session.class_names
+    with gr.Row():
+        kind = gr.Radio(["class", "channel"], value="class", label="direction", elem_id="steer-kind")
+        cls = gr.Dropdown(names, value=names[0], label="class (head weight)", elem_id="steer-class")
+        channel = gr.Number(value=0, precision=0, minimum=0, maximum=session.extractor.feature_shape[0] - 1,
+                            label="channel", elem_id="steer-channel")
+    strength = gr.Slider(-4, 4, value=2, step=0.25, elem_id="steer-strength",
+                         label="strength (units of the map's mean feature norm); the strip runs 0..strength")
+    region, coords = _region_inputs("steer", session)
+    go = gr.Button("Steer", variant="primary", elem_id="steer-run")
+    strip = _gallery("reconstructions over strengths 0..strength (caption: the classifier's top-1)", panels.STRIP,
+                     "steer-strip")
+    table = gr.Dataframe(headers=["strength α", "head on the steered map", "classifier on the reconstruction"],
+                         label="top-1 per strength", interactive=False, elem_id="steer-table")
+    args = [upload, kind, cls, channel, strength, region, coords, *sampler]
+    go.click(cb.steer, args, [strip, table])
+    strength.release(cb.steer, args, [strip, table])  # moving the slider redraws the strip
+
+
+def _compose_tab(cb: Callbacks, upload, sampler) -> None:
+    upload_b = gr.File(label="image B (A is the shared input)", type="filepath", elem_id="upload-b")
+    if cb.session.examples:
+        gr.Examples(cb.session.examples, inputs=upload_b, label="examples for B", examples_per_page=10)
+    t = gr.Slider(0, 1, value=0.5, step=0.05, label="interpolation t: (1 - t) A + t B", elem_id="compose-t")
+    region, coords = _region_inputs("compose", cb.session)
+    gr.Markdown("The region (if any) is pasted from B's feature map into the interpolated map.")
+    go = gr.Button("Compose", variant="primary", elem_id="compose-run")
+    gallery = _gallery("A, B and reconstructions of the composed map", 6, "compose-gallery")
+    with gr.Row():
+        table = _table("top-5: the head on the composed map, the classifier on each reconstruction",
+                       "compose-table", ["composed map (head)", "sample 1"])
+        note = gr.Markdown(elem_id="compose-cosine")
+    go.click(cb.compose, [upload, upload_b, t, region, coords, *sampler], [gallery, table, note])
+
+
+def _perturb_tab(cb: Callbacks, upload, sampler) -> None:
+    with gr.Row():
+        method = gr.Dropdown(list(panels.PERTURBATIONS), value=panels.PERTURBATIONS[0], label="perturbation",
+                             elem_id="perturb-kind")
+        severity = gr.Slider(1, 3, value=2, step=1, label="corruption severity")
+        eps = gr.Slider(1, panels.MAX_EPS_255, value=32, step=1, label="PGD budget eps (/255)")
+        steps = gr.Slider(1, panels.MAX_PGD_STEPS, value=10, step=1, label="PGD steps")
+        target = gr.Dropdown(["untargeted"] + cb.session.class_names, value="untargeted", label="PGD target")
+    go = gr.Button("Perturb", variant="primary", elem_id="perturb-run")
+    clean = _gallery("clean input and its reconstructions", 5, "perturb-clean")
+    attacked = _gallery("perturbed input and its reconstructions", 5, "perturb-perturbed")
+    table = _table("top-5", "perturb-table", ["clean", "clean sample 1", "perturbed", "perturbed sample 1"])
+    go.click(cb.perturb, [upload, method, severity, eps, steps, target, *sampler], [clean, attacked, table])
+
+
 def build(session: Session) -> gr.Blocks:
     """The four panels (Reconstruct, Steer, Compose, Perturb) over one shared input image."""
     cb = Callbacks(session)
-    names = session.class_names
     with gr.Blocks(title="featinv explorer", analytics_enabled=False) as page:
         gr.Markdown(f"## featinv explorer\nServing **{session.name}**. Upload an image (or pick an example): "
                     f"the classifier sees it at {session.image_size}x{session.image_size}; FeatInv "
@@ -134,67 +197,9 @@ def build(session: Session) -> gr.Blocks:
                     gr.Examples(session.examples, inputs=upload, label="examples", examples_per_page=10)
                 sampler = _advanced(session)
             with gr.Column(scale=3), gr.Tabs():
-                with gr.Tab("Reconstruct", id="reconstruct"):
-                    run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-run")
-                    with gr.Row():
-                        with gr.Column(scale=3):
-                            gallery = _gallery("reconstructions (K samples)", 4, "reconstruct-gallery")
-                        with gr.Column(scale=1, min_width=160):
-                            spread = gr.Image(label="uncertainty: per-pixel std over the K samples", format="png",
-                                              interactive=False, elem_classes=["pixelated"], height=200,
-                                              elem_id="reconstruct-uncertainty")
-                    table = _table("classifier top-5: original and each reconstruction", "reconstruct-table",
-                                   ["original", "sample 1"])
-                    note = gr.Markdown(elem_id="reconstruct-cosine")
-                    run.click(cb.reconstruct, [upload, *sampler], [gallery, spread, table, note])
-                with gr.Tab("Steer", id="steer"):
-                    with gr.Row():
-                        kind = gr.Radio(["class", "channel"], value="class", label="direction", elem_id="steer-kind")
-                        cls = gr.Dropdown(names, value=names[0], label="class (head weight)", elem_id="steer-class")
-                        channel = gr.Number(value=0, precision=0, minimum=0, label="channel",
-                                            maximum=session.extractor.feature_shape[0] - 1, elem_id="steer-channel")
-                    strength = gr.Slider(-4, 4, value=2, step=0.25, elem_id="steer-strength",
-                                         label="strength (units of the map's mean feature norm); the strip runs 0..strength")
-                    region, coords = _region_inputs("steer", session)
-                    go = gr.Button("Steer", variant="primary", elem_id="steer-run")
-                    strip = _gallery("reconstructions over strengths 0..strength (caption: the classifier's top-1)",
-                                     panels.STRIP, "steer-strip")
-                    steer_table = gr.Dataframe(headers=["strength α", "head on the steered map",
-                                                        "classifier on the reconstruction"],
-                                               label="top-1 per strength", interactive=False, elem_id="steer-table")
-                    args = [upload, kind, cls, channel, strength, region, coords, *sampler]
-                    go.click(cb.steer, args, [strip, steer_table])
-                    strength.release(cb.steer, args, [strip, steer_table])
-                with gr.Tab("Compose", id="compose"):
-                    upload_b = gr.File(label="image B (A is the shared input)", type="filepath", elem_id="upload-b")
-                    if session.examples:
-                        gr.Examples(session.examples, inputs=upload_b, label="examples for B", examples_per_page=10)
-                    t = gr.Slider(0, 1, value=0.5, step=0.05, label="interpolation t: (1 - t) A + t B",
-                                  elem_id="compose-t")
-                    region_b, coords_b = _region_inputs("compose", session)
-                    gr.Markdown("The region (if any) is pasted from B's feature map into the interpolated map.")
-                    go_b = gr.Button("Compose", variant="primary", elem_id="compose-run")
-                    composite = _gallery("A, B and reconstructions of the composed map", 6, "compose-gallery")
-                    with gr.Row():
-                        compose_table = _table("top-5: the head on the composed map, the classifier on each "
-                                               "reconstruction", "compose-table", ["composed map (head)", "sample 1"])
-                        compose_note = gr.Markdown(elem_id="compose-cosine")
-                    go_b.click(cb.compose, [upload, upload_b, t, region_b, coords_b, *sampler],
-                               [composite, compose_table, compose_note])
-                with gr.Tab("Perturb", id="perturb"):
-                    with gr.Row():
-                        method = gr.Dropdown(list(panels.PERTURBATIONS), value=panels.PERTURBATIONS[0],
-                                             label="perturbation", elem_id="perturb-kind")
-                        severity = gr.Slider(1, 3, value=2, step=1, label="corruption severity")
-                        eps = gr.Slider(1, panels.MAX_EPS_255, value=32, step=1, label="PGD budget eps (/255)")
-                        pgd_steps = gr.Slider(1, panels.MAX_PGD_STEPS, value=10, step=1, label="PGD steps")
-                        target = gr.Dropdown(["untargeted"] + names, value="untargeted", label="PGD target")
-                    go_p = gr.Button("Perturb", variant="primary", elem_id="perturb-run")
-                    clean = _gallery("clean input and its reconstructions", 5, "perturb-clean")
-                    attacked = _gallery("perturbed input and its reconstructions", 5, "perturb-perturbed")
-                    perturb_table = _table("top-5", "perturb-table",
-                                           ["clean", "clean sample 1", "perturbed", "perturbed sample 1"])
-                    go_p.click(cb.perturb, [upload, method, severity, eps, pgd_steps, target, *sampler],
-                               [clean, attacked, perturb_table])
+                for name, tab in [("Reconstruct", _reconstruct_tab), ("Steer", _steer_tab),
+                                  ("Compose", _compose_tab), ("Perturb", _perturb_tab)]:
+                    with gr.Tab(name, id=name.lower()):
+                        tab(cb, upload, sampler)
         upload.change(cb.preview, upload, preview)
     return page
