@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-full", action="store_true", help="the demo's default settings instead of --quick's")
     p.add_argument("--checkpoint", help="FeatInv weights (.safetensors) or a training run folder "
                                         "(featinv.safetensors + config.yaml); serves that model instead of the demo")
-    p.add_argument("--config", help="preset name or YAML for the model and backbone (None: the checkpoint's metadata / run folder)")
+    p.add_argument("--config", help="preset name or YAML for the model and backbone "
+                                    "(None: the checkpoint's metadata / the run folder's config.yaml)")
     p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name")
     p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
     p.add_argument("--backbone-size", type=int, help="backbone input size (None: the preset's)")
