@@ -7,6 +7,7 @@ wrapped by passing a ``feature_fn``.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -189,3 +190,18 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
     mean = data_cfg.get("mean") or timm.data.IMAGENET_DEFAULT_MEAN
     std = data_cfg.get("std") or timm.data.IMAGENET_DEFAULT_STD
     return FeatureExtractor(model, None, mean, std, cfg.image_size, layer=cfg.layer)
+
+
+def resolve_backbone(name: str | None, checkpoint: str | None, size: int | None,
+                     base: BackboneConfig) -> BackboneConfig:
+    """A backbone named as users name it (a key of BACKBONE_PRESETS or a timm model name, pretrained), with an
+    optional local weights file and input size, onto ``base`` (what a run or config already says)."""
+    cfg = base
+    if name:
+        preset = BACKBONE_PRESETS.get(name)
+        cfg = preset if preset is not None else dataclasses.replace(base, name=name, pretrained=True)
+    if checkpoint:
+        cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
+    if size:
+        cfg = dataclasses.replace(cfg, image_size=size)
+    return cfg

@@ -10,7 +10,7 @@ import torch
 
 from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import resolve_backbone
+from featinv.backbone import resolve_backbone
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
 # its neighbours (Reconstructor.fixed_batch): α = 0, interpolation ends and clean inputs then reproduce
