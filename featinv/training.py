@@ -157,41 +157,64 @@ def _numpy_state() -> tuple:
 
 
 class _ResumeSampler(Sampler[int]):
-    """A DistributedSampler whose next pass starts ``skip`` samples in (then whole passes again)."""
+    """A DistributedSampler driven by the data position: each pass shuffles with the position's
+    epoch and starts after the batches already consumed in it (then whole passes again)."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int = 0):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: DistributedSampler, loader: _Loader):
+        self.sampler, self.loader = sampler, loader
 
     def __iter__(self):
-        skip, self.skip = self.skip, 0
+        epoch, skip = self.loader.start_pass(len(self.sampler))
+        self.sampler.set_epoch(epoch)
         return itertools.islice(iter(self.sampler), skip, None)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: Lightning's epoch counter is not the data's after a run stopped by max_steps
+        (that checkpoint records the next epoch); the position saved with the data is."""
 
 
 class _Loader(pl.LightningDataModule):
-    """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process).
+    """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process), resumable exactly.
 
-    Called after a checkpoint is restored: a run resumed mid-epoch continues that epoch's order
-    where the checkpoint left it instead of starting the epoch over."""
+    The data position -- the shuffling epoch and the batches consumed in it -- is counted here, one
+    per batch the training loop receives (also a batch of unreadable images that makes no optimizer
+    step), and saved in checkpoints, so a resumed run continues the same order where the checkpoint
+    left it, however the run stopped (epoch end, mid-epoch checkpoint, max_steps, a kill)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
         super().__init__()
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.position: dict[str, int] | None = None  # {"epoch", "batches"}; None: not yet started or restored
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position or {"epoch": 0, "batches": 0})
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def start_pass(self, samples_per_rank: int) -> tuple[int, int]:
+        """(epoch, samples to skip) of a new pass over the data; a finished epoch rolls over to the next."""
+        if self.position is None:  # fresh run, or a checkpoint older than the saved position
+            steps = self.trainer.global_step  # then: one optimizer step per batch
+            per_epoch = max(1, samples_per_rank // self.batch_size)
+            self.position = {"epoch": steps // per_epoch, "batches": steps % per_epoch}
+        if self.position["batches"] * self.batch_size + self.batch_size > samples_per_rank:  # no full batch left
+            self.position = {"epoch": self.position["epoch"] + 1, "batches": 0}
+        return self.position["epoch"], self.position["batches"] * self.batch_size
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training:
+            self.position["batches"] += 1
+        return batch
 
     def train_dataloader(self):
-        sampler = _ResumeSampler(DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
-                                                    rank=self.trainer.global_rank, shuffle=True, seed=self.seed,
-                                                    drop_last=True))
-        loader = make_loader(self.dataset, self.batch_size, self.num_workers, seed=self.seed,
-                             drop_last=True, sampler=sampler)
-        if len(loader):  # one optimizer step per batch: the steps done in this epoch are batches to skip
-            sampler.skip = (self.trainer.global_step % len(loader)) * self.batch_size
-        return loader
+        sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True)
+        return make_loader(self.dataset, self.batch_size, self.num_workers, seed=self.seed,
+                           drop_last=True, sampler=_ResumeSampler(sampler, self))
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -135,3 +135,17 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(photos, init_ckpt, t
     assert check["world_size"] == 2 and len(check["fingerprints"]) == 2
     assert check["fingerprints"][0] == check["fingerprints"][1]
     assert (run / "featinv.safetensors").exists()
+
+
+def test_raising_max_steps_continues_exactly(photos, init_ckpt, backbone, tmp_path):
+    """README pattern: a run stopped by max_steps mid-epoch, continued with a larger max_steps."""
+    run = lambda steps, name, **kw: train(tiny_cfg(photos, max_steps=steps, checkpoint_every=0), init_ckpt,
+                                          tmp_path / name, progress=False, backbone=backbone, **kw)
+    full = run(5, "full")
+    run(4, "part")  # 3 batches an epoch: stops after the first batch of epoch 1
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["_Loader"] == {"epoch": 1, "batches": 1}
+    resumed = run(5, "part", resume="auto")
+    a, b = control_weights(full), control_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
