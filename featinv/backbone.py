@@ -109,7 +109,10 @@ def _resolve_timm_name(name: str):
 
 
 def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
-    """A frozen timm classifier from ``cfg``; never falls back to random weights silently."""
+    """A frozen timm classifier from ``cfg``; never falls back to random weights silently.
+
+    Weights not loaded (all, with ``pretrained=false``) are initialised from ``cfg.seed``: the same in
+    every process, and the global RNG state is not touched."""
     import timm
 
     pcfg = _resolve_timm_name(cfg.name)
@@ -122,7 +125,11 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint))
     load = cfg.pretrained or bool(cfg.checkpoint)
     try:
-        model = timm.create_model(cfg.name, pretrained=load, **kwargs)
+        # Random initialisation from backbone.seed, so every process (train, reconstruct, evaluate)
+        # builds the same network; forked, so the caller's global RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = timm.create_model(cfg.name, pretrained=load, **kwargs)
     except Exception as e:
         if not load:
             raise

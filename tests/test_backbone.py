@@ -139,3 +139,17 @@ def test_missing_checkpoint_and_unknown_names(tmp_path):
         build_backbone(BackboneConfig(name="not_a_model", pretrained=False))
     with pytest.raises(ValueError, match="resnet18.no_such_tag"):
         build_backbone(BackboneConfig(name="resnet18.no_such_tag", pretrained=False))
+
+
+def test_random_weights_come_from_the_config_seed():
+    """pretrained=false: every process builds the same network, and the caller's RNG is untouched."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = build_backbone(RESNET18)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(1000)  # another process, another global RNG state
+    b = build_backbone(RESNET18)
+    c = build_backbone(dataclasses.replace(RESNET18, seed=1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.conv1.weight"], sc["model.conv1.weight"])
