@@ -7,7 +7,8 @@ prompt, only the control branch trains. Differences from the reference, on purpo
   ~511 M UNet decoder weights, while gradients still flow through the decoder to the residuals;
 - the randomness of a step (t, noise, dropout, posterior sample) comes from a generator seeded
   by (seed, step, rank), and checkpoints carry the RNG states, so a resumed run is exact --
-  also from a mid-epoch checkpoint: the resumed epoch skips the batches already trained on
+  also from a mid-epoch checkpoint or one written where max_steps stopped: the data position
+  (shuffling epoch, batches consumed) is saved, and the resumed epoch skips the batches already trained on
   (bit for bit with ``num_workers=0``; with workers the data order is still exact, but the workers'
   augmentation RNGs start afresh after a resume).
 """
@@ -25,10 +26,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import atomic_write_text, load_featinv, save_featinv
+from featinv.checkpoint import atomic_save, atomic_write_text, load_featinv, save_featinv
 from featinv.config import FeatInvConfig, TrainConfig, load_config, to_dict
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
@@ -217,6 +220,41 @@ class _Loader(pl.LightningDataModule):
                            drop_last=True, sampler=_ResumeSampler(sampler, self))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file beside the target, then renamed onto it.
+
+    Lightning's own writer stages the file in the system temp folder and *moves* it: across file
+    systems that is a copy, and a full disk during it leaves a truncated ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(lambda tmp: torch.save(checkpoint, tmp), path)
+
+
+def _loadable(path: Path) -> str | None:
+    """None if ``path`` is a Lightning checkpoint that loads, else why it does not (one line)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # any failure to read means: do not resume from it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'file is empty or cut short'}"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        return "not a Lightning training checkpoint (no state_dict / global_step)"
+    return None
+
+
+def latest_checkpoint(folder: str | Path, log=print) -> Path | None:
+    """The newest checkpoint in ``folder`` that loads (``last.ckpt`` first among equals); each one
+    skipped because it does not load (e.g. cut short by a full disk) is named in one ``log`` line."""
+    files = [p for p in Path(folder).glob("*.ckpt") if p.is_file()] if Path(folder).is_dir() else []
+    for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
+        problem = _loadable(path)
+        if problem is None:
+            return path
+        log(f"note: not resuming from {path}: it does not load ({problem})")
+    return None
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Lightning precision for training and reconstruction; ``auto``: bf16 mixed precision on GPUs
     that support bf16, fp32 otherwise (and on the CPU)."""
@@ -239,16 +277,15 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
 
     backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
-    resume: a Lightning checkpoint; "auto" resumes from ``<run_dir>/checkpoints/last.ckpt`` if present."""
+    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any."""
     run_dir = Path(run_dir)
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
     if dataset is None:
         if not cfg.data.root:
             raise ValueError("no training data: set data.root (an ImageNet-layout folder) or pass --data")
         dataset = ImageDataset(cfg.data.root, backbone.image_size, cfg.model.image_size, train=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume == "auto":
-        resume = last if last.exists() else None
+    if resume == "auto":  # the newest checkpoint of the run that loads
+        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
     model = build_training_model(cfg, init, backbone)
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +295,8 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                                            or None, save_top_k=1, save_last=True)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                          precision=resolve_precision(cfg.train.precision, accelerator), max_steps=cfg.train.max_steps,
-                         default_root_dir=run_dir, callbacks=[ckpt_cb], use_distributed_sampler=False,
+                         default_root_dir=run_dir, callbacks=[ckpt_cb], plugins=[AtomicCheckpointIO()],
+                         use_distributed_sampler=False,
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
