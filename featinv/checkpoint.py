@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
 from featinv.diffusion import schedule_buffers
+from featinv.safe_unpickle import legacy_globals
 
 PREFIXES = {  # reference prefix -> our attribute prefix
     "model.diffusion_model.": "unet.",
@@ -51,7 +52,8 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors``, ``.ckpt`` (Lightning) or ``.pt``/``.pth`` file.
 
-    Pickles are read with ``weights_only=True``: a file that needs code execution is refused."""
+    Pickles are read with ``weights_only=True`` (plus inert stand-ins for the callback classes and
+    numpy scalars of LDM-era Lightning files): a file that needs code execution is refused."""
     sd, metadata, _ = read_checkpoint(path)
     return sd, metadata
 
@@ -78,13 +80,16 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path}: not a checkpoint: neither safetensors (by its suffix), "
                                   "a torch.save zip archive nor a pickle")
     try:  # mmap needs the zip format of torch.save; legacy (pre-1.6) pickles are read without it
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        # weights_only, plus inert stand-ins for the harmless globals of LDM / Lightning 1.x files
+        with torch.serialization.safe_globals(legacy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except (pickle.UnpicklingError, RuntimeError) as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
             raise CheckpointError(
                 f"{path}: refusing to load a pickle that needs arbitrary code execution "
-                f"(torch.load weights_only=True failed). Convert it to safetensors in a trusted environment. "
+                f"(torch.load weights_only=True failed). If you trust the file, convert it once with "
+                f"`featinv convert {path} OUT.safetensors --trust-pickle` (this unpickles it fully). "
                 f"Details: {detail}") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
     container = obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
@@ -283,6 +288,38 @@ def save_minisd(model, path: str | os.PathLike) -> Path:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if component_of(k) != "control"}
     ref = to_reference(sd, model.cfg.diffusion)
     return atomic_save(lambda tmp: save_file(ref, tmp), path)
+
+
+def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """Write the state dict of ``src`` (any format :func:`read_state_dict` reads) to the safetensors
+    file ``dst`` in the reference layout, atomically; returns ``{"tensors", "skipped", "out"}``.
+
+    trust_pickle: unpickle ``src`` fully (``weights_only=False``), which runs any code the file
+    holds: only for a file from a trusted source that the weights-only reader refuses."""
+    src, dst = Path(src), Path(dst)
+    metadata: dict[str, str] = {}
+    if trust_pickle and src.suffix != ".safetensors":
+        if not src.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {src}")
+        obj = torch.load(src, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(src))
+        sd = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict'), found {type(sd).__name__}")
+    else:
+        sd, metadata = read_state_dict(src)
+    tensors, storages = {}, set()
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            ptr = value.untyped_storage().data_ptr()
+            tensors[reference_key(key)] = value.clone() if ptr in storages else value  # safetensors: no sharing
+            storages.add(ptr)
+    if not tensors:
+        raise CheckpointError(f"{src}: holds no tensors to convert")
+    metadata = {**metadata, "featinv_converted_from": src.name}
+    atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), dst)
+    return {"tensors": len(tensors), "skipped": sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor)),
+            "out": str(dst)}
 
 
 def atomic_save(write, path: str | os.PathLike) -> Path:

@@ -11,6 +11,7 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "train": ("featinv.training", "train the control branch (one CPU to many GPUs)"),
     "reconstruct": ("featinv.reconstruct", "reconstruct ImageNet-val images from their feature maps"),
     "evaluate": ("featinv.evaluate", "feature similarity, accuracy and FID of reconstructions"),
+    "convert": ("featinv.commands.convert", "a checkpoint as safetensors (--trust-pickle for a trusted old pickle)"),
 }
 
 

@@ -67,3 +67,28 @@ def write_tiny_minisd(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_minisd(tmp_path_factory) -> Path:
     return write_tiny_minisd(tmp_path_factory.mktemp("minisd") / "minisd_tiny.safetensors")
+
+
+class Evil:
+    """Unpickling this runs code: it creates the directory ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def write_ldm_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], **extra) -> Path:
+    """A checkpoint as the LDM code base (Lightning 1.4) wrote them: ``callbacks`` keyed by the
+    callback class, numpy scalars and arrays in the callback state."""
+    import numpy as np
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    callbacks = {ModelCheckpoint: {"monitor": "val/loss", "best_model_score": np.float64(0.12),
+                                   "current_score": np.array([0.5], dtype=np.float32), "dirpath": "/logs/ckpt"}}
+    torch.save({"state_dict": state_dict, "epoch": 17, "global_step": 88000, "pytorch-lightning_version": "1.4.2",
+                "callbacks": callbacks, **extra}, path)
+    return path

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, assert_close_rel
+from conftest import FIXTURES, Evil, assert_close_rel, write_ldm_checkpoint
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import featinv.checkpoint as ckpt
-from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
-                                load_featinv, load_into, read_state_dict, save_featinv, to_reference)
+from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, convert_to_safetensors,
+                                infer_model_config, load_featinv, load_into, read_checkpoint, read_state_dict,
+                                save_featinv, to_reference)
 from featinv.config import PRESETS, AdapterConfig, DiffusionConfig, load_config
 from featinv.model import FeatInv
 
@@ -219,6 +220,43 @@ def test_pickle_needing_code_is_refused(tiny_sd, tmp_path, payload):
     with pytest.raises(CheckpointError, match="arbitrary code") as err:
         read_state_dict(path)
     assert "weights_only" in str(err.value) and str(path) in str(err.value)
+
+
+def test_ldm_era_checkpoint_loads_without_running_its_globals(tiny_sd, ref_model, tmp_path):
+    path = write_ldm_checkpoint(tmp_path / "ldm.ckpt", tiny_sd)
+    model = load_featinv(path)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    _, _, container = read_checkpoint(path)
+    assert container["global_step"] == 88000
+    (key, state), = container["callbacks"].items()
+    assert isinstance(key, type) and key.__name__.startswith("Inert[")  # a stand-in, not Lightning's class
+    assert type(state["best_model_score"]).__name__.startswith("Inert[numpy")
+
+
+@pytest.mark.parametrize("where", ["top level", "callback state"])
+def test_code_in_an_ldm_era_pickle_is_still_refused(tiny_sd, tmp_path, where):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.ckpt"
+    if where == "top level":
+        write_ldm_checkpoint(path, tiny_sd, hyper_parameters=Evil(marker))
+    else:
+        from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+        torch.save({"state_dict": tiny_sd, "callbacks": {ModelCheckpoint: {"x": Evil(marker)}}}, path)
+    for read in (read_state_dict, load_featinv, lambda p: convert_to_safetensors(p, tmp_path / "out.safetensors")):
+        with pytest.raises(CheckpointError, match=r"arbitrary code[\s\S]*featinv convert .* --trust-pickle"):
+            read(path)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_trusted_pickle_to_safetensors(tiny_sd, ref_model, tmp_path):
+    path = tmp_path / "needs_code.ckpt"
+    torch.save({"state_dict": tiny_sd, "hyper_parameters": argparse.Namespace(lr=1e-5)}, path)
+    report = convert_to_safetensors(path, tmp_path / "out.safetensors", trust_pickle=True)
+    assert report["tensors"] == len(tiny_sd)
+    model = load_featinv(tmp_path / "out.safetensors")
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("name, content, message", [

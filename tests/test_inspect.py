@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import Evil, write_ldm_checkpoint
+
 from featinv.checkpoint import CheckpointError, load_into, save_featinv
 from featinv.cli import main as cli_main
 from featinv.config import PRESETS, AdapterConfig, to_dict
@@ -143,3 +145,14 @@ def test_half_precision_file_with_harmless_extras(tiny_sd, tmp_path):
     assert info["dtypes"] == {"float16": 365, "int64": 1, "float32": 1}
     assert info["components"]["ignored"]["tensors"] == 2 and info["components"]["unet"]["dtypes"] == ["float16"]
     assert info["kind"].startswith("miniSD") and info["strict_load"]["present_components"]["ok"]
+
+
+def test_ldm_era_checkpoint_and_code_refused(tiny_sd, tmp_path, capsys):
+    info = describe(write_ldm_checkpoint(tmp_path / "ldm.ckpt", tiny_sd))
+    assert info["training"]["global_step"] == 88000 and info["strict_load"]["full"]["ok"]
+    marker = tmp_path / "code_ran"
+    evil = write_ldm_checkpoint(tmp_path / "evil.ckpt", tiny_sd, hyper_parameters=Evil(marker))
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        describe(evil)
+    assert main([str(evil)]) == 1 and "--trust-pickle" in capsys.readouterr().err
+    assert not marker.exists()

@@ -1,0 +1,1 @@
+"""Command faces: one module per ``featinv <command>``, each with ``main(argv=None) -> int``."""
