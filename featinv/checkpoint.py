@@ -258,10 +258,32 @@ def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
     return from_dict(ModelConfig, json.loads(metadata[METADATA_KEY]))
 
 
+def nonfinite_counts(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{key: number of NaN/inf values} of the floating-point tensors that hold any, in ``sd``'s order."""
+    counts = {}
+    for key, value in sd.items():
+        if value.is_floating_point():
+            n = value.numel() - int(torch.isfinite(value).sum())
+            if n:
+                counts[key] = n
+    return counts
+
+
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError (one line) if any weight is NaN or inf: such a model samples black images."""
+    bad = nonfinite_counts(sd)
+    if bad:
+        key = next(iter(bad))
+        raise CheckpointError(f"{source}: {sum(bad.values())} non-finite (NaN/inf) weight value(s) in {len(bad)} "
+                              f"tensor(s), first {key!r}; the checkpoint is broken (a diverged run?) and would "
+                              "reconstruct black images")
+
+
 def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
     """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt).
 
-    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict."""
+    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict, and
+    NaN/inf weights are refused."""
     from featinv.model import FeatInv
 
     sd, metadata = read_state_dict(path)
@@ -269,6 +291,7 @@ def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device
     with torch.device("meta"):
         model = FeatInv(cfg)
     model.to_empty(device="cpu")
+    check_finite(sd, str(path))
     notes = load_into(model, sd, source=str(path))
     for note in notes:
         print(f"note: {path}: {note}")

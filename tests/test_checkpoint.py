@@ -372,3 +372,15 @@ def test_shipped_configs_equal_presets(name):
         return {f"{prefix}{k}" for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
                                                           for x in keys(v, f"{prefix}{k}.")}
     assert keys(expected) <= keys(written)
+
+
+def test_non_finite_weights_are_refused_with_the_first_key(tiny_sd, tmp_path):
+    sd = dict(tiny_sd)
+    key = "model.diffusion_model.out.2.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.safetensors"
+    ckpt.save_file(sd, str(path))
+    with pytest.raises(ValueError, match=rf"diverged.safetensors: 1 non-finite .* first '{key}'") as err:
+        load_featinv(path)
+    assert "\n" not in str(err.value)

@@ -156,3 +156,16 @@ def test_ldm_era_checkpoint_and_code_refused(tiny_sd, tmp_path, capsys):
         describe(evil)
     assert main([str(evil)]) == 1 and "--trust-pickle" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_non_finite_weights_reported_per_component(tiny_sd, tmp_path, capsys):
+    sd = dict(tiny_sd)
+    key = "control_model.input_hint_block.block.1.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(sd, tmp_path / "nan.safetensors")
+    info = describe(tmp_path / "nan.safetensors")
+    assert {c: e["nonfinite"] for c, e in info["components"].items() if e["nonfinite"]} == {"control": 3}
+    assert info["components"]["control"]["nonfinite_first"] == key
+    assert main([str(tmp_path / "nan.safetensors")]) == 0
+    assert f"control branch 3 (first {key})" in capsys.readouterr().out
