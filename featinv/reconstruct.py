@@ -37,6 +37,7 @@ from featinv.training import resolve_precision
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 INFERENCE_PROMPT = "a high-quality, detailed, and professional image, "  # training prompt + ", "
 UNCOND_MODES = ("prompt", "features")
+RANGE_TOLERANCE = 1e-2  # resampling overshoot allowed outside [0, 1]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class Reconstructor:
         """images01: (B, 3, S, S) in [0, 1] at the backbone's size -> feature map (B, C, h, w) float32."""
         if self.backbone is None:
             raise ValueError("this Reconstructor has no backbone: call from_features(feats, keys)")
+        lo, hi = images01.aminmax()
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:  # e.g. uint8 values, or [-1, 1]
+            raise ValueError(f"Reconstructor.features expects images in [0, 1] (the backbone applies its own "
+                             f"mean/std), got values in [{float(lo):.3g}, {float(hi):.3g}]; divide 0-255 images by 255")
         with self._autocast():
             return self.backbone(images01.to(self.device)).float()
 
