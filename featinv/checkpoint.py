@@ -22,13 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
 from featinv.diffusion import schedule_buffers
 from featinv.safe_unpickle import legacy_globals
+from featinv.tensor_files import read_safetensors
 
 PREFIXES = {  # reference prefix -> our attribute prefix
     "model.diffusion_model.": "unet.",
@@ -65,9 +66,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}), None
+        try:  # memory-mapped views, not copies: see featinv.tensor_files
+            sd, metadata = read_safetensors(path)
+            return sd, metadata, None
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     is_zip = zipfile.is_zipfile(path)
@@ -197,12 +198,18 @@ def check_schedule(schedule: dict[str, torch.Tensor], diffusion: DiffusionConfig
 
 
 def load_into(model, sd: dict[str, torch.Tensor], components: tuple[str, ...] | None = None,
-              source: str = "checkpoint") -> list[str]:
-    """Load a reference-layout (or featinv-layout) state dict strictly; return notes."""
+              source: str = "checkpoint", assign: bool = False) -> list[str]:
+    """Load a reference-layout (or featinv-layout) state dict strictly; return notes.
+
+    assign: make ``sd``'s tensors the model's parameters (cast to the model's dtypes where they
+    differ) instead of copying into them: a model built on the meta device then costs no second copy."""
     ours, schedule, notes = from_reference(sd)
     check_schedule(schedule, model.cfg.diffusion, source)
     check_state_dict(model, ours, components, source)
-    model.load_state_dict(ours, strict=components is None)
+    if assign:
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        ours = {k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in ours.items()}
+    model.load_state_dict(ours, strict=components is None, assign=assign)
     return notes
 
 
@@ -283,16 +290,18 @@ def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device
     """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt).
 
     The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict, and
-    NaN/inf weights are refused."""
+    NaN/inf weights are refused. Peak memory is about one copy of the weights: safetensors files and
+    torch.save zip archives are memory-mapped and their tensors assigned as the parameters."""
     from featinv.model import FeatInv
 
     sd, metadata = read_state_dict(path)
     cfg = cfg or config_from_metadata(metadata) or infer_model_config(sd, str(path))
-    with torch.device("meta"):
-        model = FeatInv(cfg)
-    model.to_empty(device="cpu")
     check_finite(sd, str(path))
-    notes = load_into(model, sd, source=str(path))
+    with torch.device("meta"):  # no storage: the file's tensors become the parameters (one copy in memory)
+        model = FeatInv(cfg)
+    notes = load_into(model, sd, source=str(path), assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"not loaded: {left[:3]}"  # strict loading covers every parameter and buffer
     for note in notes:
         print(f"note: {path}: {note}")
     return model.to(device)

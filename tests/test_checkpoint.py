@@ -384,3 +384,24 @@ def test_non_finite_weights_are_refused_with_the_first_key(tiny_sd, tmp_path):
     with pytest.raises(ValueError, match=rf"diverged.safetensors: 1 non-finite .* first '{key}'") as err:
         load_featinv(path)
     assert "\n" not in str(err.value)
+
+
+def test_safetensors_are_mapped_and_assigned_not_copied(tiny_sd, tmp_path):
+    from featinv.tensor_files import read_safetensors
+
+    odd = {"bf16": torch.randn(3, 5).bfloat16(), "mask": torch.rand(7) > 0.5, "ids": torch.arange(9),
+           "empty": torch.zeros(0, 4), "half": torch.randn(3).half()}
+    ckpt.save_file({**tiny_sd, **odd}, str(tmp_path / "all.safetensors"), metadata={"a": "b"})
+    sd, metadata = read_safetensors(tmp_path / "all.safetensors")
+    from safetensors.torch import load_file
+    ref = load_file(tmp_path / "all.safetensors")
+    assert metadata == {"a": "b"} and sd.keys() == ref.keys()
+    assert all(sd[k].dtype == v.dtype and torch.equal(sd[k], v) for k, v in ref.items())
+    with torch.device("meta"):
+        model = FeatInv(TINY)
+    load_into(model, {k: sd[k] for k in tiny_sd}, assign=True)
+    key = "model.diffusion_model.out.2.weight"
+    assert model.unet.out[2].weight.data_ptr() == sd[key].data_ptr()  # the file's map, no copy
+    with torch.no_grad():
+        model.unet.out[2].weight.add_(1)  # private map: the file is untouched
+    assert torch.equal(load_file(tmp_path / "all.safetensors")[key], tiny_sd[key])
