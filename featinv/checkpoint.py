@@ -337,7 +337,8 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust
         obj = torch.load(src, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(src))
         sd = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
         if not isinstance(sd, dict):
-            raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict'), found {type(sd).__name__}")
+            raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict'), "
+                                  f"found {type(sd).__name__}")
     else:
         sd, metadata = read_state_dict(src)
     tensors, storages = {}, set()

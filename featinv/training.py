@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", required=True, help="initial FeatInv checkpoint (from `featinv build-control`)")
     p.add_argument("--data", help="ImageNet-layout training folder (sets data.root)")
     p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
-    p.add_argument("--resume", default="auto", help="Lightning checkpoint to resume, 'auto' (the newest in run-dir/checkpoints that loads) or 'none'")
+    p.add_argument("--resume", default="auto", help="Lightning checkpoint to resume, 'auto' (the newest "
+                   "in run-dir/checkpoints that loads) or 'none'")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto", help="e.g. 1, 8, or auto")
     p.add_argument("--num-nodes", type=int, default=1)
