@@ -152,8 +152,48 @@ def _resolve_timm_name(name: str):
         raise ValueError(f"backbone.name {name!r}: {e}") from None
 
 
+def _hub_files(pcfg) -> tuple[str, str | None, list[str]] | None:
+    """(repo, revision, weight files in timm's order) if timm would download ``pcfg`` from the hub."""
+    if pcfg is None or not pcfg.hf_hub_id or pcfg.source not in (None, "", "timm", "hf-hub") or pcfg.file:
+        return None
+    repo, _, revision = pcfg.hf_hub_id.partition("@")
+    name = pcfg.hf_hub_filename or "pytorch_model.bin"
+    if name.endswith(".safetensors"):
+        return repo, revision or None, [name]
+    safe = "model.safetensors" if name == "pytorch_model.bin" else name.removesuffix(".bin") + ".safetensors"
+    return repo, revision or None, [safe, name]  # timm tries the safetensors alternative first
+
+
+def _cached_weights_if_offline(cfg: BackboneConfig, pcfg) -> str | None:
+    """Without a reachable hub: the cached weight file, else a RuntimeError at once (not after a
+    minute of download retries). None when the hub is reachable (or HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    hub = _hub_files(pcfg)
+    if hub is None or constants.HF_HUB_OFFLINE:  # offline mode: the hub library reads its cache at once
+        return None
+    repo, revision, files = hub
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return None
+    except Exception as e:  # any transport error: DNS, refused, timeout, proxy
+        unreachable = f"{type(e).__name__}: {e}"
+    for name in files:
+        cached = try_to_load_from_cache(repo, name, revision=revision)
+        if isinstance(cached, str):
+            return cached
+    raise RuntimeError(
+        f"could not load pretrained weights {pcfg.architecture}.{pcfg.tag!s} (Hugging Face hub id {repo!r}) for "
+        f"backbone {cfg.name!r}: the hub ({constants.ENDPOINT}) is unreachable ({unreachable}) and the weights are "
+        "not in the local cache. Offline? Download them elsewhere and set backbone.checkpoint=/path/to/weights"
+        ".safetensors, or copy them into the Hugging Face cache (HF_HOME).")
+
+
 def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
-    """A frozen timm classifier from ``cfg``; never falls back to random weights silently."""
+    """A frozen timm classifier from ``cfg``; never falls back to random weights silently.
+
+    Weights not loaded (all, with ``pretrained=false``) are initialised from ``cfg.seed``: the same in
+    every process, and the global RNG state is not touched."""
     import timm
 
     pcfg = _resolve_timm_name(cfg.name)
@@ -165,8 +205,16 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
             raise FileNotFoundError(f"backbone.checkpoint: weights file {cfg.checkpoint!r} not found")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint))
     load = cfg.pretrained or bool(cfg.checkpoint)
+    if load and not cfg.checkpoint:
+        cached = _cached_weights_if_offline(cfg, pcfg)
+        if cached:  # hub unreachable: load the cached file directly, as timm would after its retries
+            kwargs["pretrained_cfg_overlay"] = dict(file=cached)
     try:
-        model = timm.create_model(cfg.name, pretrained=load, **kwargs)
+        # Random initialisation from backbone.seed, so every process (train, reconstruct, evaluate)
+        # builds the same network; forked, so the caller's global RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = timm.create_model(cfg.name, pretrained=load, **kwargs)
     except Exception as e:
         if not load:
             raise

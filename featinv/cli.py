@@ -8,6 +8,7 @@ import sys
 COMMANDS = {  # name -> (module, one-line help); modules are imported only when their command runs
     "demo": ("featinv.commands.demo", "run the whole recipe on scikit-learn's digits, on a CPU, in minutes"),
     "inspect": ("featinv.commands.inspect", "say what a checkpoint holds and which config it matches"),
+    "convert": ("featinv.commands.convert", "a checkpoint as safetensors (--trust-pickle for a trusted old pickle)"),
     "build-control": ("featinv.commands.build_control", "miniSD checkpoint -> initial FeatInv checkpoint"),
     "train": ("featinv.commands.train", "train the control branch (one CPU to many GPUs)"),
     "reconstruct": ("featinv.commands.reconstruct", "reconstruct ImageNet-val images from their feature maps"),
