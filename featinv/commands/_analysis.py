@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair
-from featinv.backbone import BACKBONE_PRESETS
-from featinv.backbone import resolve_backbone
+from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
+from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
+from featinv.commands._common import cleanup_on_failure
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
 # its neighbours (Reconstructor.fixed_batch): α = 0, interpolation ends and clean inputs then reproduce
@@ -114,3 +114,14 @@ def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits:
     if len(images) < minimum:
         raise ValueError(f"this analysis needs at least {minimum} input images, got {len(images)}")
     return images.to(pair.extractor.mean.device), names, labels
+
+
+def write_report(out: str, filename: str, make_report) -> int:
+    """Run ``make_report() -> (picture, table, markdown)`` and write its files into ``out`` (removed again
+    if the report fails and ``out`` was new); print the table and where the files are."""
+    with cleanup_on_failure(out):
+        picture, table, md = make_report()
+        paths = write_outputs(out, picture, filename, md, table)
+    print(md)
+    print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
+    return 0

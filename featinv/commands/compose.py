@@ -1,14 +1,11 @@
 """``featinv compose``: composite feature maps (interpolation, pasting, channel selection, arithmetic)."""
 from __future__ import annotations
 
-import sys
-
-from featinv.analysis.common import write_outputs
 from featinv.analysis.reports import compose_report
 from featinv.analysis.steering import box_mask
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        set_threads)
-from featinv.commands._common import Parser, cleanup_on_failure, command
+                                        set_threads, write_report)
+from featinv.commands._common import Parser, command
 
 OPS = ("interpolate", "paste", "channels", "arithmetic")
 
@@ -43,12 +40,8 @@ def main(argv: list[str]) -> int:
     classes = ext.head_weight().shape[0]
     if args.cls is not None and not 0 <= args.cls < classes:
         raise ValueError(f"--class {args.cls} out of range: the classifier has {classes} classes (0..{classes - 1})")
-    with cleanup_on_failure(args.out):
-        picture, table, md = compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops)
-        paths = write_outputs(args.out, picture, "compose.png", md, table)
-    print(md)
-    print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
-    return 0
+    return write_report(args.out, "compose.png",
+                        lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """``featinv perturb``: what the classifier perceives in corrupted and adversarial inputs."""
 from __future__ import annotations
 
-import sys
-
-from featinv.analysis.common import write_outputs
 from featinv.analysis.perturb import CORRUPTIONS
 from featinv.analysis.reports import Attack, perturb_report
-from featinv.commands._analysis import add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads
-from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads,
+                                        write_report)
+from featinv.commands._common import Parser, command
 
 
 @command("perturb")
@@ -39,12 +37,8 @@ def main(argv: list[str]) -> int:
     if args.target is not None and not 0 <= args.target < classes:
         raise ValueError(f"--target {args.target} out of range: the classifier has {classes} classes (0..{classes - 1})")
     images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
-    with cleanup_on_failure(args.out):
-        picture, table, md = perturb_report(pair, images, names, labels, corruptions, severities, attack)
-        paths = write_outputs(args.out, picture, "perturb.png", md, table)
-    print(md)
-    print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
-    return 0
+    return write_report(args.out, "perturb.png",
+                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack))
 
 
 if __name__ == "__main__":

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from featinv.analysis.common import image_set, write_outputs
+from featinv.analysis.common import image_set
 from featinv.analysis.reports import steer_report
 from featinv.analysis.steering import (box_mask, channel_direction, class_direction, feature_range,
                                        mask_from_image, mean_difference_direction, probe_direction)
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        set_threads)
-from featinv.commands._common import HelpFormatter, Parser, cleanup_on_failure, command
+                                        set_threads, write_report)
+from featinv.commands._common import HelpFormatter, Parser, command
 
 DIRECTIONS = """directions (unit vectors in the feature map's channel space):
   class:<i>                    the classifier head's weight vector of class i
@@ -116,12 +115,8 @@ def main(argv: list[str]) -> int:
         with torch.no_grad():
             ref = feats_of(pair.data["x_train"].expand(-1, 3, -1, -1)) if pair.data is not None else feats_of(images)
         clamp = feature_range(torch.cat([ref, *sets]), per_location=args.clamp == "location")
-    with cleanup_on_failure(args.out):
-        picture, table, md = steer_report(pair, images, names, direction, alphas, target, mask, clamp, description)
-        paths = write_outputs(args.out, picture, "steer.png", md, table)
-    print(md)
-    print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
-    return 0
+    return write_report(args.out, "steer.png",
+                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description))
 
 
 if __name__ == "__main__":
