@@ -7,6 +7,7 @@ wrapped by passing a ``feature_fn``.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from featinv.config import BackboneConfig
 
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+HeadFn = Callable[[nn.Module, Tensor], Tensor]  # (model, feats (B, C, h, w)) -> logits (B, num_classes)
 
 # The paper's backbones at their evaluation resolution (feature map in the comment).
 BACKBONE_PRESETS: dict[str, BackboneConfig] = {
@@ -30,7 +32,7 @@ class FeatureExtractor(nn.Module):
     """Frozen classifier: images (B, 3, S, S) in [0, 1] -> feature map (B, C, h, w)."""
 
     def __init__(self, model: nn.Module, feature_fn: FeatureFn | None, mean: Sequence[float],
-                 std: Sequence[float], image_size: int, layer: int = -1):
+                 std: Sequence[float], image_size: int, layer: int = -1, head_fn: HeadFn | None = None):
         super().__init__()
         if feature_fn is None and not hasattr(model, "forward_intermediates"):
             raise ValueError(f"{type(model).__name__} has no forward_intermediates(); "
@@ -40,6 +42,7 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.feature_fn = feature_fn
         self.layer = layer              # forward_intermediates index, used when feature_fn is None
+        self.head_fn = head_fn          # feature map -> logits (the analyses); timm: forward_head
         self.image_size = image_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -84,6 +87,47 @@ class FeatureExtractor(nn.Module):
         """images: (B, 3, S, S) in [0, 1] -> logits (B, num_classes) of the full classifier."""
         return self.model(self.normalize(images))
 
+    def logits_from_features(self, feats: Tensor) -> Tensor:
+        """feats: (B, C, h, w), possibly edited -> logits (B, num_classes) of the classifier's head.
+
+        ``head_fn`` if given; timm models: ``forward_head`` (only when the map is the final stage)."""
+        if self.head_fn is not None:
+            return self.head_fn(self.model, feats)
+        if self.feature_fn is not None or not hasattr(self.model, "forward_head"):
+            raise ValueError(f"{type(self.model).__name__}: no classifier head for feature maps; pass "
+                             "head_fn=lambda model, feats: <(B, num_classes) logits> to FeatureExtractor")
+        num_stages = len(getattr(self.model, "feature_info", []) or [])
+        if num_stages and self.layer not in (-1, num_stages - 1):
+            raise ValueError(f"backbone.layer={self.layer} is not the final stage ({num_stages - 1} or -1): "
+                             "the classifier head only applies to the final stage's feature map")
+        x = feats
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # Swin(V2): forward_head pools NHWC maps
+            x = x.permute(0, 2, 3, 1)
+        elif hasattr(self.model, "num_prefix_tokens"):  # ViT: forward_head takes (B, N, C) tokens
+            if getattr(self.model, "global_pool", "token") not in ("avg", "avgmax", "max"):
+                raise ValueError(f"{type(self.model).__name__} pools its class token, which the patch-token "
+                                 "feature map does not hold; pass head_fn to FeatureExtractor")
+            tokens = x.flatten(2).transpose(1, 2)
+            prefix = tokens.new_zeros(tokens.shape[0], self.model.num_prefix_tokens, tokens.shape[2])
+            x = torch.cat([prefix, tokens], dim=1)  # the head skips the prefix tokens when pooling
+        return self.model.forward_head(x)
+
+    def head_weight(self) -> Tensor:
+        """(num_classes, C): the head's weight over pooled channels (class directions in feature space).
+
+        timm: the final Linear's weight (a head norm such as ConvNeXt's LayerNorm is not folded in);
+        otherwise the Jacobian of the logits w.r.t. a spatially constant map at zero, which is exactly
+        the weight for global-average-pooling + Linear heads (the demo's DigitsCNN)."""
+        c, h, w = self.feature_shape
+        fc = self.model.get_classifier() if self.head_fn is None and hasattr(self.model, "get_classifier") else None
+        if isinstance(fc, nn.Linear) and fc.in_features == c:
+            return fc.weight.detach().clone()
+        ref = self.mean
+        with torch.enable_grad():
+            v = torch.zeros(c, device=ref.device, dtype=ref.dtype, requires_grad=True)
+            fn = lambda u: self.logits_from_features(u.view(1, c, 1, 1).expand(1, c, h, w))[0]  # noqa: E731
+            return torch.autograd.functional.jacobian(fn, v).detach()
+
     @property
     def feature_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the feature map, probed once with a zero image (works on the meta device)."""
@@ -108,8 +152,48 @@ def _resolve_timm_name(name: str):
         raise ValueError(f"backbone.name {name!r}: {e}") from None
 
 
+def _hub_files(pcfg) -> tuple[str, str | None, list[str]] | None:
+    """(repo, revision, weight files in timm's order) if timm would download ``pcfg`` from the hub."""
+    if pcfg is None or not pcfg.hf_hub_id or pcfg.source not in (None, "", "timm", "hf-hub") or pcfg.file:
+        return None
+    repo, _, revision = pcfg.hf_hub_id.partition("@")
+    name = pcfg.hf_hub_filename or "pytorch_model.bin"
+    if name.endswith(".safetensors"):
+        return repo, revision or None, [name]
+    safe = "model.safetensors" if name == "pytorch_model.bin" else name.removesuffix(".bin") + ".safetensors"
+    return repo, revision or None, [safe, name]  # timm tries the safetensors alternative first
+
+
+def _cached_weights_if_offline(cfg: BackboneConfig, pcfg) -> str | None:
+    """Without a reachable hub: the cached weight file, else a RuntimeError at once (not after a
+    minute of download retries). None when the hub is reachable (or HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+
+    hub = _hub_files(pcfg)
+    if hub is None or constants.HF_HUB_OFFLINE:  # offline mode: the hub library reads its cache at once
+        return None
+    repo, revision, files = hub
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+        return None
+    except Exception as e:  # any transport error: DNS, refused, timeout, proxy
+        unreachable = f"{type(e).__name__}: {e}"
+    for name in files:
+        cached = try_to_load_from_cache(repo, name, revision=revision)
+        if isinstance(cached, str):
+            return cached
+    raise RuntimeError(
+        f"could not load pretrained weights {pcfg.architecture}.{pcfg.tag!s} (Hugging Face hub id {repo!r}) for "
+        f"backbone {cfg.name!r}: the hub ({constants.ENDPOINT}) is unreachable ({unreachable}) and the weights are "
+        "not in the local cache. Offline? Download them elsewhere and set backbone.checkpoint=/path/to/weights"
+        ".safetensors, or copy them into the Hugging Face cache (HF_HOME).")
+
+
 def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
-    """A frozen timm classifier from ``cfg``; never falls back to random weights silently."""
+    """A frozen timm classifier from ``cfg``; never falls back to random weights silently.
+
+    Weights not loaded (all, with ``pretrained=false``) are initialised from ``cfg.seed``: the same in
+    every process, and the global RNG state is not touched."""
     import timm
 
     pcfg = _resolve_timm_name(cfg.name)
@@ -121,8 +205,16 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
             raise FileNotFoundError(f"backbone.checkpoint: weights file {cfg.checkpoint!r} not found")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint))
     load = cfg.pretrained or bool(cfg.checkpoint)
+    if load and not cfg.checkpoint:
+        cached = _cached_weights_if_offline(cfg, pcfg)
+        if cached:  # hub unreachable: load the cached file directly, as timm would after its retries
+            kwargs["pretrained_cfg_overlay"] = dict(file=cached)
     try:
-        model = timm.create_model(cfg.name, pretrained=load, **kwargs)
+        # Random initialisation from backbone.seed, so every process (train, reconstruct, evaluate)
+        # builds the same network; forked, so the caller's global RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = timm.create_model(cfg.name, pretrained=load, **kwargs)
     except Exception as e:
         if not load:
             raise
@@ -146,3 +238,18 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
     mean = data_cfg.get("mean") or timm.data.IMAGENET_DEFAULT_MEAN
     std = data_cfg.get("std") or timm.data.IMAGENET_DEFAULT_STD
     return FeatureExtractor(model, None, mean, std, cfg.image_size, layer=cfg.layer)
+
+
+def resolve_backbone(name: str | None, checkpoint: str | None, size: int | None,
+                     base: BackboneConfig) -> BackboneConfig:
+    """A backbone named as users name it (a key of BACKBONE_PRESETS or a timm model name, pretrained), with an
+    optional local weights file and input size, onto ``base`` (what a run or config already says)."""
+    cfg = base
+    if name:
+        preset = BACKBONE_PRESETS.get(name)
+        cfg = preset if preset is not None else dataclasses.replace(base, name=name, pretrained=True)
+    if checkpoint:
+        cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
+    if size:
+        cfg = dataclasses.replace(cfg, image_size=size)
+    return cfg

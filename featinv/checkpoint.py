@@ -21,13 +21,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
 from featinv.diffusion import SCHEDULE_KEYS, schedule_buffers
 from featinv.io import atomic_save
+from featinv.safe_unpickle import legacy_globals
+from featinv.tensor_files import read_safetensors
 
 PREFIXES = {  # reference prefix -> our attribute prefix
     "model.diffusion_model.": "unet.",
@@ -50,7 +52,8 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors``, ``.ckpt`` (Lightning) or ``.pt``/``.pth`` file.
 
-    Pickles are read with ``weights_only=True``: a file that needs code execution is refused."""
+    Pickles are read with ``weights_only=True`` (plus inert stand-ins for the callback classes and
+    numpy scalars of LDM-era Lightning files): a file that needs code execution is refused."""
     sd, metadata, _ = read_checkpoint(path)
     return sd, metadata
 
@@ -62,9 +65,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}), None
+        try:  # memory-mapped views, not copies: see featinv.tensor_files
+            sd, metadata = read_safetensors(path)
+            return sd, metadata, None
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     is_zip = zipfile.is_zipfile(path)
@@ -77,13 +80,16 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path}: not a checkpoint: neither safetensors (by its suffix), "
                                   "a torch.save zip archive nor a pickle")
     try:  # mmap needs the zip format of torch.save; legacy (pre-1.6) pickles are read without it
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        # weights_only, plus inert stand-ins for the harmless globals of LDM / Lightning 1.x files
+        with torch.serialization.safe_globals(legacy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except (pickle.UnpicklingError, RuntimeError) as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
             raise CheckpointError(
                 f"{path}: refusing to load a pickle that needs arbitrary code execution "
-                f"(torch.load weights_only=True failed). Convert it to safetensors in a trusted environment. "
+                f"(torch.load weights_only=True failed). If you trust the file, convert it once with "
+                f"`featinv convert {path} OUT.safetensors --trust-pickle` (this unpickles it fully). "
                 f"Details: {detail}") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
     container = obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
@@ -191,12 +197,18 @@ def check_schedule(schedule: dict[str, torch.Tensor], diffusion: DiffusionConfig
 
 
 def load_into(model, sd: dict[str, torch.Tensor], components: tuple[str, ...] | None = None,
-              source: str = "checkpoint") -> list[str]:
-    """Load a reference-layout (or featinv-layout) state dict strictly; return notes."""
+              source: str = "checkpoint", assign: bool = False) -> list[str]:
+    """Load a reference-layout (or featinv-layout) state dict strictly; return notes.
+
+    assign: make ``sd``'s tensors the model's parameters (cast to the model's dtypes where they
+    differ) instead of copying into them: a model built on the meta device then costs no second copy."""
     ours, schedule, notes = from_reference(sd)
     check_schedule(schedule, model.cfg.diffusion, source)
     check_state_dict(model, ours, components, source)
-    model.load_state_dict(ours, strict=components is None)
+    if assign:
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        ours = {k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in ours.items()}
+    model.load_state_dict(ours, strict=components is None, assign=assign)
     return notes
 
 
@@ -252,18 +264,44 @@ def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
     return from_dict(ModelConfig, json.loads(metadata[METADATA_KEY]))
 
 
+def nonfinite_counts(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{key: number of NaN/inf values} of the floating-point tensors that hold any, in ``sd``'s order."""
+    counts = {}
+    for key, value in sd.items():
+        # Fast path: NaN/inf make the float64 sum non-finite, and float32/16 values cannot overflow it.
+        if value.is_floating_point() and not torch.isfinite(value.sum(dtype=torch.float64)):
+            n = value.numel() - int(torch.isfinite(value).sum())
+            if n:
+                counts[key] = n
+    return counts
+
+
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError (one line) if any weight is NaN or inf: such a model samples black images."""
+    bad = nonfinite_counts(sd)
+    if bad:
+        key = next(iter(bad))
+        raise CheckpointError(f"{source}: {sum(bad.values())} non-finite (NaN/inf) weight value(s) in {len(bad)} "
+                              f"tensor(s), first {key!r}; the checkpoint is broken (a diverged run?) and would "
+                              "reconstruct black images")
+
+
 def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
     """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt).
 
-    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict."""
+    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict, and
+    NaN/inf weights are refused. Peak memory is about one copy of the weights: safetensors files and
+    torch.save zip archives are memory-mapped and their tensors assigned as the parameters."""
     from featinv.model import FeatInv
 
     sd, metadata = read_state_dict(path)
     cfg = cfg or config_from_metadata(metadata) or infer_model_config(sd, str(path))
-    with torch.device("meta"):
+    check_finite(sd, str(path))
+    with torch.device("meta"):  # no storage: the file's tensors become the parameters (one copy in memory)
         model = FeatInv(cfg)
-    model.to_empty(device="cpu")
-    notes = load_into(model, sd, source=str(path))
+    notes = load_into(model, sd, source=str(path), assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"not loaded: {left[:3]}"  # strict loading covers every parameter and buffer
     for note in notes:
         print(f"note: {path}: {note}")
     return model.to(device)
@@ -282,6 +320,39 @@ def save_minisd(model, path: str | os.PathLike) -> Path:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if component_of(k) != "control"}
     ref = to_reference(sd, model.cfg.diffusion)
     return atomic_save(lambda tmp: save_file(ref, tmp), path)
+
+
+def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """Write the state dict of ``src`` (any format :func:`read_state_dict` reads) to the safetensors
+    file ``dst`` in the reference layout, atomically; returns ``{"tensors", "skipped", "out"}``.
+
+    trust_pickle: unpickle ``src`` fully (``weights_only=False``), which runs any code the file
+    holds: only for a file from a trusted source that the weights-only reader refuses."""
+    src, dst = Path(src), Path(dst)
+    metadata: dict[str, str] = {}
+    if trust_pickle and src.suffix != ".safetensors":
+        if not src.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {src}")
+        obj = torch.load(src, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(src))
+        sd = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict'), "
+                                  f"found {type(sd).__name__}")
+    else:
+        sd, metadata = read_state_dict(src)
+    tensors, storages = {}, set()
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            ptr = value.untyped_storage().data_ptr()
+            tensors[reference_key(key)] = value.clone() if ptr in storages else value  # safetensors: no sharing
+            storages.add(ptr)
+    if not tensors:
+        raise CheckpointError(f"{src}: holds no tensors to convert")
+    metadata = {**metadata, "featinv_converted_from": src.name}
+    atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), dst)
+    return {"tensors": len(tensors), "skipped": sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor)),
+            "out": str(dst)}
 
 
 # ----- reference-style YAML --------------------------------------------------------------------------

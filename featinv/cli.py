@@ -8,10 +8,15 @@ import sys
 COMMANDS = {  # name -> (module, one-line help); modules are imported only when their command runs
     "demo": ("featinv.commands.demo", "run the whole recipe on scikit-learn's digits, on a CPU, in minutes"),
     "inspect": ("featinv.commands.inspect", "say what a checkpoint holds and which config it matches"),
+    "convert": ("featinv.commands.convert", "a checkpoint as safetensors (--trust-pickle for a trusted old pickle)"),
     "build-control": ("featinv.commands.build_control", "miniSD checkpoint -> initial FeatInv checkpoint"),
     "train": ("featinv.commands.train", "train the control branch (one CPU to many GPUs)"),
     "reconstruct": ("featinv.commands.reconstruct", "reconstruct ImageNet-val images from their feature maps"),
     "evaluate": ("featinv.commands.evaluate", "feature similarity, accuracy and FID of reconstructions"),
+    "steer": ("featinv.commands.steer", "steer feature maps along a concept direction and reconstruct each strength"),
+    "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
+    "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
+    "app": ("featinv.app", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
 }
 
 

@@ -119,6 +119,7 @@ class BackboneConfig:
     checkpoint: str = ""      # optional local weights file (offline use)
     layer: int = -1           # index into forward_intermediates (-1: final stage, pre-pooling)
     image_size: int = 288
+    seed: int = 0             # initialises the weights timm does not load (all of them if pretrained=false)
 
 
 @dataclass(frozen=True)

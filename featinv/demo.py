@@ -112,8 +112,13 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.features(x)
 
 
+def _head(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    return model.head(feats.mean(dim=(2, 3)))  # DigitsCNN.forward after the feature map
+
+
 def make_extractor(model: DigitsCNN, size: int) -> FeatureExtractor:
-    return FeatureExtractor(model, feature_fn=_features, mean=(0.5,) * 3, std=(0.5,) * 3, image_size=size)
+    return FeatureExtractor(model, feature_fn=_features, mean=(0.5,) * 3, std=(0.5,) * 3, image_size=size,
+                            head_fn=_head)
 
 
 def rgb(x: torch.Tensor) -> torch.Tensor:

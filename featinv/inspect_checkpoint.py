@@ -16,7 +16,7 @@ import torch
 
 from featinv.checkpoint import (COMPONENT_NAMES, HARMLESS, CheckpointError, check_schedule, check_state_dict,
                                 component_of, config_from_metadata, from_reference, infer_model_config,
-                                read_checkpoint)
+                                nonfinite_counts, read_checkpoint)
 from featinv.config import PRESETS, ModelConfig, from_dict, to_dict
 from featinv.config_file import load_config
 from featinv.model import FeatInv
@@ -42,7 +42,7 @@ def _components(sd: dict[str, torch.Tensor]) -> dict[str, dict]:
     for key in sd:
         comp = "ignored" if any(key.startswith(h) for h in HARMLESS) else component_of(key)
         groups.setdefault(comp, []).append(key)
-    out = {}
+    out, nonfinite = {}, nonfinite_counts(sd)
     for comp in (*WEIGHT_COMPONENTS, "schedule", "other", "ignored"):
         keys = groups.get(comp, [])
         if not keys:
@@ -50,7 +50,8 @@ def _components(sd: dict[str, torch.Tensor]) -> dict[str, dict]:
         entry = {"name": COMPONENT_NAMES.get(comp, "ignored (harmless)"), "tensors": len(keys),
                  "params": sum(sd[k].numel() for k in keys),
                  "dtypes": sorted({str(sd[k].dtype).removeprefix("torch.") for k in keys}),
-                 "examples": keys[:3]}
+                 "examples": keys[:3], "nonfinite": sum(nonfinite.get(k, 0) for k in keys),
+                 "nonfinite_first": next((k for k in keys if k in nonfinite), None)}
         if comp == "control":  # the feature adapter is the control branch's input_hint_block
             hint = [k for k in keys if ".input_hint_block." in k]
             entry["adapter_params"] = sum(sd[k].numel() for k in hint)
@@ -199,6 +200,11 @@ def format_report(info: dict) -> str:
         lines.append(f"  {entry['name']:<22}{entry['tensors']:>8}{entry['params']:>16,}  {', '.join(entry['dtypes'])}")
         if "adapter_params" in entry:
             lines.append(f"  {'  of which adapter':<22}{'':>8}{entry['adapter_params']:>16,}")
+    broken = [e for e in info["components"].values() if e["nonfinite"]]
+    if broken:
+        lines.append("  non-finite (NaN/inf) values: " + "; ".join(
+            f"{e['name']} {e['nonfinite']:,} (first {e['nonfinite_first']})" for e in broken)
+            + " -- this checkpoint would reconstruct black images")
     lines.append("")
     load = info["strict_load"]
     if load is None:

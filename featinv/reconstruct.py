@@ -20,6 +20,8 @@ from featinv.model import FeatInv, guess_mode_scales
 from featinv.sampling import EpsFn, ddim_timesteps, guided_eps_fn
 from featinv.sampling import sample as run_sampler
 
+RANGE_TOLERANCE = 1e-2  # resampling overshoot allowed outside [0, 1]
+
 
 def sample_seed(seed: int, key: str, k: int) -> int:
     """A stable 63-bit seed for sample k of the image named ``key`` (same in every process and run)."""
@@ -65,6 +67,10 @@ class Reconstructor:
         """images01: (B, 3, S, S) in [0, 1] at the backbone's size -> feature map (B, C, h, w) float32."""
         if self.backbone is None:
             raise ValueError("this Reconstructor has no backbone: call from_features(feats, keys)")
+        lo, hi = images01.aminmax()
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:  # e.g. uint8 values, or [-1, 1]
+            raise ValueError(f"Reconstructor.features expects images in [0, 1] (the backbone applies its own "
+                             f"mean/std), got values in [{float(lo):.3g}, {float(hi):.3g}]; divide 0-255 images by 255")
         with self._autocast():
             return self.backbone(images01.to(self.device)).float()
 

@@ -7,7 +7,8 @@ prompt, only the control branch trains. Differences from the reference, on purpo
   ~511 M UNet decoder weights, while gradients still flow through the decoder to the residuals;
 - the randomness of a step (t, noise, dropout, posterior sample) comes from a generator seeded
   by (seed, step, rank), and checkpoints carry the RNG states, so a resumed run is exact --
-  also from a mid-epoch checkpoint: the resumed epoch skips the batches already trained on
+  also from a mid-epoch checkpoint or one written where max_steps stopped: the data position
+  (shuffling epoch, batches consumed) is saved, and the resumed epoch skips the batches already trained on
   (bit for bit with ``num_workers=0``; with workers the data order is still exact, but the workers'
   augmentation RNGs start afresh after a resume).
 """
@@ -26,12 +27,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import config_from_metadata, load_featinv, save_featinv
-from featinv.io import atomic_write_text
+from featinv.io import atomic_save, atomic_write_text
 from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
@@ -205,41 +208,99 @@ def _numpy_state() -> tuple:
 
 
 class _ResumeSampler(Sampler[int]):
-    """A DistributedSampler whose next pass starts ``skip`` samples in (then whole passes again)."""
+    """A DistributedSampler driven by the data position: each pass shuffles with the position's
+    epoch and starts after the batches already consumed in it (then whole passes again)."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int = 0):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: DistributedSampler, loader: _Loader):
+        self.sampler, self.loader = sampler, loader
 
     def __iter__(self):
-        skip, self.skip = self.skip, 0
+        epoch, skip = self.loader.start_pass(len(self.sampler))
+        self.sampler.set_epoch(epoch)
         return itertools.islice(iter(self.sampler), skip, None)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: Lightning's epoch counter is not the data's after a run stopped by max_steps
+        (that checkpoint records the next epoch); the position saved with the data is."""
 
 
 class _Loader(pl.LightningDataModule):
-    """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process).
+    """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process), resumable exactly.
 
-    Called after a checkpoint is restored: a run resumed mid-epoch continues that epoch's order
-    where the checkpoint left it instead of starting the epoch over."""
+    The data position -- the shuffling epoch and the batches consumed in it -- is counted here, one
+    per batch the training loop receives (also a batch of unreadable images that makes no optimizer
+    step), and saved in checkpoints, so a resumed run continues the same order where the checkpoint
+    left it, however the run stopped (epoch end, mid-epoch checkpoint, max_steps, a kill)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
         super().__init__()
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.position: dict[str, int] | None = None  # {"epoch", "batches"}; None: not yet started or restored
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position or {"epoch": 0, "batches": 0})
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def start_pass(self, samples_per_rank: int) -> tuple[int, int]:
+        """(epoch, samples to skip) of a new pass over the data; a finished epoch rolls over to the next."""
+        if self.position is None:  # fresh run, or a checkpoint older than the saved position
+            steps = self.trainer.global_step  # then: one optimizer step per batch
+            per_epoch = max(1, samples_per_rank // self.batch_size)
+            self.position = {"epoch": steps // per_epoch, "batches": steps % per_epoch}
+        if self.position["batches"] * self.batch_size + self.batch_size > samples_per_rank:  # no full batch left
+            self.position = {"epoch": self.position["epoch"] + 1, "batches": 0}
+        return self.position["epoch"], self.position["batches"] * self.batch_size
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer.training:
+            self.position["batches"] += 1
+        return batch
 
     def train_dataloader(self):
-        sampler = _ResumeSampler(DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
-                                                    rank=self.trainer.global_rank, shuffle=True, seed=self.seed,
-                                                    drop_last=True))
-        loader = make_loader(self.dataset, self.batch_size, self.num_workers, seed=self.seed,
-                             drop_last=True, sampler=sampler)
-        if len(loader):  # one optimizer step per batch: the steps done in this epoch are batches to skip
-            sampler.skip = (self.trainer.global_step % len(loader)) * self.batch_size
-        return loader
+        sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True)
+        return make_loader(self.dataset, self.batch_size, self.num_workers, seed=self.seed,
+                           drop_last=True, sampler=_ResumeSampler(sampler, self))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file beside the target, then renamed onto it.
+
+    Lightning's own writer stages the file in the system temp folder and *moves* it: across file
+    systems that is a copy, and a full disk during it leaves a truncated ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(lambda tmp: torch.save(checkpoint, tmp), path)
+
+
+def _loadable(path: Path) -> str | None:
+    """None if ``path`` is a Lightning checkpoint that loads, else why it does not (one line)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # any failure to read means: do not resume from it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'file is empty or cut short'}"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        return "not a Lightning training checkpoint (no state_dict / global_step)"
+    return None
+
+
+def latest_checkpoint(folder: str | Path, log=print) -> Path | None:
+    """The newest checkpoint in ``folder`` that loads (``last.ckpt`` first among equals); each one
+    skipped because it does not load (e.g. cut short by a full disk) is named in one ``log`` line."""
+    files = [p for p in Path(folder).glob("*.ckpt") if p.is_file()] if Path(folder).is_dir() else []
+    for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
+        problem = _loadable(path)
+        if problem is None:
+            return path
+        log(f"note: not resuming from {path}: it does not load ({problem})")
+    return None
 
 
 def effective_config(cfg: FeatInvConfig, channels: int) -> FeatInvConfig:
@@ -279,16 +340,15 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
 
     backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
-    resume: a Lightning checkpoint; "auto" resumes from ``<run_dir>/checkpoints/last.ckpt`` if present."""
+    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any."""
     run_dir = Path(run_dir)
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
     if dataset is None:
         if not cfg.data.root:
             raise ValueError("no training data: set data.root (an ImageNet-layout folder) or pass --data")
         dataset = ImageDataset(cfg.data.root, backbone.image_size, cfg.model.image_size, train=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume == "auto":
-        resume = last if last.exists() else None
+    if resume == "auto":  # the newest checkpoint of the run that loads
+        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
     model = build_training_model(cfg, init, backbone)
     cfg = effective_config(cfg, backbone.feature_shape[0])  # what the run trains is what it records
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
@@ -299,7 +359,8 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                                            or None, save_top_k=1, save_last=True)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                          precision=resolve_precision(cfg.train.precision, accelerator), max_steps=cfg.train.max_steps,
-                         default_root_dir=run_dir, callbacks=[ckpt_cb], use_distributed_sampler=False,
+                         default_root_dir=run_dir, callbacks=[ckpt_cb], plugins=[AtomicCheckpointIO()],
+                         use_distributed_sampler=False,
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
     progress_to_stderr(trainer)

@@ -125,3 +125,28 @@ def tiny_job(tmp_path_factory):
     bb_file = tmp / "resnet18.safetensors"
     save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(bb_file))
     return dict(model=model, backbone=backbone, root=root, ckpt=ckpt, bb_file=bb_file, tmp=tmp)
+
+
+class Evil:
+    """Unpickling this runs code: it creates the directory ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def write_ldm_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], **extra) -> Path:
+    """A checkpoint as the LDM code base (Lightning 1.4) wrote them: ``callbacks`` keyed by the
+    callback class, numpy scalars and arrays in the callback state."""
+    import numpy as np
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    callbacks = {ModelCheckpoint: {"monitor": "val/loss", "best_model_score": np.float64(0.12),
+                                   "current_score": np.array([0.5], dtype=np.float32), "dirpath": "/logs/ckpt"}}
+    torch.save({"state_dict": state_dict, "epoch": 17, "global_step": 88000, "pytorch-lightning_version": "1.4.2",
+                "callbacks": callbacks, **extra}, path)
+    return path

@@ -1,5 +1,8 @@
 """Frozen feature extractor: shapes per backbone, normalisation, freezing, weight-loading errors."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -139,3 +142,78 @@ def test_missing_checkpoint_and_unknown_names(tmp_path):
         build_backbone(BackboneConfig(name="not_a_model", pretrained=False))
     with pytest.raises(ValueError, match="resnet18.no_such_tag"):
         build_backbone(BackboneConfig(name="resnet18.no_such_tag", pretrained=False))
+
+
+def test_logits_from_features_timm_final_stage(resnet18):
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(resnet18.logits_from_features(resnet18(images)), resnet18.classify(images))
+    assert torch.equal(resnet18.head_weight(), resnet18.model.fc.weight)
+    with pytest.raises(ValueError, match="not the final stage"):
+        build_backbone(dataclasses.replace(RESNET18, layer=-2)).logits_from_features(torch.zeros(1, 256, 4, 4))
+
+
+def test_logits_from_features_head_fn():
+    from featinv.demo import DigitsCNN, make_extractor
+
+    torch.manual_seed(0)
+    ext = make_extractor(DigitsCNN().eval(), 8)
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(ext.logits_from_features(ext(images)), ext.classify(images))
+    torch.testing.assert_close(ext.head_weight(), ext.model.head.weight)  # Jacobian of pooling + Linear
+    no_head = FeatureExtractor(ext.model, lambda m, x: m.features(x), (0.5,) * 3, (0.5,) * 3, 8)
+    with pytest.raises(ValueError, match="pass head_fn"):
+        no_head.logits_from_features(torch.zeros(1, 64, 2, 2))
+
+
+def test_random_weights_come_from_the_config_seed():
+    """pretrained=false: every process builds the same network, and the caller's RNG is untouched."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = build_backbone(RESNET18)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(1000)  # another process, another global RNG state
+    b = build_backbone(RESNET18)
+    c = build_backbone(dataclasses.replace(RESNET18, seed=1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.conv1.weight"], sc["model.conv1.weight"])
+
+
+OFFLINE_SCRIPT = r"""
+import sys, time
+import torch
+from safetensors.torch import save_file
+from featinv.backbone import build_backbone
+from featinv.config import BackboneConfig
+
+cfg = BackboneConfig(name="resnet18.a1_in1k", pretrained=True, image_size=64)
+start = time.monotonic()
+try:
+    build_backbone(cfg)
+    sys.exit("built without weights")
+except RuntimeError as e:
+    print(f"{time.monotonic() - start:.2f}s|{e}")
+# the same weights in the cache: loaded from there at once
+snap = sys.argv[1] + "/hub/models--timm--resnet18.a1_in1k/snapshots/" + "0" * 40
+import os; os.makedirs(snap)
+weights = build_backbone(BackboneConfig(name="resnet18", pretrained=False, image_size=64)).model.state_dict()
+save_file({k: v.contiguous() for k, v in weights.items()}, snap + "/model.safetensors")
+os.makedirs(sys.argv[1] + "/hub/models--timm--resnet18.a1_in1k/refs")
+open(sys.argv[1] + "/hub/models--timm--resnet18.a1_in1k/refs/main", "w").write("0" * 40)
+start = time.monotonic()
+model = build_backbone(cfg).model
+same = all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+print(f"{time.monotonic() - start:.2f}s|cached weights loaded: {same}")
+"""
+
+
+def test_unreachable_hub_fails_fast_or_uses_the_cache(tmp_path):
+    """No network, HF_HUB_OFFLINE unset: no minute of download retries."""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (t_fail, error), (t_cached, cached) = [ln.split("|", 1) for ln in proc.stdout.strip().splitlines()[-2:]]
+    assert float(t_fail[:-1]) < 10 and "resnet18.a1_in1k" in error and "backbone.checkpoint=" in error
+    assert float(t_cached[:-1]) < 10 and cached == "cached weights loaded: True"

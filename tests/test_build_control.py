@@ -5,6 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import Evil, write_ldm_checkpoint
+
 from featinv.build_control import build_control
 from featinv.checkpoint import CheckpointError, load_featinv
 from featinv.commands.build_control import main
@@ -49,3 +51,15 @@ def test_refuses_to_overwrite_and_rejects_wrong_input(tiny_minisd, tmp_path):
         build_control(broken, tmp_path / "x.safetensors", cfg=load_featinv(featinv_ckpt).cfg)
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         build_control(tmp_path / "nope.ckpt", tmp_path / "y.safetensors")
+
+
+def test_ldm_era_minisd_is_read_and_code_refused(tiny_minisd, tmp_path):
+    minisd = {k: v for k, v in load_file(tiny_minisd).items()}
+    report = build_control(write_ldm_checkpoint(tmp_path / "minisd.ckpt", minisd), tmp_path / "a.safetensors",
+                           hint_channels=16)
+    assert report["copied"] > 0 and load_featinv(tmp_path / "a.safetensors").cfg.adapter.in_channels == 16
+    marker = tmp_path / "code_ran"
+    evil = write_ldm_checkpoint(tmp_path / "evil.ckpt", minisd, hyper_parameters=Evil(marker))
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        build_control(evil, tmp_path / "b.safetensors", hint_channels=16)
+    assert not marker.exists() and not (tmp_path / "b.safetensors").exists()

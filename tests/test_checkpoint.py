@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, assert_close_rel
+from conftest import FIXTURES, Evil, assert_close_rel, write_ldm_checkpoint
 from safetensors import safe_open
 
 import featinv.checkpoint as ckpt
-from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
-                                load_featinv, load_into, read_state_dict, save_featinv, to_reference)
+from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, convert_to_safetensors,
+                                infer_model_config, load_featinv, load_into, read_checkpoint, read_state_dict,
+                                save_featinv, to_reference)
 from featinv.config import PRESETS, DiffusionConfig
 from featinv.model import FeatInv
 
@@ -219,6 +220,43 @@ def test_pickle_needing_code_is_refused(tiny_sd, tmp_path, payload):
     assert "weights_only" in str(err.value) and str(path) in str(err.value)
 
 
+def test_ldm_era_checkpoint_loads_without_running_its_globals(tiny_sd, ref_model, tmp_path):
+    path = write_ldm_checkpoint(tmp_path / "ldm.ckpt", tiny_sd)
+    model = load_featinv(path)
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    _, _, container = read_checkpoint(path)
+    assert container["global_step"] == 88000
+    (key, state), = container["callbacks"].items()
+    assert isinstance(key, type) and key.__name__.startswith("Inert[")  # a stand-in, not Lightning's class
+    assert type(state["best_model_score"]).__name__.startswith("Inert[numpy")
+
+
+@pytest.mark.parametrize("where", ["top level", "callback state"])
+def test_code_in_an_ldm_era_pickle_is_still_refused(tiny_sd, tmp_path, where):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.ckpt"
+    if where == "top level":
+        write_ldm_checkpoint(path, tiny_sd, hyper_parameters=Evil(marker))
+    else:
+        from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+        torch.save({"state_dict": tiny_sd, "callbacks": {ModelCheckpoint: {"x": Evil(marker)}}}, path)
+    for read in (read_state_dict, load_featinv, lambda p: convert_to_safetensors(p, tmp_path / "out.safetensors")):
+        with pytest.raises(CheckpointError, match=r"arbitrary code[\s\S]*featinv convert .* --trust-pickle"):
+            read(path)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_trusted_pickle_to_safetensors(tiny_sd, ref_model, tmp_path):
+    path = tmp_path / "needs_code.ckpt"
+    torch.save({"state_dict": tiny_sd, "hyper_parameters": argparse.Namespace(lr=1e-5)}, path)
+    report = convert_to_safetensors(path, tmp_path / "out.safetensors", trust_pickle=True)
+    assert report["tensors"] == len(tiny_sd)
+    model = load_featinv(tmp_path / "out.safetensors")
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "not a readable safetensors"),
     ("empty.safetensors", b"", "not a readable safetensors"),
@@ -265,3 +303,36 @@ def test_save_is_atomic(ref_model, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_featinv(ref_model, tmp_path / "new.safetensors")
     assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_non_finite_weights_are_refused_with_the_first_key(tiny_sd, tmp_path):
+    sd = dict(tiny_sd)
+    key = "model.diffusion_model.out.2.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.safetensors"
+    ckpt.save_file(sd, str(path))
+    with pytest.raises(ValueError, match=rf"diverged.safetensors: 1 non-finite .* first '{key}'") as err:
+        load_featinv(path)
+    assert "\n" not in str(err.value)
+
+
+def test_safetensors_are_mapped_and_assigned_not_copied(tiny_sd, tmp_path):
+    from featinv.tensor_files import read_safetensors
+
+    odd = {"bf16": torch.randn(3, 5).bfloat16(), "mask": torch.rand(7) > 0.5, "ids": torch.arange(9),
+           "empty": torch.zeros(0, 4), "half": torch.randn(3).half()}
+    ckpt.save_file({**tiny_sd, **odd}, str(tmp_path / "all.safetensors"), metadata={"a": "b"})
+    sd, metadata = read_safetensors(tmp_path / "all.safetensors")
+    from safetensors.torch import load_file
+    ref = load_file(tmp_path / "all.safetensors")
+    assert metadata == {"a": "b"} and sd.keys() == ref.keys()
+    assert all(sd[k].dtype == v.dtype and torch.equal(sd[k], v) for k, v in ref.items())
+    with torch.device("meta"):
+        model = FeatInv(TINY)
+    load_into(model, {k: sd[k] for k in tiny_sd}, assign=True)
+    key = "model.diffusion_model.out.2.weight"
+    assert model.unet.out[2].weight.data_ptr() == sd[key].data_ptr()  # the file's map, no copy
+    with torch.no_grad():
+        model.unet.out[2].weight.add_(1)  # private map: the file is untouched
+    assert torch.equal(load_file(tmp_path / "all.safetensors")[key], tiny_sd[key])

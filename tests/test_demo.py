@@ -19,8 +19,10 @@ def restore_torch_threads():
 
 
 @pytest.mark.slow
-def test_quick_demo_inverts_features_and_caches(tmp_path, capsys, restore_torch_threads):
-    out = tmp_path / "demo"
+def test_quick_demo_inverts_features_and_caches(quick_demo_out, capsys, restore_torch_threads):
+    # The session's quick pair was trained by the fixture through load_demo_pair, the demo's own stages;
+    # the command adds reconstruction, metrics and the report (and would train, were the cache empty).
+    out = quick_demo_out
     assert demo_main(["--quick", "--out", str(out), "--seed", "0"]) == 0
     results = json.loads((out / "results.json").read_text())
     fi, un = results["featinv"], results["unconditional"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import Evil, write_ldm_checkpoint
+
 from featinv.checkpoint import CheckpointError, load_into, save_featinv
 from featinv.cli import main as cli_main
 from featinv.config import PRESETS, AdapterConfig, to_dict
@@ -150,3 +152,27 @@ def test_half_precision_file_with_harmless_extras(tiny_sd, tmp_path):
     assert info["dtypes"] == {"float16": 365, "int64": 1, "float32": 1}
     assert info["components"]["ignored"]["tensors"] == 2 and info["components"]["unet"]["dtypes"] == ["float16"]
     assert info["kind"].startswith("miniSD") and info["strict_load"]["present_components"]["ok"]
+
+
+def test_ldm_era_checkpoint_and_code_refused(tiny_sd, tmp_path, capsys):
+    info = describe(write_ldm_checkpoint(tmp_path / "ldm.ckpt", tiny_sd))
+    assert info["training"]["global_step"] == 88000 and info["strict_load"]["full"]["ok"]
+    marker = tmp_path / "code_ran"
+    evil = write_ldm_checkpoint(tmp_path / "evil.ckpt", tiny_sd, hyper_parameters=Evil(marker))
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        describe(evil)
+    assert main([str(evil)]) == 2 and "--trust-pickle" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_non_finite_weights_reported_per_component(tiny_sd, tmp_path, capsys):
+    sd = dict(tiny_sd)
+    key = "control_model.input_hint_block.block.1.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(sd, tmp_path / "nan.safetensors")
+    info = describe(tmp_path / "nan.safetensors")
+    assert {c: e["nonfinite"] for c, e in info["components"].items() if e["nonfinite"]} == {"control": 3}
+    assert info["components"]["control"]["nonfinite_first"] == key
+    assert main([str(tmp_path / "nan.safetensors")]) == 0
+    assert f"control branch 3 (first {key})" in capsys.readouterr().out

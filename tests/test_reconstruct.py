@@ -230,3 +230,17 @@ def test_two_process_ddp_writes_every_output_once(tiny_job, tmp_path):
     assert {rank for rank, _ in writes} == {"0", "1"}  # both processes did work
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["complete"] == 5 and len(manifest["unreadable"]) == 1
+
+
+@pytest.mark.parametrize("scale, shift", [(255.0, 0.0), (2.0, -1.0)], ids=["0-255", "-1-1"])
+def test_images_outside_0_1_are_refused(tiny_job, scale, shift):
+    rec = Reconstructor(tiny_job["model"], tiny_job["backbone"], FAST)
+    images = torch.rand(1, 3, 64, 64)
+    images[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # the full range occurs
+    rec.features(images)
+    rec.features((images * 1.005 - 0.0025))  # resampling overshoot is tolerated
+    lo, hi = shift, scale + shift
+    with pytest.raises(ValueError, match=rf"\[0, 1\].*got values in \[{lo:.3g}, {hi:.3g}\]"):
+        rec.features(images * scale + shift)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rec(images * scale + shift, ["a"])

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from featinv.backbone import build_backbone
@@ -18,7 +19,7 @@ from featinv.checkpoint import load_featinv
 from featinv.config import PRESETS, merge
 from featinv.data import ImageDataset, collate_skip
 from featinv.diffusion import eps_loss
-from featinv.training import train
+from featinv.training import AtomicCheckpointIO, train
 from helpers import sample_photos_folder
 
 
@@ -69,6 +70,11 @@ def fixed_loss(ckpt, backbone, photos):
         ctx = model.text_context([PRESETS["tiny"].train.prompt] * len(latents))
         losses.append(eps_loss(lambda x, t_: model(x, t_, ctx, feats), latents, tt, noise, model.alphas_cumprod))
     return float(sum(losses) / len(losses))
+
+
+def safe_metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
 
 
 def control_weights(path):
@@ -136,3 +142,54 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(photos, init_ckpt, t
     assert check["world_size"] == 2 and len(check["fingerprints"]) == 2
     assert check["fingerprints"][0] == check["fingerprints"][1]
     assert (run / "featinv.safetensors").exists()
+
+
+def test_raising_max_steps_continues_exactly(photos, init_ckpt, backbone, tmp_path):
+    """README pattern: a run stopped by max_steps mid-epoch, continued with a larger max_steps."""
+    run = lambda steps, name, **kw: train(tiny_cfg(photos, max_steps=steps, checkpoint_every=0), init_ckpt,
+                                          tmp_path / name, progress=False, backbone=backbone, **kw)
+    full = run(5, "full")
+    run(4, "part")  # 3 batches an epoch: stops after the first batch of epoch 1
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["_Loader"] == {"epoch": 1, "batches": 1}
+    resumed = run(5, "part", resume="auto")
+    a, b = control_weights(full), control_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_auto_resume_skips_checkpoints_that_do_not_load(photos, init_ckpt, backbone, tmp_path, capsys):
+    """A full disk leaves a cut-short or empty checkpoint: resume from the newest one that loads."""
+    cfg = lambda steps: tiny_cfg(photos, max_steps=steps, checkpoint_every=2)
+    train(cfg(4), init_ckpt, tmp_path / "run", progress=False, backbone=backbone)
+    ckpts = tmp_path / "run" / "checkpoints"
+    good = ckpts / "step00000004.ckpt"
+    assert good.exists()
+    data = good.read_bytes()
+    (ckpts / "step00000006.ckpt").write_bytes(data[:len(data) * 2 // 3])  # newer, truncated
+    (ckpts / "last.ckpt").write_bytes(b"")  # newest, empty
+    capsys.readouterr()
+    out = train(cfg(5), init_ckpt, tmp_path / "run", progress=False, backbone=backbone, resume="auto")
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: not resuming")]
+    assert len(notes) == 2 and "last.ckpt" in notes[0] and "step00000006.ckpt" in notes[1], notes
+    assert load_file(out) and safe_metadata(out)["featinv_train_steps"] == "5"
+    with open(tmp_path / "run" / "logs" / "version_1" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [4]  # one step, continued from step 4
+
+
+def test_a_failing_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def disk_full(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind

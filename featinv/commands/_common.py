@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import os
 import sys
@@ -17,8 +16,6 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
-from featinv.backbone import BACKBONE_PRESETS
-from featinv.config import BackboneConfig
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
 # (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu
@@ -95,25 +92,13 @@ def cleanup_on_failure(path: str | os.PathLike):
         raise
 
 
-def resolve_backbone(name: str | None, checkpoint: str | None, size: int | None,
-                     base: BackboneConfig) -> BackboneConfig:
-    """``--backbone`` (preset of backbone.BACKBONE_PRESETS or timm name) + overrides onto ``base``."""
-    cfg = base
-    if name:
-        preset = BACKBONE_PRESETS.get(name)
-        cfg = preset if preset is not None else dataclasses.replace(base, name=name, pretrained=True)
-    if checkpoint:
-        cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
-    if size:
-        cfg = dataclasses.replace(cfg, image_size=size)
-    return cfg
-
-
 def run_config(checkpoint: str, config: str | None, run_dir: str | None, backbone: str | None):
     """Where reconstruct's model and backbone settings come from: ``(full config or None, backbone base,
     description)``. ``--config`` gives both; else the model comes from the checkpoint's metadata and
     the backbone from the training run's ``config.yaml`` (``--run-dir``, else beside the checkpoint);
     with neither and no ``--backbone``, a ValueError names the missing flag."""
+    from featinv.backbone import BACKBONE_PRESETS
+    from featinv.config import BackboneConfig
     from featinv.config_file import load_config
 
     if config:

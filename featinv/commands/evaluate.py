@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone
+from featinv.backbone import resolve_backbone
+from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import BackboneConfig, from_dict, to_dict
 from featinv.evaluate import evaluate_folder, markdown
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import Parser, cleanup_on_failure, command, resolve_backbone, run_config
+from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
+from featinv.commands._common import Parser, cleanup_on_failure, command, run_config
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
 from featinv.folder_job import reconstruct_folder
 

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", help="ImageNet-layout training folder (sets data.root)")
     p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
     p.add_argument("--resume", default="auto",
-                   help="Lightning checkpoint to resume, 'auto' (run-dir/checkpoints/last.ckpt if it exists) or 'none'")
+                   help="Lightning checkpoint to resume, 'auto' (the newest in run-dir/checkpoints that loads) or 'none'")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 1, 8, or auto")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes")

@@ -1,0 +1,10 @@
+"""``featinv app``: an interactive explorer in the browser (Gradio; install the ``app`` extra).
+
+Layers: :mod:`~featinv.app.session` (the served pair, upload checks), :mod:`~featinv.app.panels`
+(the four panels as plain functions over the library), :mod:`~featinv.app.ui` (the Gradio page)
+and :mod:`~featinv.app.face` (the command line). The app imports the library; nothing in the
+library imports the app.
+"""
+from featinv.app.face import main
+
+__all__ = ["main"]

@@ -1,0 +1,158 @@
+"""What the app serves: one model pair (FeatInv + its classifier), its default settings and examples.
+
+A :class:`Session` is built once at start-up, either from the demo's trained pair
+(:func:`featinv.demo.load_demo_pair`) or from a FeatInv checkpoint plus a timm backbone; the
+callbacks only read it. Uploaded files are checked here (:meth:`Session.load_image`) before any
+pixel is decoded, so a text file or a decompression bomb becomes a one-line ``ValueError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
+from featinv.config import UNCOND_MODES, SampleConfig
+from featinv.config_file import load_config
+from featinv.data import crop_transform
+from featinv.model import FeatInv
+from featinv.reconstruct import Reconstructor
+from featinv.visualize import save_png
+
+MAX_FILE_BYTES = 20 * 1024 * 1024    # uploads larger than this are refused unread
+MAX_PIXELS = 40_000_000              # ... and images with more pixels than this (read from the header only)
+MAX_SAMPLES = 8                      # K
+MAX_STEPS = 200                      # DDIM steps
+MAX_GUIDANCE = 30.0
+
+
+@dataclass
+class Session:
+    """The served pair. ``sample_config`` holds the defaults the Advanced section starts from."""
+
+    model: FeatInv
+    extractor: FeatureExtractor
+    sample_config: SampleConfig
+    class_names: list[str]
+    name: str                                   # shown in the page header
+    examples: list[str] = field(default_factory=list)  # image files offered as examples
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.extractor.image_size
+
+    def load_image(self, path: str | Path | None, what: str = "image") -> torch.Tensor:
+        """An uploaded file -> (1, 3, S, S) in [0, 1] at the backbone's size (Resize + CenterCrop).
+
+        ValueError (one line, naming the file) for no file, a file that is not an image, or one
+        that is too large; the size is read from the header before the pixels are decoded."""
+        if path is None or str(path) == "":
+            raise ValueError(f"no {what}: upload an image or pick an example")
+        path = Path(path)
+        name = path.name
+        if not path.is_file():
+            raise ValueError(f"{what} {name!r}: file not found")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{what} {name!r}: file is {size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB")
+        try:
+            with warnings.catch_warnings():  # the size check below is ours; PIL's bomb warning is noise
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if w * h > MAX_PIXELS:
+                        raise ValueError(f"{what} {name!r}: {w}x{h} = {w * h / 1e6:.0f} megapixels; "
+                                         f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
+                    im = im.convert("RGB")
+        except Image.DecompressionBombError:
+            raise ValueError(f"{what} {name!r}: far more than {MAX_PIXELS / 1e6:.0f} megapixels") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{what} {name!r} is not an image this app can read "
+                             f"(PNG, JPEG, WebP, BMP, ...): {type(e).__name__}") from None
+        crop = crop_transform(self.image_size, train=False)(im)  # same crop as the evaluation pipeline
+        x = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(crop.height, crop.width, 3)
+        return (x.permute(2, 0, 1).float() / 255)[None].to(self.device)
+
+    def sample_config_from(self, steps, guidance, uncond, seed, samples) -> SampleConfig:
+        """The Advanced section's values -> SampleConfig; ValueError naming the setting out of range."""
+        checks = [("steps", steps, 1, MAX_STEPS), ("guidance scale", guidance, 0.0, MAX_GUIDANCE),
+                  ("seed", seed, 0, 2**31 - 1), ("K (samples)", samples, 1, MAX_SAMPLES)]
+        for label, value, lo, hi in checks:
+            if value is None or not lo <= float(value) <= hi:
+                raise ValueError(f"{label} = {value!r} is out of range [{lo}, {hi}]")
+        if uncond not in UNCOND_MODES:
+            raise ValueError(f"unconditional mode {uncond!r}: choose one of {', '.join(UNCOND_MODES)}")
+        return dataclasses.replace(self.sample_config, steps=int(steps), guidance_scale=float(guidance),
+                                   uncond=uncond, seed=int(seed), num_samples=int(samples))
+
+    def reconstructor(self, cfg: SampleConfig) -> Reconstructor:
+        return Reconstructor(self.model, self.extractor, cfg, bf16=self.device.type == "cuda")
+
+
+def demo_session(out: str | Path, seed: int = 0, quick: bool = True, device: str = "cpu", log=print) -> Session:
+    """The demo's digits pair (trained and cached on first use) with a few held-out digits as examples."""
+    from featinv.demo import load_demo_pair, rgb
+
+    pair = load_demo_pair(out, seed=seed, quick=quick, device=device, log=log)
+    folder = pair.cache / "app_examples"
+    x, y = pair.data["x_test"], pair.data["y_test"]
+    examples = []
+    for digit in range(10):  # the first held-out example of each digit, at its native 8x8
+        i = int((y == digit).nonzero()[0])
+        path = folder / f"digit{digit}.png"
+        if not path.exists():
+            save_png(rgb(x[i:i + 1])[0], path)
+        examples.append(str(path))
+    return Session(model=pair.model, extractor=pair.extractor, sample_config=pair.sample_config,
+                   class_names=[str(d) for d in range(10)], examples=examples,
+                   name=f"demo pair: digits CNN (feature map {tuple(pair.extractor.feature_shape)}) + tiny FeatInv")
+
+
+def checkpoint_session(checkpoint: str | Path, backbone: str | None = None, backbone_weights: str | None = None,
+                       backbone_size: int | None = None, config: str | None = None, device: str = "cpu",
+                       examples: list[str] | None = None) -> Session:
+    """A trained FeatInv checkpoint (file, or a training run folder holding featinv.safetensors and
+    config.yaml) and its backbone (from ``backbone``, else the run's/config's, else convnext_base)."""
+    from featinv.checkpoint import load_featinv
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        if config is None and (path / "config.yaml").is_file():
+            config = str(path / "config.yaml")
+        path = path / "featinv.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {str(path)!r} not found")
+    full = load_config(config) if config else None
+    base = full.backbone if full else BACKBONE_PRESETS["convnext_base"]
+    extractor = build_backbone(resolve_backbone(backbone, backbone_weights, backbone_size, base)).to(device).eval()
+    model = load_featinv(path, full.model if full else None, device=device).eval()
+    if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
+        raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but {path.name}'s adapter "
+                         f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
+    return Session(model=model, extractor=extractor, sample_config=SampleConfig(num_samples=4),
+                   class_names=imagenet_class_names(extractor), examples=list(examples or []),
+                   name=f"{path.name} + {getattr(extractor.model, 'default_cfg', {}).get('architecture', 'backbone')}")
+
+
+def imagenet_class_names(extractor: FeatureExtractor) -> list[str]:
+    """ImageNet-1k descriptions from timm's bundled table when the head has 1000 classes, else 'class i'."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, extractor.image_size, extractor.image_size, device=extractor.mean.device)
+        classes = extractor.classify(probe).shape[-1]
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        if info.num_classes() == classes:
+            return [info.index_to_description(i) for i in range(classes)]
+    except Exception:  # the table is optional display sugar
+        pass
+    return [f"class {i}" for i in range(classes)]

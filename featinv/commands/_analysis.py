@@ -1,0 +1,127 @@
+"""Arguments the analysis faces (steer, compose, perturb) share: the model pair, the inputs, sampling,
+and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+
+from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
+from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
+from featinv.commands._common import cleanup_on_failure
+
+# The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
+# its neighbours (Reconstructor.fixed_batch): α = 0, interpolation ends and clean inputs then reproduce
+# the plain reconstruction bit for bit, whatever else is in the call.
+FIXED_BATCH = 8
+
+
+def add_common_args(p) -> None:
+    """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""
+    g = p.add_argument_group("model (default: the demo's digits pair, trained and cached on first use)")
+    g.add_argument("--checkpoint", help="FeatInv weights; without it the demo pair under --demo-out is used")
+    g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
+                                      "(with --checkpoint; default convnext_base)")
+    g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
+    g.add_argument("--backbone-size", type=int, help="backbone input size (default: the preset's)")
+    g.add_argument("--demo-out", default="featinv_demo", help="the demo's folder (its cache/ holds the pair)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--images", nargs="+", help="image files and/or folders (any size; resized to the backbone's "
+                                               "input); default on the demo: held-out digits")
+    g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
+                                    "default: the command's example digits, or the first --count held-out digits)")
+    g.add_argument("--count", type=int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--samples", type=int, default=1, help="K reconstructions per input (K > 1 adds a spread map)")
+    g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
+    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's: demo 20, else 50)")
+    p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise ValueError(f"{flag}: {text!r} is empty")
+    return values
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+
+
+def parse_box(text: str, flag: str = "--mask") -> list[float]:
+    box = parse_floats(text, flag)
+    if len(box) != 4:
+        raise ValueError(f"{flag}: {text!r} must be four numbers x0,y0,x1,y1")
+    return box
+
+
+def set_threads() -> None:
+    """The demo's tiny tensors run fastest with one core left free (see featinv demo)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(available - 1, 4)))
+    torch.set_flush_denormal(True)
+
+
+def pair_from_args(args) -> AnalysisPair:
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    backbone = None
+    if args.checkpoint:
+        backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size,
+                                    BACKBONE_PRESETS["convnext_base"])
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 -- progress, not results
+    pair = load_pair(args.checkpoint, backbone, args.demo_out, args.device, log)
+    sc = dataclasses.replace(pair.sample_config, num_samples=args.samples)
+    if args.seed is not None:
+        sc = dataclasses.replace(sc, seed=args.seed)
+    if args.steps is not None:
+        sc = dataclasses.replace(sc, steps=args.steps)
+    pair.sample_config = sc
+    return pair
+
+
+def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits: str | None = None):
+    """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None).
+
+    example_digits: the demo digits (one each) when neither --digits nor --count is given."""
+    if args.images:
+        try:
+            images, names = load_images(args.images, pair.extractor.image_size)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--images: {e}") from None
+        labels = None
+    elif pair.data is not None:
+        text = args.digits if args.digits or args.count else example_digits
+        digits = parse_ints(text, "--digits") if text else None
+        count = args.count or (1 if digits else 3)
+        if count < 1:
+            raise ValueError(f"--count must be >= 1, got {count}")
+        images, names, labels = demo_digits(pair.data, digits, count)
+    else:
+        raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
+    if len(images) < minimum:
+        raise ValueError(f"this analysis needs at least {minimum} input images, got {len(images)}")
+    return images.to(pair.extractor.mean.device), names, labels
+
+
+def write_report(out: str, filename: str, make_report) -> int:
+    """Run ``make_report() -> (picture, table, markdown)`` and write its files into ``out`` (removed again
+    if the report fails and ``out`` was new); print the table and where the files are."""
+    with cleanup_on_failure(out):
+        picture, table, md = make_report()
+        paths = write_outputs(out, picture, filename, md, table)
+    print(md)
+    print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
+    return 0

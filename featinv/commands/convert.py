@@ -1,0 +1,30 @@
+"""``featinv convert SRC DST.safetensors``: a checkpoint's state dict as a safetensors file.
+
+For a pickle the safe reader refuses (it names globals that need code execution), ``--trust-pickle``
+unpickles it fully, once, so that every later read is of a plain safetensors file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from featinv.checkpoint import convert_to_safetensors
+from featinv.commands._common import Parser, command
+
+
+@command("convert")
+def main(argv: list[str]) -> int:
+    p = Parser(prog="featinv convert", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="checkpoint: .ckpt (Lightning, LDM), .pt/.pth or .safetensors")
+    p.add_argument("dst", help="output .safetensors file; must not exist")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle SRC fully (weights_only=False): RUNS ANY CODE THE FILE HOLDS; "
+                        "only for a file from a source you trust")
+    args = p.parse_args(argv)
+    if not args.dst.endswith(".safetensors"):
+        raise ValueError(f"output must be a .safetensors file, got {args.dst}")
+    if Path(args.dst).exists():
+        raise FileExistsError(f"{args.dst} exists; refusing to overwrite it")
+    report = convert_to_safetensors(args.src, args.dst, trust_pickle=args.trust_pickle)
+    skipped = f"; left out {len(report['skipped'])} non-tensor entries" if report["skipped"] else ""
+    print(f"wrote {report['tensors']} tensors to {report['out']}{skipped}")
+    return 0

@@ -1,0 +1,93 @@
+"""featinv steer / compose / perturb end to end: pictures and tables written, exit codes, one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from analysis_helpers import tiny_checkpoint
+from featinv import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    t = tiny_checkpoint(tmp_path_factory.mktemp("analysis"))
+    t["args"] = ["--checkpoint", str(t["ckpt"]), "--backbone", "resnet18", "--backbone-checkpoint", str(t["bb_file"]),
+                 "--backbone-size", "64", "--steps", "2", "--device", "cpu"]
+    return t
+
+
+def check_outputs(out, picture: str, rows: int) -> dict:
+    image = Image.open(out / picture)
+    assert image.width > 64 and image.height > 64
+    table = json.loads((out / "table.json").read_text())
+    assert len(table["rows"]) == rows
+    assert (out / "table.md").read_text().count("\n|") >= rows + 1
+    return table
+
+
+def test_steer_on_a_checkpoint(tiny, tmp_path):
+    photos = tiny["photos"]
+    args = ["steer", *tiny["args"], "--images", str(photos / "person"), "--alphas", "1,0,2",
+            "--direction", f"mean-diff:{photos / 'person'}:{photos / 'thing'}", "--target", "3", "--clamp", "channel",
+            "--mask", "0,0,32,64", "--samples", "2", "--out", str(tmp_path / "steer")]
+    assert cli.main(args) == 0
+    table = check_outputs(tmp_path / "steer", "steer.png", 3)
+    assert table["alphas"] == [0.0, 1.0, 2.0] and table["clamp"] == "per channel" and table["masked"]
+    assert table["rows"][0]["shift_features"] == 0.0
+
+
+def test_compose_and_perturb_on_a_checkpoint(tiny, tmp_path):
+    photos = tiny["photos"]
+    args = ["compose", *tiny["args"], "--images", str(photos / "thing"), str(photos / "animal"),
+            "--ts", "0,1", "--channels", "4", "--out", str(tmp_path / "compose")]
+    assert cli.main(args) == 0
+    table = check_outputs(tmp_path / "compose", "compose.png", 2 + 1 + 2 + 1)
+    assert all(-1 <= r["cosine"] <= 1 for r in table["rows"])
+    args = ["perturb", *tiny["args"], "--images", str(photos / "thing"), "--corruptions", "blur,jpeg",
+            "--severities", "2", "--eps", "0.02", "--pgd-steps", "2", "--out", str(tmp_path / "perturb")]
+    assert cli.main(args) == 0
+    table = check_outputs(tmp_path / "perturb", "perturb.png", 1 + 2 + 1)
+    assert table["rows"][0]["input"] == "clean" and table["rows"][0]["flipped_share"] == 0.0
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("steer", ["--alphas", "0,a"], "--alphas: '0,a' is not a comma-separated list of numbers"),
+    ("steer", ["--direction", "class:1000"], "--direction: class index 1000 out of range"),
+    ("steer", ["--mask", "0,0,65,8"], "--mask: mask box"),
+    ("steer", ["--mask-image", "MASK"], "--mask-image: mask image"),
+    ("steer", ["--direction", "probe:EMPTY:EMPTY"], "no images"),
+    ("compose", ["--class", "-1"], "--class -1 out of range"),
+    ("compose", ["--ops", "paste,blend"], "--ops: unknown composite(s) ['blend']"),
+    ("perturb", ["--severities", "4"], "--severities: '4' must list values from 1, 2, 3"),
+    ("perturb", ["--images", "EMPTY"], "no images"),
+])
+def test_bad_input_is_one_line_naming_it(tiny, tmp_path, capsys, command, extra, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Image.new("L", (5, 5), 255).save(tmp_path / "mask.png")
+    extra = [e.replace("EMPTY", str(empty)).replace("MASK", str(tmp_path / "mask.png")) for e in extra]
+    base = [] if "--images" in extra else ["--images", str(tiny["photos"] / "thing"), str(tiny["photos"] / "animal")]
+    assert cli.main([command, *tiny["args"], *base, *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"featinv {command}: error: ") and message in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_commands_on_the_demo_pair(quick_demo_out, tmp_path):
+    """The default: no --checkpoint runs on the (cached) demo pair, digits chosen by class."""
+    demo = ["--demo-out", str(quick_demo_out)]
+    out = tmp_path / "steer"
+    assert cli.main(["steer", *demo, "--direction", "mean-diff:digit3:rest", "--digits", "1,7", "--count", "1",
+                     "--alphas", "0,1", "--samples", "2", "--clamp", "location", "--out", str(out)]) == 0
+    table = check_outputs(out, "steer.png", 2)
+    assert table["target"] == 3 and table["rows"][0]["target_features_share"] == 0.0
+    assert table["rows"][1]["target_prob_features"] > table["rows"][0]["target_prob_features"]
+    assert cli.main(["compose", *demo, "--ops", "interpolate", "--ts", "0,0.5,1", "--out", str(tmp_path / "c")]) == 0
+    check_outputs(tmp_path / "c", "compose.png", 3)
+    assert cli.main(["perturb", *demo, "--corruptions", "contrast", "--severities", "3", "--out",
+                     str(tmp_path / "p")]) == 0
+    table = check_outputs(tmp_path / "p", "perturb.png", 3)
+    assert table["rows"][-1]["flipped_share"] > 0.5  # the default PGD budget flips most digits

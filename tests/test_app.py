@@ -1,0 +1,170 @@
+"""The app without a browser: its callbacks on the demo pair, upload checks, the face, the layering."""
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featinv.app.face import main
+
+gr = pytest.importorskip("gradio")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As `featinv app` runs on 2 cores: one torch thread (tiny tensors; on a busy machine OpenMP barriers
+    cost more than the work, measured 7-70x slower with two) and denormals flushed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def session(quick_demo_out):
+    from featinv.app.session import demo_session
+
+    return demo_session(quick_demo_out, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def cb(session):
+    from featinv.app.ui import Callbacks
+
+    return Callbacks(session)
+
+
+def sampler(session, k=4, steps=None):
+    d = session.sample_config
+    return [steps or d.steps, d.guidance_scale, d.uncond, d.seed, k]
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (no pixel data): a decompression bomb's first bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def test_reconstruct_returns_k_images_and_top5_table(cb, session):
+    gallery, spread, table, note = cb.reconstruct(session.examples[3], *sampler(session, k=4))
+    assert len(gallery) == 4
+    assert [c.split(":")[0] for _, c in gallery] == ["sample 1", "sample 2", "sample 3", "sample 4"]
+    assert len(table) == 5 and list(table.columns) == ["rank", "original"] + [f"sample {i}" for i in range(1, 5)]
+    assert table["original"][0].startswith("3 ")  # the classifier is right on this held-out 3
+    cosines = [float(c) for c in re.findall(r"-?\d\.\d{3}", note.split("(")[0])]
+    assert len(cosines) == 4 and all(-1 <= c <= 1 for c in cosines)
+    assert spread.size == gallery[0][0].size and pixels(spread).max() > 0  # the K samples differ somewhere
+
+
+def test_steer_strip_starts_at_the_plain_reconstruction(cb, session):
+    strip, table = cb.steer(session.examples[3], "class", "7", 0, 2.0, "whole map", "", *sampler(session, k=1))
+    assert [c.split(":")[0] for _, c in strip] == ["α +0.00", "α +0.50", "α +1.00", "α +1.50", "α +2.00"]
+    assert len(table) == 5 and table.iloc[-1, 1].startswith("7 ")  # the head reads the steered map as a 7
+    plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
+    # α = 0 is the unsteered map with the same noise (same key and seed): the same picture
+    assert np.abs(pixels(strip[0][0]) - pixels(plain[0][0])).max() <= 1
+    assert np.abs(pixels(strip[-1][0]) - pixels(plain[0][0])).max() > 10
+
+
+def test_compose_at_t0_reconstructs_a(cb, session):
+    gallery, table, note = cb.compose(session.examples[3], session.examples[8], 0.0, "whole map", "",
+                                      *sampler(session, k=2))
+    plain, _, _, plain_note = cb.reconstruct(session.examples[3], *sampler(session, k=2))
+    assert len(gallery) == 4 and gallery[1][1].startswith("B: 8 ")
+    for (ours, _), (ref, _) in zip(gallery[2:], plain):
+        assert np.abs(pixels(ours) - pixels(ref)).max() <= 1
+    pasted, *_ = cb.compose(session.examples[3], session.examples[8], 0.0, "cell", "1, 1", *sampler(session, k=2))
+    assert np.abs(pixels(pasted[2][0]) - pixels(gallery[2][0])).max() > 0  # B's cell changes the picture
+
+
+def test_perturb_shows_clean_and_perturbed(cb, session):
+    clean, perturbed, table = cb.perturb(session.examples[3], "PGD attack", 1, 64, 10, "untargeted",
+                                         *sampler(session, k=2))
+    assert len(clean) == len(perturbed) == 3 and list(table.columns)[1:] == [
+        "clean", "clean sample 1", "perturbed", "perturbed sample 1"]
+    assert table["clean"][0] != table["perturbed"][0]  # eps 64/255 flips the digits classifier's label
+    clean, perturbed, _ = cb.perturb(session.examples[3], "blur", 3, 8, 10, "untargeted", *sampler(session, k=1))
+    assert perturbed[0][1].startswith("blur severity 3:")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "is not an image"),
+    (lambda d: png_header(d / "bomb.png", 9_000, 5_000), "45 megapixels; the limit is 40"),
+    (lambda d: png_header(d / "bomb.png", 20_000, 20_000), "far more than 40 megapixels"),
+    (lambda d: (d / "big.png").write_bytes(b"\0" * (21 * 2**20)) and d / "big.png", "the limit is 20 MB"),
+    (lambda d: None, "no image"),
+])
+def test_bad_upload_is_a_message(cb, session, tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(gr.Error, match=message):
+        cb.reconstruct(str(path) if path else None, *sampler(session))
+    if path:
+        with pytest.raises(gr.Error, match=message):
+            cb.preview(str(path))
+
+
+def test_settings_out_of_range_are_messages(cb, session):
+    with pytest.raises(gr.Error, match="steps = 500 is out of range"):
+        cb.reconstruct(session.examples[0], *sampler(session, steps=500))
+    with pytest.raises(gr.Error, match="K .* out of range"):
+        cb.reconstruct(session.examples[0], *sampler(session, k=0))
+    with pytest.raises(gr.Error, match="cell .* outside the 2x2 feature grid"):
+        cb.steer(session.examples[0], "class", "7", 0, 1.0, "cell", "2, 0", *sampler(session, k=1))
+    with pytest.raises(gr.Error, match="channel index 64 out of range"):
+        cb.steer(session.examples[0], "channel", "7", 64, 1.0, "whole map", "", *sampler(session, k=1))
+
+
+def test_face_help_and_bad_checkpoint(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    assert main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--port", "1"]) == 2
+    assert "featinv app: error:" in capsys.readouterr().err
+
+
+def test_library_never_imports_the_app():
+    root = Path(__file__).resolve().parents[1] / "featinv"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.relative_to(root).parts[0] != "app"
+                 and re.search(r"^\s*(from|import)\s+featinv\.app\b", p.read_text(), re.M)]
+    assert offenders == []
+
+
+def test_checkpoint_session_serves_a_run_folder(tmp_path):
+    """--checkpoint <run folder>: featinv.safetensors + config.yaml (a random timm resnet18 at 64 px)."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from featinv.app.session import checkpoint_session
+    from featinv.app.ui import Callbacks
+    from featinv.checkpoint import save_featinv
+    from featinv.config import PRESETS, merge
+    from featinv.model import FeatInv
+
+    cfg = merge(PRESETS["tiny"], {"model": {"adapter": {"in_channels": 512}}})  # resnet18's final stage
+    torch.manual_seed(0)
+    save_featinv(FeatInv(cfg.model), tmp_path / "run" / "featinv.safetensors")
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    session = checkpoint_session(tmp_path / "run")
+    assert session.image_size == 64 and len(session.class_names) == 1000
+    photo = tmp_path / "photo.jpg"  # not square, not 64 px: resized and centre-cropped
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(photo)
+    gallery, spread, table, _ = Callbacks(session).reconstruct(str(photo), 2, 1.5, "prompt", 0, 2)
+    assert len(gallery) == 2 and len(table) == 5 and spread.size == gallery[0][0].size
+    with pytest.raises(ValueError, match="does not match the model"):  # the tiny preset's adapter takes 16 channels
+        checkpoint_session(tmp_path / "run" / "featinv.safetensors", config="tiny")
