@@ -91,3 +91,11 @@ def test_commands_on_the_demo_pair(quick_demo_out, tmp_path):
                      str(tmp_path / "p")]) == 0
     table = check_outputs(tmp_path / "p", "perturb.png", 3)
     assert table["rows"][-1]["flipped_share"] > 0.5  # the default PGD budget flips most digits
+
+
+def test_checkpoint_without_run_config_or_backbone_names_the_flag(tiny, tmp_path, capsys):
+    """No config.yaml beside the checkpoint and no --backbone: one line naming --backbone, no silent default."""
+    assert cli.main(["steer", "--checkpoint", str(tiny["ckpt"]), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("featinv steer: error:") and "--backbone" in err[0]
+    assert not (tmp_path / "s").exists()

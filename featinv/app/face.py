@@ -25,7 +25,8 @@ def build_parser() -> Parser:
                                         "(featinv.safetensors + config.yaml); serves that model instead of the demo")
     p.add_argument("--config", help="preset name or YAML for the model and backbone "
                                     "(None: the checkpoint's metadata / the run folder's config.yaml)")
-    p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name")
+    p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
+                                      "(default: the run's config.yaml)")
     p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
     p.add_argument("--backbone-size", type=int, help="backbone input size (None: the preset's)")
     p.add_argument("--examples", help="folder of example images to offer (with --checkpoint)")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
+from featinv.backbone import FeatureExtractor, build_backbone, resolve_backbone
 from featinv.config import UNCOND_MODES, SampleConfig
-from featinv.config_file import load_config
+from featinv.config_file import run_config
 from featinv.data import crop_transform
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor
@@ -120,18 +120,16 @@ def checkpoint_session(checkpoint: str | Path, backbone: str | None = None, back
                        backbone_size: int | None = None, config: str | None = None, device: str = "cpu",
                        examples: list[str] | None = None) -> Session:
     """A trained FeatInv checkpoint (file, or a training run folder holding featinv.safetensors and
-    config.yaml) and its backbone (from ``backbone``, else the run's/config's, else convnext_base)."""
+    config.yaml) and its backbone (``backbone`` over the run's or config's, see
+    :func:`featinv.config_file.run_config`)."""
     from featinv.checkpoint import load_featinv
 
     path = Path(checkpoint)
-    if path.is_dir():
-        if config is None and (path / "config.yaml").is_file():
-            config = str(path / "config.yaml")
+    if path.is_dir():  # a training run folder: its config.yaml sits beside the checkpoint
         path = path / "featinv.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: {str(path)!r} not found")
-    full = load_config(config) if config else None
-    base = full.backbone if full else BACKBONE_PRESETS["convnext_base"]
+    full, base, _ = run_config(path, config, backbone=backbone)
     extractor = build_backbone(resolve_backbone(backbone, backbone_weights, backbone_size, base)).to(device).eval()
     model = load_featinv(path, full.model if full else None, device=device).eval()
     if extractor.feature_shape[0] != model.cfg.adapter.in_channels:

@@ -10,6 +10,7 @@ import torch
 
 from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
+from featinv.config_file import run_config
 from featinv.commands._common import cleanup_on_failure
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
@@ -23,7 +24,7 @@ def add_common_args(p) -> None:
     g = p.add_argument_group("model (default: the demo's digits pair, trained and cached on first use)")
     g.add_argument("--checkpoint", help="FeatInv weights; without it the demo pair under --demo-out is used")
     g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(with --checkpoint; default convnext_base)")
+                                      "(with --checkpoint; default: the training run's config.yaml beside it)")
     g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
     g.add_argument("--backbone-size", type=int, help="backbone input size (default: the preset's)")
     g.add_argument("--demo-out", default="featinv_demo", help="the demo's folder (its cache/ holds the pair)")
@@ -79,8 +80,8 @@ def pair_from_args(args) -> AnalysisPair:
         raise ValueError("--device cuda: no CUDA device available")
     backbone = None
     if args.checkpoint:
-        backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size,
-                                    BACKBONE_PRESETS["convnext_base"])
+        _, base, _ = run_config(args.checkpoint, backbone=args.backbone)  # the run's config.yaml, or --backbone
+        backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 -- progress, not results
     pair = load_pair(args.checkpoint, backbone, args.demo_out, args.device, log)
     sc = dataclasses.replace(pair.sample_config, num_samples=args.samples)

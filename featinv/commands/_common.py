@@ -90,26 +90,3 @@ def cleanup_on_failure(path: str | os.PathLike):
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # only succeeds when empty
         raise
-
-
-def run_config(checkpoint: str, config: str | None, run_dir: str | None, backbone: str | None):
-    """Where reconstruct's model and backbone settings come from: ``(full config or None, backbone base,
-    description)``. ``--config`` gives both; else the model comes from the checkpoint's metadata and
-    the backbone from the training run's ``config.yaml`` (``--run-dir``, else beside the checkpoint);
-    with neither and no ``--backbone``, a ValueError names the missing flag."""
-    from featinv.backbone import BACKBONE_PRESETS
-    from featinv.config import BackboneConfig
-    from featinv.config_file import load_config
-
-    if config:
-        full = load_config(config)
-        return full, full.backbone, config
-    run_file = Path(run_dir or Path(checkpoint).parent) / "config.yaml"
-    if run_file.is_file():
-        return None, load_config(str(run_file)).backbone, f"model: the checkpoint's metadata; backbone: {run_file}"
-    if run_dir:
-        raise FileNotFoundError(f"--run-dir: {run_file} not found (a training run folder holds config.yaml)")
-    if not backbone:
-        raise ValueError(f"no backbone known for {checkpoint} (no config.yaml beside it): pass --backbone "
-                         f"(a preset: {', '.join(BACKBONE_PRESETS)}, or a timm name), or --run-dir / --config")
-    return None, BackboneConfig(), "model: the checkpoint's metadata; backbone: --backbone"

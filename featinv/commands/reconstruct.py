@@ -8,8 +8,9 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
-from featinv.commands._common import Parser, cleanup_on_failure, command, run_config
+from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
+from featinv.config_file import run_config
 from featinv.folder_job import reconstruct_folder
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
