@@ -42,8 +42,11 @@ def checkpoint_identity(path: str, previous: dict | None = None) -> dict:
     known = (previous or {}).get("checkpoint_file") or {}
     if all(known.get(key) == value for key, value in ident.items()) and known.get("sha256"):
         return {**ident, "sha256": known["sha256"]}
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        ident["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11; we support 3.10
+            digest.update(block)
+    ident["sha256"] = digest.hexdigest()
     return ident
 
 
