@@ -1,7 +1,7 @@
 """Config files: a preset name, a project YAML or a reference-style (``target:``/``params:``) YAML.
 
 Apart from config.py so that config stays a leaf: the reference YAML is translated by
-:func:`featinv.checkpoint.config_from_reference_yaml`, next to the checkpoint key table.
+:func:`featinv.checkpoint.reference_yaml.config_from_reference_yaml`, next to the checkpoint key table.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.checkpoint import config_from_reference_yaml
+from featinv.checkpoint.reference_yaml import config_from_reference_yaml
 from featinv.config import PRESETS, BackboneConfig, FeatInvConfig, merge
 
 
