@@ -22,7 +22,9 @@ from featinv.analysis.compose import interpolate
 from featinv.analysis.perturb import pgd
 from featinv.analysis.steering import (class_direction, feature_range, mean_difference_direction, probe_direction,
                                        steer)
-from featinv.demo import QUICK, load_demo_pair, rgb
+from featinv.demo import load_demo_pair
+from featinv.demo_stages import QUICK, classifier_accuracy
+from featinv.digits import rgb
 from featinv.reconstruct import Reconstructor
 
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -141,7 +143,7 @@ def bench_pgd(pair, rec, x, y, n: int, eps: float, steps: int) -> dict:
     ext = pair.extractor
     images = rgb(x[:n])
     clean = labels_of(ext, images)
-    adv = pgd(ext, images, clean, eps, steps, eps / 8)
+    adv = pgd(ext, images, clean, eps, steps)  # the default step: eps / 8 at 20 steps
     adv_lab = labels_of(ext, adv)
     keys = [f"pgd{i}" for i in range(n)]
     rec_clean = labels_of(ext, rec(images, keys))
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ftr, ytr = rec.features(rgb(pair.data["x_train"])), pair.data["y_train"]
     g = torch.Generator().manual_seed(args.seed)
     results = {"seed": args.seed, "pair_seed": args.pair_seed, "samples": args.samples, "n_steer": args.pairs,
-               "classifier_accuracy": pair.classifier_accuracy}
+               "classifier_accuracy": classifier_accuracy(pair.extractor, pair.data)}
     cap = lambda n: min(n, args.digits) if args.digits else n  # noqa: E731
     if not args.only_fine:
         results["steering"] = bench_steering(pair, rec, ftr, ytr, x, y, args.pairs, g)
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             keys = [f"fine{i}" for i in range(len(yf))]
             agree = labels_of(fine.extractor, rec_f(rgb(xf), keys)) == labels_of(fine.extractor, rgb(xf))[:, None]
         results["masked_fine"]["label_agreement"] = share(agree)
-        results["masked_fine"]["classifier_accuracy"] = fine.classifier_accuracy
+        results["masked_fine"]["classifier_accuracy"] = classifier_accuracy(fine.extractor, fine.data)
     results["seconds"] = time.time() - t0
     md = markdown(results)
     print(md)

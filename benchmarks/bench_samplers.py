@@ -97,7 +97,7 @@ def load_demo(out: str) -> tuple[FeatInv, object, dict, SampleConfig]:
 
 def demo_problem(pair, n: int = 10) -> Problem:
     """The demo pair with its sample settings, n held-out digits x 1 sample (its starting noise)."""
-    from featinv.demo import rgb
+    from featinv.digits import rgb
 
     model, extractor, data, sc = pair
     rec = Reconstructor(model, extractor, dataclasses.replace(sc, num_samples=1))
@@ -108,7 +108,8 @@ def demo_problem(pair, n: int = 10) -> Problem:
 
 def demo_agreement(pair) -> list[dict]:
     """Label agreement of the demo's reconstructions (its digits, samples, seeds) per sampler setting."""
-    from featinv.demo import QUICK, rgb
+    from featinv.demo_stages import QUICK
+    from featinv.digits import rgb
 
     model, extractor, data, sc = pair
     originals = rgb(data["x_test"][:QUICK.eval_digits])

@@ -21,11 +21,18 @@ HeadFn = Callable[[nn.Module, Tensor], Tensor]  # (model, feats (B, C, h, w)) ->
 
 # The paper's backbones at their evaluation resolution (feature map in the comment).
 BACKBONE_PRESETS: dict[str, BackboneConfig] = {
-    "convnext_base": BackboneConfig(name="convnext_base.fb_in22k_ft_in1k", image_size=288),  # 1024x9x9
+    "convnext_base": BackboneConfig(),  # the config's default, the paper's main setting: 1024x9x9 at 288 px
     "resnet50": BackboneConfig(name="resnet50.a1_in1k", image_size=224),                     # 2048x7x7
     "swinv2": BackboneConfig(name="swinv2_base_window8_256.ms_in1k", image_size=256),        # 1024x8x8
     "vit": BackboneConfig(name="vit_base_patch16_224.augreg2_in21k_ft_in1k", image_size=224),  # 768x14x14
 }
+
+
+def check_index(index: int, count: int, what: str, of: str) -> int:
+    """``index`` if 0 <= index < count, else ValueError '<what> <index> out of range: <of> has <count> ...'."""
+    if not 0 <= index < count:
+        raise ValueError(f"{what} {index} out of range: {of} {count} (0..{count - 1})")
+    return index
 
 
 class FeatureExtractor(nn.Module):

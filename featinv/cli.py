@@ -16,7 +16,7 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "steer": ("featinv.commands.steer", "steer feature maps along a concept direction and reconstruct each strength"),
     "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
     "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
-    "app": ("featinv.app", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
+    "app": ("featinv.app.face", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
 }
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,6 +26,23 @@ def _check_range(cfg: Any, **bounds: tuple[float | None, float | None]) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             want = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"{type(cfg).__name__}.{name} must be {want}, got {value!r}")
+
+
+class SettingError(ValueError):
+    """A bad or missing setting. The message names settings as ``{name}`` (a config field, e.g.
+    ``{run_dir}``): printed, it shows the field name (``run_dir``); a command face shows its flag
+    (``--run-dir``) through :meth:`render`. Library errors so speak of settings, faces of flags."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        return re.sub(r"\{([a-z_]+)\}", lambda m: name(m.group(1)), self.template)
+
+
+class SettingNotFound(SettingError, FileNotFoundError):
+    """A setting names a file or folder that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +153,16 @@ class DataConfig:
 PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
 INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
 UNCOND_MODES = ("prompt", "features")
-SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.sampling.SAMPLERS, in this order
+SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.sampling.SAMPLERS: each name's function is <name>_sample
+STOCHASTIC_SAMPLERS = ("ddim",)          # the samplers that take eta > 0; the others solve the ODE
 SPACINGS = ("reference", "trailing")     # featinv.sampling.ddim_timesteps spacings
+
+
+def check_eta(sampler: str, eta: float, name: str = "eta") -> None:
+    """The eta rule, for SampleConfig and featinv.sampling.sample alike: only DDIM is stochastic."""
+    if eta != 0 and sampler not in STOCHASTIC_SAMPLERS:
+        raise ValueError(f"{name}={eta} needs a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)}); "
+                         f"{sampler!r} is deterministic")
 
 
 @dataclass(frozen=True)
@@ -178,13 +204,55 @@ class SampleConfig:
             raise ValueError(f"SampleConfig.sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"SampleConfig.spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        if self.eta != 0 and self.sampler != "ddim":
-            raise ValueError(f"SampleConfig.eta must be 0 for the deterministic sampler {self.sampler!r}, "
-                             f"got {self.eta}")
+        check_eta(self.sampler, self.eta, f"{type(self).__name__}.eta")
         if self.uncond not in UNCOND_MODES:
             raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
         if self.steps < 1 or self.num_samples < 1:
             raise ValueError(f"SampleConfig: steps ({self.steps}) and num_samples ({self.num_samples}) must be >= 1")
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where a pair (a FeatInv model and the classifier it inverts) comes from; see featinv.pair.load_pair.
+
+    With ``checkpoint`` None: the demo's digits pair, trained and cached under ``demo_out`` on first use.
+    Else the model from ``checkpoint`` (a weights file or a folder holding featinv.safetensors) and its
+    backbone from ``backbone`` over ``config`` over the run's config.yaml (``run_dir``, else beside the
+    weights); with none of them the loader refuses rather than guess."""
+
+    checkpoint: str | None = None
+    config: str | None = None              # preset name or YAML: model and backbone
+    run_dir: str | None = None             # the training run whose config.yaml names the backbone
+    backbone: str | None = None            # a backbone preset or timm name (pretrained)
+    backbone_checkpoint: str | None = None  # local backbone weights (offline use)
+    backbone_size: int | None = None       # backbone input size (default: the preset's)
+    demo_out: str = "featinv_demo"         # the demo pair's folder (its cache/ holds the pair)
+    demo_seed: int = 0
+    demo_quick: bool = True                # the quick demo pair (what the analyses and the app use)
+
+
+@dataclass(frozen=True)
+class ReconstructJob:
+    """One ``reconstruct`` job over an ImageNet-style folder; see featinv.folder_job.reconstruct_folder."""
+
+    source: PairSource
+    data: str                              # <root>/<class>/<image>
+    out: str                               # the job's folder
+    per_class: int | None = 10             # the first N images of each class (None: all)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    batch_size: int = 8                    # images per batch per device (x K samples x 2 branches)
+    num_workers: int = 0
+    accelerator: str = "auto"              # Lightning's
+    devices: int | str | tuple = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"                # auto: bf16-mixed on GPUs, else 32-true
+    overwrite: bool = False                # start the folder over (else a folder of another job is refused)
+
+    def __post_init__(self):
+        _check_range(self, batch_size=(1, None), num_workers=(0, None), num_nodes=(1, None))
+        if self.per_class is not None:
+            _check_range(self, per_class=(1, None))
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from featinv.backbone import BACKBONE_PRESETS
 from featinv.checkpoint.reference_yaml import config_from_reference_yaml
-from featinv.config import PRESETS, BackboneConfig, FeatInvConfig, merge
+from featinv.config import PRESETS, FeatInvConfig, merge
 
 
 def load_config(path_or_preset: str, overrides: list[str] | None = None) -> FeatInvConfig:
@@ -49,24 +48,3 @@ def load_config(path_or_preset: str, overrides: list[str] | None = None) -> Feat
             else:
                 raise ValueError(f"command-line override(s) {' '.join(overrides)}: {e}") from None
         raise ValueError(f"{path}: {e}") from None
-
-
-def run_config(checkpoint: str | Path, config: str | None = None, run_dir: str | Path | None = None,
-               backbone: str | None = None) -> tuple[FeatInvConfig | None, BackboneConfig, str]:
-    """Where a trained checkpoint's model and backbone settings come from (reconstruct, the analyses,
-    the app): ``(full config or None, backbone base, description)``. ``--config`` gives both; else the
-    model comes from the checkpoint's metadata and the backbone from the training run's ``config.yaml``
-    (``--run-dir``, else beside the checkpoint); with neither and no ``--backbone``, a ValueError names
-    the missing flag (never a silent fall-back to another backbone)."""
-    if config:
-        full = load_config(config)
-        return full, full.backbone, config
-    run_file = Path(run_dir or Path(checkpoint).parent) / "config.yaml"
-    if run_file.is_file():
-        return None, load_config(str(run_file)).backbone, f"model: the checkpoint's metadata; backbone: {run_file}"
-    if run_dir:
-        raise FileNotFoundError(f"--run-dir: {run_file} not found (a training run folder holds config.yaml)")
-    if not backbone:
-        raise ValueError(f"no backbone known for {checkpoint} (no config.yaml beside it): pass --backbone "
-                         f"(a preset: {', '.join(BACKBONE_PRESETS)}, or a timm name), or --run-dir / --config")
-    return None, BackboneConfig(), "model: the checkpoint's metadata; backbone: --backbone"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.io import atomic_write_text
 from featinv.config import BackboneConfig
+from featinv.folder_state import EVAL_DIR, MANIFEST, RECONSTRUCTION, original_path
 from featinv.reconstruct import uncertainty
 from featinv.visualize import heatmap, image_grid, save_png
 
@@ -111,12 +111,9 @@ class Record:
     reconstructions: tuple[Path, ...]
 
 
-_RECON_NAME = re.compile(r"reconstructed_(.+)_(\d+)\.png")
-
-
 def sample_index(path: Path) -> int:
     """k of ``reconstructed_<stem>_<k>.png``."""
-    return int(_RECON_NAME.fullmatch(path.name).group(2))
+    return int(RECONSTRUCTION.fullmatch(path.name).group(2))
 
 
 def read_layout(out_dir: str | Path) -> tuple[list[Record], list[str]]:
@@ -125,8 +122,8 @@ def read_layout(out_dir: str | Path) -> tuple[list[Record], list[str]]:
     Labels are indices into the sorted class list of ``manifest.json`` (the data root's classes),
     else into the sorted class folders: for ImageNet this is the standard label order."""
     out = Path(out_dir)
-    manifest = out / "manifest.json"
-    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "eval" and not p.name.startswith("."))
+    manifest = out / MANIFEST
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != EVAL_DIR and not p.name.startswith("."))
     classes = folders
     if manifest.is_file():
         classes = json.loads(manifest.read_text()).get("classes") or folders
@@ -137,11 +134,11 @@ def read_layout(out_dir: str | Path) -> tuple[list[Record], list[str]]:
             raise ValueError(f"{out / name}: class folder not in {manifest}'s class list")
         recons: dict[str, dict[int, Path]] = {}
         for p in (out / name).glob("reconstructed_*.png"):
-            m = _RECON_NAME.fullmatch(p.name)
+            m = RECONSTRUCTION.fullmatch(p.name)
             if m:
                 recons.setdefault(m.group(1), {})[int(m.group(2))] = p
         for stem in sorted(recons):
-            original = out / name / f"{stem}.png"
+            original = original_path(out, name, stem)
             if original.is_file():
                 ks = sorted(recons[stem])
                 records.append(Record(name, index[name], stem, original, tuple(recons[stem][k] for k in ks)))
@@ -316,8 +313,8 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(buf.getvalue(), out / "eval" / "per_image.csv")
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "eval" / "summary.json")
-    atomic_write_text(markdown(summary), out / "eval" / "summary.md")
-    save_png(sheet, out / "eval" / "contact_sheet.png")
+    atomic_write_text(buf.getvalue(), out / EVAL_DIR / "per_image.csv")
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / EVAL_DIR / "summary.json")
+    atomic_write_text(markdown(summary), out / EVAL_DIR / "summary.md")
+    save_png(sheet, out / EVAL_DIR / "contact_sheet.png")
     return summary

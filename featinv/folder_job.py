@@ -20,14 +20,14 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import load_featinv
-from featinv.config import BackboneConfig, ModelConfig, SampleConfig, to_dict
+from featinv.backbone import FeatureExtractor
+from featinv.config import ReconstructJob, SettingError, to_dict
 from featinv.data import ImageDataset, find_images
-from featinv.folder_state import (check_same_settings, checkpoint_identity, clear_outputs,
-                                  drop_undecodable, read_manifest)
+from featinv.folder_state import (MANIFEST, check_same_settings, checkpoint_identity, clear_outputs,
+                                  drop_undecodable, original_path, read_manifest, reconstruction_path)
 from featinv.io import atomic_write_text
 from featinv.model import FeatInv
+from featinv.pair import check_channels, load_pair, resolve_source
 from featinv.reconstruct import Reconstructor
 from featinv.runtime import resolve_precision
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
@@ -50,8 +50,8 @@ class FolderItem:
 
     def outputs(self, out: Path, k: int) -> list[Path]:
         """[original, reconstruction 0, ..., reconstruction K-1] under ``out``."""
-        folder = out / self.class_name
-        return [folder / f"{self.stem}.png"] + [folder / f"reconstructed_{self.stem}_{i}.png" for i in range(k)]
+        return ([original_path(out, self.class_name, self.stem)]
+                + [reconstruction_path(out, self.class_name, self.stem, i) for i in range(k)])
 
     def complete(self, out: Path, k: int) -> bool:
         return all(p.exists() for p in self.outputs(out, k))
@@ -157,7 +157,7 @@ class ReconstructionPredictor(pl.LightningModule):
 
 
 def check_writable(out: str | Path) -> Path:
-    """Create ``out`` and probe it with a temporary file; ValueError naming it if that fails."""
+    """Create ``out`` and probe it with a temporary file; an error naming it if that fails."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def check_writable(out: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"--out: output folder {str(out)!r} is not writable ({type(e).__name__}: {e})") from None
+        raise SettingError(f"{{out}}: output folder {str(out)!r} is not writable ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -179,7 +179,7 @@ def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int
                 "already_complete": done_before, "reconstructed": len(items) - len(missing) - done_before,
                 "unreadable": [it.path for it in missing],
                 "verified": [it.key for it in items if it not in missing]}
-    atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / "manifest.json")
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / MANIFEST)
     return manifest
 
 
@@ -202,55 +202,53 @@ def _prepare_folder(out: Path, items: list[FolderItem], k: int, info: dict, prev
     return verified
 
 
-def reconstruct_folder(checkpoint: str | Path | FeatInv, backbone: FeatureExtractor | BackboneConfig,
-                       root: str | Path, out: str | Path, per_class: int | None = 10,
-                       sample_cfg: SampleConfig = SampleConfig(), batch_size: int = 8,
-                       model_cfg: ModelConfig | None = None, accelerator: str = "auto", devices="auto",
-                       num_nodes: int = 1, strategy: str = "auto", precision: str = "auto",
-                       num_workers: int = 0, overwrite: bool = False) -> dict:
-    """Reconstruct the first ``per_class`` images of each class of ``root`` into ``out`` (resumable).
+def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
+                       extractor: FeatureExtractor | None = None) -> dict:
+    """Run ``job``: reconstruct the first ``per_class`` images of each class of ``job.data`` into ``job.out``
+    (resumable); returns the manifest. ``model`` / ``extractor``: Python objects instead of the job's
+    checkpoint / backbone (then the manifest records none for them).
 
     Layout: ``<out>/<class>/<stem>.png`` (the Resize+CenterCrop crop at the model's image size) and
-    ``<out>/<class>/reconstructed_<stem>_<k>.png``; ``<out>/manifest.json``. Returns the manifest.
+    ``<out>/<class>/reconstructed_<stem>_<k>.png``; ``<out>/manifest.json``.
     A folder holds one job: rerun with other settings (checkpoint, backbone, sampling, per_class) it
     refuses, naming the setting, unless ``overwrite`` deletes the earlier job's files first. Outputs
     that do not decode count as missing (see :func:`drop_undecodable`).
     Pixels are bitwise reproducible for one batch size, device and software stack, whatever the
     resume history or number of ranks (see :class:`Reconstructor` ``fixed_batch``)."""
-    ckpt_name = None
-    if not isinstance(checkpoint, FeatInv):
-        ckpt_name = str(checkpoint)
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"--checkpoint: {ckpt_name!r} not found")
-    items, class_names = plan_items(root, per_class)
-    out, k = check_writable(out), sample_cfg.num_samples
+    if model is not None and extractor is None:
+        raise ValueError("reconstruct_folder: a model object needs its extractor too")
+    resolved = None if model is not None else resolve_source(job.source, need_backbone=extractor is None)
+    items, class_names = plan_items(job.data, job.per_class)
+    out, k = check_writable(job.out), job.sample.num_samples
     rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from RANK / LOCAL_RANK / SLURM_PROCID
     previous = read_manifest(out)
-    bcfg = backbone if isinstance(backbone, BackboneConfig) else None
+    ckpt_name = str(resolved.weights) if resolved else None
+    bcfg = resolved.backbone if resolved and extractor is None else None
     info = {"checkpoint": ckpt_name, "checkpoint_file": checkpoint_identity(ckpt_name, previous) if ckpt_name else None,
-            "data": str(root), "per_class": per_class, "classes": class_names,
-            "sample": dataclasses.asdict(sample_cfg), "backbone": to_dict(bcfg) if bcfg else None,
-            "batch_size": batch_size}  # not compared: it moves at most a few pixels by 1/255 (Reconstructor)
-    verified = _prepare_folder(out, items, k, info, previous, overwrite, rank)
+            "data": str(job.data), "per_class": job.per_class, "classes": class_names,
+            "sample": dataclasses.asdict(job.sample), "backbone": to_dict(bcfg) if bcfg else None,
+            "batch_size": job.batch_size}  # not compared: it moves at most a few pixels by 1/255 (Reconstructor)
+    verified = _prepare_folder(out, items, k, info, previous, job.overwrite, rank)
     done_before = sum(it.complete(out, k) for it in items)
     if done_before == len(items):  # nothing to do: no model is loaded
         _print0(f"all {len(items)} items in {out} are complete")
         return _write_manifest(out, items, k, done_before, info) if rank == 0 else info
 
-    model = checkpoint if isinstance(checkpoint, FeatInv) else load_featinv(checkpoint, model_cfg)
-    extractor = build_backbone(backbone) if bcfg else backbone
-    if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
-        raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but the model's adapter "
-                         f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
+    if model is None:
+        pair = load_pair(job.source, extractor=extractor)  # checks the channels
+        model, extractor = pair.model, pair.extractor
+    else:
+        check_channels(extractor, model)
     if rank == 0:  # the settings are on disk before any image is: a killed job's folder still says them
         atomic_write_text(json.dumps({**info, "status": "running", "verified": sorted(verified)}, indent=2) + "\n",
-                          out / "manifest.json")
+                          out / MANIFEST)
     # fixed_batch: pixels do not depend on which items share a batch (resume, rank split, last batch)
-    reconstructor = Reconstructor(model, extractor, sample_cfg, fixed_batch=batch_size)
-    predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, batch_size, num_workers)
-    precision = resolve_precision(precision, accelerator)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=precision, use_distributed_sampler=False, logger=False,
+    reconstructor = Reconstructor(model, extractor, job.sample, fixed_batch=job.batch_size)
+    predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, job.batch_size,
+                                        job.num_workers)
+    precision = resolve_precision(job.precision, job.accelerator)
+    trainer = pl.Trainer(accelerator=job.accelerator, devices=job.devices, num_nodes=job.num_nodes,
+                         strategy=job.strategy, precision=precision, use_distributed_sampler=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.predict(predictor, return_predictions=False)
     trainer.strategy.barrier("featinv-reconstruct")  # every rank's files are on disk before the manifest

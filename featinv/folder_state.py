@@ -11,16 +11,31 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from PIL import Image
 
 SETTINGS = ("backbone", "sample", "per_class")  # compared key by key; the checkpoint by its content hash
 
+# The folder's layout, here only: <out>/<class>/<stem>.png (the original, cropped) and
+# <out>/<class>/reconstructed_<stem>_<k>.png; <out>/manifest.json; evaluate writes <out>/eval/.
+MANIFEST = "manifest.json"
+EVAL_DIR = "eval"
+RECONSTRUCTION = re.compile(r"reconstructed_(.+)_(\d+)\.png")
+
+
+def original_path(out: Path, class_name: str, stem: str) -> Path:
+    return out / class_name / f"{stem}.png"
+
+
+def reconstruction_path(out: Path, class_name: str, stem: str, k: int) -> Path:
+    return out / class_name / f"reconstructed_{stem}_{k}.png"
+
 
 def read_manifest(out: Path) -> dict | None:
     """The folder's manifest.json, None without one; ValueError naming it if it does not parse."""
-    path = out / "manifest.json"
+    path = out / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -107,7 +122,7 @@ def drop_undecodable(out: Path, items: list, k: int, verified: set[str]) -> list
     after the manifest was written. Our own PNGs are written atomically, so a bad file appeared
     otherwise (a junk file, a copy cut short); a rerun of a finished 10,000-image job costs one
     ``stat`` per file, not 20,000 PNG reads."""
-    manifest = out / "manifest.json"
+    manifest = out / MANIFEST
     since = manifest.stat().st_mtime_ns if verified and manifest.is_file() else -1
     bad = []
     for item in items:
@@ -130,9 +145,9 @@ def clear_outputs(out: Path) -> list[Path]:
     removed = []
     folders = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     for folder in folders:
-        pattern = "*" if folder.name == "eval" else "*.png"
+        pattern = "*" if folder.name == EVAL_DIR else "*.png"
         removed += [p for p in folder.glob(pattern) if p.is_file()]
-    removed += [out / "manifest.json"] if (out / "manifest.json").is_file() else []
+    removed += [out / MANIFEST] if (out / MANIFEST).is_file() else []
     for path in removed:
         path.unlink()
     for folder in folders:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from featinv.config import SAMPLER_NAMES, SPACINGS
+from featinv.config import SAMPLER_NAMES, SPACINGS, STOCHASTIC_SAMPLERS, check_eta
 from featinv.diffusion import log_snr, pred_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,8 +134,9 @@ def dpmpp_2m_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
     return x
 
 
-SAMPLERS = {"ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample}
-assert tuple(SAMPLERS) == SAMPLER_NAMES  # the config validates names without importing this module
+# The registry: config.SAMPLER_NAMES lists the names (so that configs validate them without importing
+# this module); each name's function is ``<name>_sample`` here. A sampler added is one name there.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {name: globals()[f"{name}_sample"] for name in SAMPLER_NAMES}
 
 
 def sample(sampler: str, eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
@@ -145,10 +146,9 @@ def sample(sampler: str, eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch
     η and the generator reach DDIM only; the ODE solvers are deterministic and refuse η > 0."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    if sampler == "ddim":
-        return ddim_sample(eps_fn, x_T, alphas_cumprod, timesteps, eta, generator, callback)
-    if eta != 0:
-        raise ValueError(f"eta={eta} needs a stochastic sampler; {sampler!r} is deterministic (use ddim)")
+    check_eta(sampler, eta)
+    if sampler in STOCHASTIC_SAMPLERS:
+        return SAMPLERS[sampler](eps_fn, x_T, alphas_cumprod, timesteps, eta, generator, callback)
     return SAMPLERS[sampler](eps_fn, x_T, alphas_cumprod, timesteps, callback=callback)
 
 

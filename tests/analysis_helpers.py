@@ -5,7 +5,8 @@ import dataclasses
 
 import torch
 
-from featinv.demo import QUICK, DigitsCNN, make_extractor, model_config
+from featinv.demo_stages import QUICK, model_config
+from featinv.digits import DigitsCNN, make_extractor
 from featinv.model import FeatInv
 from featinv.config import SampleConfig
 from featinv.reconstruct import Reconstructor

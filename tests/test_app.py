@@ -153,18 +153,18 @@ def test_checkpoint_session_serves_a_run_folder(tmp_path):
     from featinv.app.session import checkpoint_session
     from featinv.app.ui import Callbacks
     from featinv.checkpoint import save_featinv
-    from featinv.config import PRESETS, merge
+    from featinv.config import PRESETS, PairSource, merge
     from featinv.model import FeatInv
 
     cfg = merge(PRESETS["tiny"], {"model": {"adapter": {"in_channels": 512}}})  # resnet18's final stage
     torch.manual_seed(0)
     save_featinv(FeatInv(cfg.model), tmp_path / "run" / "featinv.safetensors")
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    session = checkpoint_session(tmp_path / "run")
+    session = checkpoint_session(PairSource(checkpoint=str(tmp_path / "run")))
     assert session.image_size == 64 and len(session.class_names) == 1000
     photo = tmp_path / "photo.jpg"  # not square, not 64 px: resized and centre-cropped
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(photo)
     gallery, spread, table, _ = Callbacks(session).reconstruct(str(photo), 2, 1.5, "prompt", 0, 2)
     assert len(gallery) == 2 and len(table) == 5 and spread.size == gallery[0][0].size
     with pytest.raises(ValueError, match="does not match the model"):  # the tiny preset's adapter takes 16 channels
-        checkpoint_session(tmp_path / "run" / "featinv.safetensors", config="tiny")
+        checkpoint_session(PairSource(checkpoint=str(tmp_path / "run" / "featinv.safetensors"), config="tiny"))

@@ -153,7 +153,7 @@ def test_logits_from_features_timm_final_stage(resnet18):
 
 
 def test_logits_from_features_head_fn():
-    from featinv.demo import DigitsCNN, make_extractor
+    from featinv.digits import DigitsCNN, make_extractor
 
     torch.manual_seed(0)
     ext = make_extractor(DigitsCNN().eval(), 8)

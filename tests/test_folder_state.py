@@ -10,16 +10,21 @@ from PIL import Image
 
 import featinv.folder_state as state
 from featinv.checkpoint import save_featinv
-from featinv.config import SampleConfig
+from featinv.config import PairSource, ReconstructJob, SampleConfig
 from featinv.evaluate import evaluate_folder
 from featinv.folder_job import reconstruct_folder
 
 FAST = SampleConfig(steps=1)
 
 
+def folder_job(checkpoint, root, out, per_class=1, cfg=FAST, **kw) -> ReconstructJob:
+    return ReconstructJob(PairSource(checkpoint=str(checkpoint)), str(root), str(out), per_class=per_class,
+                          sample=cfg, batch_size=2, accelerator="cpu", devices=1, **kw)
+
+
 def run(job, out, checkpoint=None, cfg=FAST, **kw) -> dict:
-    return reconstruct_folder(checkpoint or job["ckpt"], job["backbone"], job["root"], out, per_class=1,
-                              sample_cfg=cfg, batch_size=2, accelerator="cpu", devices=1, **kw)
+    return reconstruct_folder(folder_job(checkpoint or job["ckpt"], job["root"], out, cfg=cfg, **kw),
+                              extractor=job["backbone"])
 
 
 def test_other_settings_are_refused_by_name_and_overwrite_starts_over(tiny_job, tmp_path):
@@ -30,8 +35,8 @@ def test_other_settings_are_refused_by_name_and_overwrite_starts_over(tiny_job, 
     with pytest.raises(ValueError, match=r"sample\.steps was 1, now 2.*--overwrite"):
         run(tiny_job, out, cfg=SampleConfig(steps=2))
     with pytest.raises(ValueError, match=r"per_class was 1, now 2"):
-        reconstruct_folder(tiny_job["ckpt"], tiny_job["backbone"], tiny_job["root"], out, per_class=2,
-                           sample_cfg=FAST, batch_size=2, accelerator="cpu", devices=1)
+        reconstruct_folder(folder_job(tiny_job["ckpt"], tiny_job["root"], out, per_class=2),
+                           extractor=tiny_job["backbone"])
     other = save_featinv(tiny_job["model"], tmp_path / "other.safetensors", {"featinv_train_steps": "7"})
     with pytest.raises(ValueError, match=r"checkpoint: .*sha256"):
         run(tiny_job, out, checkpoint=other)

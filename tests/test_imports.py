@@ -1,7 +1,10 @@
 """The import graph of the package: no circle, and the library never imports the command faces.
 
 Every ``featinv.*`` import is collected, module-level AND function-level (a lazy import still ties
-two modules together), by parsing each featinv/**/*.py with ``ast`` (nothing is imported)."""
+two modules together), by parsing each featinv/**/*.py with ``ast`` (nothing is imported). Package
+``__init__`` edges count too: importing ``featinv.a.b`` runs ``featinv/a/__init__.py`` first, so it
+is an edge to ``featinv.a`` as well (except from inside ``featinv.a``, which is loading already), and
+``from featinv.a import b`` is an edge to ``featinv.a`` itself."""
 from __future__ import annotations
 
 import ast
@@ -16,20 +19,28 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def parents(module: str) -> set[str]:
+    """featinv.a.b.c -> {featinv.a, featinv.a.b} (the packages whose __init__ runs first; not featinv itself)."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(2, len(parts))}
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> the featinv modules it imports (``from featinv.x import y`` counts as featinv.x, or
-    featinv.x.y when that is a module itself)."""
+    """module -> the featinv modules it imports (``from featinv.x import y`` counts as featinv.x, and
+    featinv.x.y too when that is a module itself), with the package __init__ edges described above."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        deps = set()
+        deps, explicit = set(), set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("featinv")}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("featinv"):
-                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                         for a in node.names}
-        graph[name] = {d for d in deps if d != name}
+                explicit.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+        loading = parents(name) | ({name} if path.name == "__init__.py" else set())
+        implicit = set().union(*(parents(d) for d in deps | explicit)) - loading
+        graph[name] = (deps | explicit | implicit) - {name}
     return graph
 
 
@@ -54,6 +65,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node)):
             return found
     return None
+
+
+def test_package_init_edges_are_seen():
+    """A submodule importing its own package (``from featinv.app import panels``) while the package's
+    __init__ imports a module that imports that submodule is a circle; the graph must show the edges."""
+    graph = import_graph()
+    assert "featinv.checkpoint" in graph["featinv.config_file"]  # importing checkpoint.reference_yaml runs it
+    assert "featinv.analysis" in graph["featinv.commands.steer"]
 
 
 def test_cycle_finder_finds_a_planted_circle():

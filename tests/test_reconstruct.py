@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from featinv.commands.reconstruct import build_parser, main
-from featinv.config import PRESETS, SampleConfig
+from featinv.config import PairSource, ReconstructJob, SampleConfig
 from featinv.folder_job import RankStridedSampler, plan_items, reconstruct_folder
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor, sample_seed, uncertainty
@@ -52,8 +52,9 @@ def test_folder_job_writes_once_resumes_and_restores(tiny_job, tmp_path):
     out, model = tmp_path / "out", tiny_job["model"]
     plan, classes = plan_items(tiny_job["root"], per_class=2)
     assert classes == ["animal", "person", "thing"] and len(plan) == 6
-    run = lambda: reconstruct_folder(model, tiny_job["backbone"], tiny_job["root"], out, per_class=2,  # noqa: E731
-                                     sample_cfg=FAST, batch_size=4, accelerator="cpu", devices=1)
+    job = ReconstructJob(PairSource(), str(tiny_job["root"]), str(out), per_class=2, sample=FAST, batch_size=4,
+                         accelerator="cpu", devices=1)
+    run = lambda: reconstruct_folder(job, model=model, extractor=tiny_job["backbone"])  # noqa: E731
     manifest = run()
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert files == expected_files(2) | {"manifest.json"}  # no extras, no leftover temporary files
@@ -183,7 +184,8 @@ def test_rank_strided_sampler_partitions_without_padding():
 def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_path, capsys):
     out = tmp_path / "never"
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        reconstruct_folder(tmp_path / "missing.safetensors", PRESETS["tiny"].backbone, tiny_job["root"], out)
+        reconstruct_folder(ReconstructJob(PairSource(checkpoint=str(tmp_path / "missing.safetensors"), backbone="resnet18"),
+                                          str(tiny_job["root"]), str(out)))
     assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--data", str(tiny_job["root"]),
                  "--out", str(out)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
@@ -191,7 +193,8 @@ def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_pat
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")  # as root, chmod cannot make a folder unwritable; a file can
     with pytest.raises(ValueError, match="not writable"):
-        reconstruct_folder(tiny_job["ckpt"], PRESETS["tiny"].backbone, tiny_job["root"], blocker / "out")
+        reconstruct_folder(ReconstructJob(PairSource(checkpoint=str(tiny_job["ckpt"])), str(tiny_job["root"]),
+                                          str(blocker / "out")), extractor=tiny_job["backbone"])
     with pytest.raises(ValueError, match="SampleConfig.uncond"):
         SampleConfig(uncond="nothing")
 

@@ -1,4 +1,4 @@
-"""What the analysis commands share: the model pair, input images, labelled tiles and grids, tables.
+"""What the analyses share: input images, labelled tiles and grids, tables.
 
 Pictures are built from tiles: each image is upscaled to ``TILE`` pixels (nearest neighbour for
 images smaller than a tile, so 8x8 digits stay crisp) with its caption in a white band beneath,
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from featinv.io import atomic_write_text
 from featinv.data import IMAGE_EXTENSIONS, crop_transform
+from featinv.io import atomic_write_text
+from featinv.pair import Pair
 from featinv.reconstruct import uncertainty
 from featinv.visualize import heatmap, save_png, to_uint8
 
@@ -27,43 +27,7 @@ LINE = 11          # caption line height of the default bitmap font
 PAD = 3
 
 
-# ----- model pair and inputs -----------------------------------------------------------------------
-
-@dataclass
-class AnalysisPair:
-    """What an analysis runs on: the FeatInv model, the classifier as a feature extractor, sampling settings.
-
-    data: the demo's digits splits (``load_digits_split``) when running on the demo pair, else None."""
-
-    model: torch.nn.Module
-    extractor: torch.nn.Module
-    sample_config: object
-    data: dict | None = None
-    name: str = ""
-
-
-def load_pair(checkpoint: str | None, backbone=None, demo_out: str | Path = "featinv_demo",
-              device: str = "cpu", log: Callable[[str], None] = print) -> AnalysisPair:
-    """The FeatInv checkpoint + backbone (a BackboneConfig or FeatureExtractor), or with ``checkpoint``
-    None the demo's trained pair (trained and cached under ``demo_out`` first if needed)."""
-    if checkpoint is None:
-        from featinv.demo import load_demo_pair
-
-        pair = load_demo_pair(demo_out, device=device, log=log)
-        return AnalysisPair(pair.model, pair.extractor, pair.sample_config, pair.data, "demo digits classifier")
-    from featinv.backbone import build_backbone
-    from featinv.checkpoint import load_featinv
-    from featinv.config import SampleConfig
-
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint: {checkpoint!r} not found")
-    extractor = backbone if isinstance(backbone, torch.nn.Module) else build_backbone(backbone)
-    model = load_featinv(checkpoint, device=device).eval()
-    if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
-        raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but the model's adapter "
-                         f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
-    return AnalysisPair(model, extractor.to(device).eval(), SampleConfig(), None, str(checkpoint))
-
+# ----- inputs -----------------------------------------------------------------------------------
 
 def _image_files(path: Path) -> list[Path]:
     if path.is_dir():
@@ -128,7 +92,7 @@ def digit_set(data: dict, classes: Sequence[int], split: str = "train") -> torch
     return x[torch.isin(y, torch.tensor(list(classes)))].expand(-1, 3, -1, -1).clone()
 
 
-def image_set(spec: str, pair: AnalysisPair, exclude: str | None = None) -> tuple[torch.Tensor, str]:
+def image_set(spec: str, pair: Pair, exclude: str | None = None) -> tuple[torch.Tensor, str]:
     """A folder of images, or on the demo pair digit classes of the training split (``digit3``,
     ``digits3+5``; ``rest``: every digit not in ``exclude``) -> ((N, 3, S, S) in [0, 1], a description)."""
     if Path(spec).exists():
@@ -181,8 +145,10 @@ def _font() -> ImageFont.ImageFont:
 def tile(image: torch.Tensor, caption: Sequence[str] = (), size: int = TILE, lines: int | None = None) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL tile of ``size`` px with the caption's lines in a band beneath."""
     x = image.detach().float().cpu()[None]
-    mode = "nearest" if x.shape[-1] < size else "bilinear"
-    x = F.interpolate(x, size=(size, size), mode=mode, **({"antialias": True} if mode == "bilinear" else {}))[0]
+    if x.shape[-2:] != (size, size):
+        mode = "nearest" if x.shape[-1] < size else "bilinear"
+        x = F.interpolate(x, size=(size, size), mode=mode, **({"antialias": True} if mode == "bilinear" else {}))
+    x = x[0]
     lines = len(caption) if lines is None else lines
     canvas = Image.new("RGB", (size, size + lines * LINE + (2 if lines else 0)), "white")
     canvas.paste(Image.fromarray(to_uint8(x)), (0, 0))

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from featinv.backbone import check_index
 from featinv.evaluate import cosine_similarity_pooled, cosine_similarity_spatial
 
 
@@ -74,9 +75,7 @@ def channel_contributions(extractor, feats: Tensor, cls: int) -> Tensor:
 
     For a pooling + linear head these add up to the class logit minus its bias."""
     weight = extractor.head_weight()
-    if not 0 <= cls < weight.shape[0]:
-        raise ValueError(f"class index {cls} out of range: the classifier has {weight.shape[0]} classes "
-                         f"(0..{weight.shape[0] - 1})")
+    check_index(cls, weight.shape[0], "class index", "the classifier's classes:")
     return (weight[cls].to(feats) * feats.mean(dim=(2, 3))).mean(dim=0)
 
 

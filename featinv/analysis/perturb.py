@@ -78,12 +78,19 @@ def corrupt(images01: Tensor, kind: str, severity: int, generator: torch.Generat
     return out.clamp(0, 1).to(images01.dtype)
 
 
-def pgd(extractor, images01: Tensor, labels: Tensor, eps: float, steps: int, step_size: float,
+def default_step_size(eps: float, steps: int) -> float:
+    """2.5·eps/steps: Madry et al.'s rule, so that the walk can reach the ball's surface and move along it."""
+    return 2.5 * eps / max(steps, 1)
+
+
+def pgd(extractor, images01: Tensor, labels: Tensor, eps: float, steps: int, step_size: float | None = None,
         target: Tensor | None = None) -> Tensor:
     """L∞ PGD on the extractor's classifier -> adversarial images (B, 3, S, S) in [0, 1], |x' − x|∞ <= eps.
 
     Untargeted (target None): ascend the cross-entropy of ``labels``. Targeted: descend the
-    cross-entropy of ``target`` (B,) int. Starts at the clean image (no random start: deterministic)."""
+    cross-entropy of ``target`` (B,) int. Starts at the clean image (no random start: deterministic).
+    step_size None: :func:`default_step_size` (ε/8 at 20 steps)."""
+    step_size = default_step_size(eps, steps) if step_size is None else step_size
     if eps < 0 or steps < 1 or step_size <= 0:
         raise ValueError(f"pgd: need eps >= 0, steps >= 1, step_size > 0; got {eps}, {steps}, {step_size}")
     clean = images01.detach().float()

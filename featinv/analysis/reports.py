@@ -13,11 +13,12 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from featinv.analysis.common import AnalysisPair, grid, heat_tiles, markdown_table, predict, read_back, tile
+from featinv.analysis.common import grid, heat_tiles, markdown_table, predict, read_back, tile
 from featinv.analysis.compose import (arithmetic, feature_cosine, interpolate, keep_channels, paste,
                                       remove_channels, top_channels)
-from featinv.analysis.perturb import corrupt, pgd
+from featinv.analysis.perturb import corrupt, default_step_size, pgd
 from featinv.analysis.steering import feature_scale, steer, steer_and_reconstruct
+from featinv.pair import Pair
 from featinv.reconstruct import Reconstructor
 
 FIXED_BATCH = 8
@@ -25,7 +26,7 @@ ALPHA_UNIT = "α in units of the input's mean per-location feature norm"
 ALPHA_TEXT = ALPHA_UNIT.replace("α", "alpha")  # the bitmap font has no Greek letters
 
 
-def reconstructor(pair: AnalysisPair) -> Reconstructor:
+def reconstructor(pair: Pair) -> Reconstructor:
     return Reconstructor(pair.model, pair.extractor, pair.sample_config, fixed_batch=FIXED_BATCH)
 
 
@@ -57,7 +58,7 @@ def order_alphas(alphas: Sequence[float]) -> list[float]:
 
 
 @torch.no_grad()
-def steer_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str], direction: torch.Tensor,
+def steer_report(pair: Pair, images: torch.Tensor, names: Sequence[str], direction: torch.Tensor,
                  alphas: Sequence[float], target: int | None = None, mask: torch.Tensor | None = None,
                  clamp=None, description: str = "") -> tuple[Image.Image, dict, str]:
     """Steer each input's feature map along ``direction`` for every α and reconstruct with the same seeds.
@@ -153,7 +154,7 @@ def composites(ext, feats: torch.Tensor, names: Sequence[str], ts: Sequence[floa
 
 
 @torch.no_grad()
-def compose_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str], ts: Sequence[float],
+def compose_report(pair: Pair, images: torch.Tensor, names: Sequence[str], ts: Sequence[float],
                    mask: torch.Tensor, k_channels: int, cls: int | None = None,
                    ops: Sequence[str] = ("interpolate", "paste", "channels", "arithmetic")
                    ) -> tuple[Image.Image, dict, str]:
@@ -203,9 +204,9 @@ def compose_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str
 
 @dataclass
 class Attack:
-    """PGD settings (featinv.analysis.perturb.pgd); step_size None: eps / 8; target None: untargeted.
+    """PGD settings (featinv.analysis.perturb.pgd); step_size None: 2.5·eps/steps; target None: untargeted.
 
-    The default budget flips 97 % of the demo classifier's held-out predictions (0.1 flips 72 %)."""
+    What the default budget does to the demo classifier: benchmarks/RESULTS.md (bench_analyses)."""
 
     eps: float = 0.15
     steps: int = 20
@@ -214,7 +215,7 @@ class Attack:
 
     @property
     def step(self) -> float:
-        return self.step_size if self.step_size is not None else self.eps / 8
+        return self.step_size if self.step_size is not None else default_step_size(self.eps, self.steps)
 
 
 SHORT = {"gaussian_noise": "noise"}  # names that fit under a tile
@@ -236,7 +237,7 @@ def perturbations(ext, images: torch.Tensor, labels: torch.Tensor | None, corrup
 
 
 @torch.no_grad()
-def perturb_report(pair: AnalysisPair, images: torch.Tensor, names: Sequence[str], labels: torch.Tensor | None,
+def perturb_report(pair: Pair, images: torch.Tensor, names: Sequence[str], labels: torch.Tensor | None,
                    corruptions: Sequence[str], severities: Sequence[int], attack: Attack | None
                    ) -> tuple[Image.Image, dict, str]:
     """Reconstruct clean and perturbed inputs with the same seeds. Per perturbation: accuracy (with known

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from featinv.backbone import check_index
+
 Clamp = tuple["Tensor | float", "Tensor | float"]
 
 
@@ -41,17 +43,13 @@ def _channel_vectors(feats: Tensor, pooled: bool = False) -> Tensor:
 def class_direction(extractor, cls: int) -> Tensor:
     """The head's weight vector of class ``cls``, normalised -> (C,) unit vector."""
     weight = extractor.head_weight()
-    if not 0 <= cls < weight.shape[0]:
-        raise ValueError(f"class index {cls} out of range: the classifier has {weight.shape[0]} classes "
-                         f"(0..{weight.shape[0] - 1})")
+    check_index(cls, weight.shape[0], "class index", "the classifier's classes:")
     return _unit(weight[cls], f"class {cls}")
 
 
 def channel_direction(num_channels: int, index: int) -> Tensor:
     """The unit vector of one channel -> (C,)."""
-    if not 0 <= index < num_channels:
-        raise ValueError(f"channel index {index} out of range: the feature map has {num_channels} channels "
-                         f"(0..{num_channels - 1})")
+    check_index(index, num_channels, "channel index", "the feature map's channels:")
     d = torch.zeros(num_channels)
     d[index] = 1.0
     return d

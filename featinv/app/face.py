@@ -8,6 +8,7 @@ import torch
 
 from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, command
+from featinv.config import PairSource
 
 DESCRIPTION = ("Serve the interactive explorer (Reconstruct, Steer, Compose, Perturb) on a local web page. "
                "Without --checkpoint it serves the demo's digits pair, trained and cached on first use.")
@@ -47,8 +48,9 @@ def _session(args: argparse.Namespace, device: str):
         from featinv.data import find_images
 
         examples = [path for path, _ in find_images(args.examples)[0]][:20]
-    return checkpoint_session(args.checkpoint, args.backbone, args.backbone_checkpoint, args.backbone_size,
-                              args.config, device, examples)
+    source = PairSource(checkpoint=args.checkpoint, config=args.config, backbone=args.backbone,
+                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
+    return checkpoint_session(source, device, examples)
 
 
 @command("app")

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featinv.analysis import compose, perturb, steering
+from featinv.analysis import common, compose, perturb, steering
 from featinv.app.session import Session
 from featinv.config import SampleConfig
 from featinv.reconstruct import uncertainty
-from featinv.visualize import heatmap, image_grid
+from featinv.visualize import heatmap
 
 TOP_K = 5
 KEY = "featinv-app"  # every request seeds its noise from this key: reruns give the same pixels
@@ -36,7 +36,7 @@ def _no_progress(fraction: float, desc: str = "") -> None:
 def tile(image01: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL image, enlarged by an integer factor (nearest) when smaller than DISPLAY_PX."""
     factor = max(1, -(-DISPLAY_PX // image01.shape[-1]))
-    return image_grid(image01[None, None].cpu(), pad=0, size=image01.shape[-1] * factor)
+    return common.tile(image01, size=image01.shape[-1] * factor)
 
 
 @torch.no_grad()
@@ -258,9 +258,7 @@ def perturb_image(session: Session, path: str | None, kind: str, severity, eps_2
                 raise ValueError(f"target class {target!r} is not one of the classifier's classes")
             goal = torch.tensor([session.class_names.index(target)], device=session.device)
         progress(0.05, f"PGD: {int(steps)} steps, eps {eps_255}/255")
-        # 2.5 eps / steps: Madry et al.'s step size, so the walk can reach the ball's surface and move along it
-        attacked = perturb.pgd(session.extractor, image, clean_probs.argmax(dim=-1), eps, int(steps),
-                               2.5 * eps / int(steps), target=goal)
+        attacked = perturb.pgd(session.extractor, image, clean_probs.argmax(dim=-1), eps, int(steps), target=goal)
         what = f"PGD eps {eps_255}/255" + (f" → {target}" if goal is not None else "")
     else:
         generator = torch.Generator().manual_seed(cfg.seed)

@@ -1,7 +1,7 @@
 """What the app serves: one model pair (FeatInv + its classifier), its default settings and examples.
 
-A :class:`Session` is built once at start-up, either from the demo's trained pair
-(:func:`featinv.demo.load_demo_pair`) or from a FeatInv checkpoint plus a timm backbone; the
+A :class:`Session` is built once at start-up around a :class:`featinv.pair.Pair` (the demo's trained
+pair, or a FeatInv checkpoint plus its backbone, both through :func:`featinv.pair.load_pair`); the
 callbacks only read it. Uploaded files are checked here (:meth:`Session.load_image`) before any
 pixel is decoded, so a text file or a decompression bomb becomes a one-line ``ValueError``.
 """
@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from featinv.backbone import FeatureExtractor, build_backbone, resolve_backbone
-from featinv.config import UNCOND_MODES, SampleConfig
-from featinv.config_file import run_config
+from featinv.config import UNCOND_MODES, PairSource, SampleConfig
 from featinv.data import crop_transform
-from featinv.model import FeatInv
+from featinv.pair import Pair, load_pair
 from featinv.reconstruct import Reconstructor
 from featinv.visualize import save_png
 
@@ -32,22 +30,19 @@ MAX_GUIDANCE = 30.0
 
 @dataclass
 class Session:
-    """The served pair. ``sample_config`` holds the defaults the Advanced section starts from."""
+    """The served pair and the examples offered; the pair's ``sample_config`` holds the defaults the
+    Advanced section starts from."""
 
-    model: FeatInv
-    extractor: FeatureExtractor
-    sample_config: SampleConfig
-    class_names: list[str]
-    name: str                                   # shown in the page header
+    pair: Pair
     examples: list[str] = field(default_factory=list)  # image files offered as examples
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def image_size(self) -> int:
-        return self.extractor.image_size
+    model = property(lambda self: self.pair.model)
+    extractor = property(lambda self: self.pair.extractor)
+    sample_config = property(lambda self: self.pair.sample_config)
+    class_names = property(lambda self: self.pair.class_names)
+    name = property(lambda self: self.pair.name)
+    device = property(lambda self: self.pair.device)
+    image_size = property(lambda self: self.pair.extractor.image_size)
 
     def load_image(self, path: str | Path | None, what: str = "image") -> torch.Tensor:
         """An uploaded file -> (1, 3, S, S) in [0, 1] at the backbone's size (Resize + CenterCrop).
@@ -94,15 +89,15 @@ class Session:
                                    uncond=uncond, seed=int(seed), num_samples=int(samples))
 
     def reconstructor(self, cfg: SampleConfig) -> Reconstructor:
-        return Reconstructor(self.model, self.extractor, cfg, bf16=self.device.type == "cuda")
+        return self.pair.reconstructor(cfg)
 
 
 def demo_session(out: str | Path, seed: int = 0, quick: bool = True, device: str = "cpu", log=print) -> Session:
     """The demo's digits pair (trained and cached on first use) with a few held-out digits as examples."""
-    from featinv.demo import load_demo_pair, rgb
+    from featinv.digits import rgb
 
-    pair = load_demo_pair(out, seed=seed, quick=quick, device=device, log=log)
-    folder = pair.cache / "app_examples"
+    pair = load_pair(PairSource(demo_out=str(out), demo_seed=seed, demo_quick=quick), device, log=log)
+    folder = pair.folder / "app_examples"
     x, y = pair.data["x_test"], pair.data["y_test"]
     examples = []
     for digit in range(10):  # the first held-out example of each digit, at its native 8x8
@@ -111,46 +106,12 @@ def demo_session(out: str | Path, seed: int = 0, quick: bool = True, device: str
         if not path.exists():
             save_png(rgb(x[i:i + 1])[0], path)
         examples.append(str(path))
-    return Session(model=pair.model, extractor=pair.extractor, sample_config=pair.sample_config,
-                   class_names=[str(d) for d in range(10)], examples=examples,
-                   name=f"demo pair: digits CNN (feature map {tuple(pair.extractor.feature_shape)}) + tiny FeatInv")
+    return Session(pair, examples)
 
 
-def checkpoint_session(checkpoint: str | Path, backbone: str | None = None, backbone_weights: str | None = None,
-                       backbone_size: int | None = None, config: str | None = None, device: str = "cpu",
-                       examples: list[str] | None = None) -> Session:
-    """A trained FeatInv checkpoint (file, or a training run folder holding featinv.safetensors and
-    config.yaml) and its backbone (``backbone`` over the run's or config's, see
-    :func:`featinv.config_file.run_config`)."""
-    from featinv.checkpoint import load_featinv
-
-    path = Path(checkpoint)
-    if path.is_dir():  # a training run folder: its config.yaml sits beside the checkpoint
-        path = path / "featinv.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint: {str(path)!r} not found")
-    full, base, _ = run_config(path, config, backbone=backbone)
-    extractor = build_backbone(resolve_backbone(backbone, backbone_weights, backbone_size, base)).to(device).eval()
-    model = load_featinv(path, full.model if full else None, device=device).eval()
-    if extractor.feature_shape[0] != model.cfg.adapter.in_channels:
-        raise ValueError(f"backbone feature map has {extractor.feature_shape[0]} channels but {path.name}'s adapter "
-                         f"expects adapter.in_channels = {model.cfg.adapter.in_channels}")
-    return Session(model=model, extractor=extractor, sample_config=SampleConfig(num_samples=4),
-                   class_names=imagenet_class_names(extractor), examples=list(examples or []),
-                   name=f"{path.name} + {getattr(extractor.model, 'default_cfg', {}).get('architecture', 'backbone')}")
-
-
-def imagenet_class_names(extractor: FeatureExtractor) -> list[str]:
-    """ImageNet-1k descriptions from timm's bundled table when the head has 1000 classes, else 'class i'."""
-    with torch.no_grad():
-        probe = torch.zeros(1, 3, extractor.image_size, extractor.image_size, device=extractor.mean.device)
-        classes = extractor.classify(probe).shape[-1]
-    try:
-        from timm.data import ImageNetInfo
-
-        info = ImageNetInfo()
-        if info.num_classes() == classes:
-            return [info.index_to_description(i) for i in range(classes)]
-    except Exception:  # the table is optional display sugar
-        pass
-    return [f"class {i}" for i in range(classes)]
+def checkpoint_session(source: PairSource, device: str = "cpu", examples: list[str] | None = None) -> Session:
+    """A trained FeatInv checkpoint (file, or a run folder holding featinv.safetensors and config.yaml) and
+    its backbone, as :func:`featinv.pair.load_pair` resolves them; served with K = 4 by default."""
+    pair = load_pair(source, device)
+    pair.sample_config = SampleConfig(num_samples=4)
+    return Session(pair, list(examples or []))

@@ -11,7 +11,7 @@ import traceback
 
 import gradio as gr
 
-from featinv.app import panels
+import featinv.app.panels as panels
 from featinv.app.session import MAX_GUIDANCE, MAX_SAMPLES, MAX_STEPS, Session
 from featinv.config import UNCOND_MODES
 

@@ -8,21 +8,20 @@ import sys
 
 import torch
 
-from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
-from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
-from featinv.config_file import run_config
+from featinv.analysis.common import demo_digits, load_images, write_outputs
+from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import cleanup_on_failure
-
-# The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
-# its neighbours (Reconstructor.fixed_batch): α = 0, interpolation ends and clean inputs then reproduce
-# the plain reconstruction bit for bit, whatever else is in the call.
-FIXED_BATCH = 8
-
+from featinv.config import PairSource
+from featinv.pair import Pair, load_pair
 
 def add_common_args(p) -> None:
     """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""
     g = p.add_argument_group("model (default: the demo's digits pair, trained and cached on first use)")
-    g.add_argument("--checkpoint", help="FeatInv weights; without it the demo pair under --demo-out is used")
+    g.add_argument("--checkpoint", help="FeatInv weights (file, or a run folder holding featinv.safetensors); "
+                                        "without it the demo pair under --demo-out is used")
+    g.add_argument("--config", help="preset name or YAML for the model and backbone (with --checkpoint; default: "
+                                    "the checkpoint's metadata and the run's config.yaml)")
+    g.add_argument("--run-dir", help="the training run whose config.yaml names the backbone (with --checkpoint)")
     g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
                                       "(with --checkpoint; default: the training run's config.yaml beside it)")
     g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
@@ -73,27 +72,21 @@ def set_threads() -> None:
     torch.set_flush_denormal(True)
 
 
-def pair_from_args(args) -> AnalysisPair:
+def pair_from_args(args) -> Pair:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
-    backbone = None
-    if args.checkpoint:
-        _, base, _ = run_config(args.checkpoint, backbone=args.backbone)  # the run's config.yaml, or --backbone
-        backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 -- progress, not results
-    pair = load_pair(args.checkpoint, backbone, args.demo_out, args.device, log)
-    sc = dataclasses.replace(pair.sample_config, num_samples=args.samples)
-    if args.seed is not None:
-        sc = dataclasses.replace(sc, seed=args.seed)
-    if args.steps is not None:
-        sc = dataclasses.replace(sc, steps=args.steps)
-    pair.sample_config = sc
+    source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
+                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size,
+                        demo_out=args.demo_out)
+    pair = load_pair(source, args.device, log=lambda msg: print(msg, file=sys.stderr))  # progress, not results
+    changes = {"num_samples": args.samples, "seed": args.seed, "steps": args.steps}
+    pair.sample_config = dataclasses.replace(pair.sample_config, **{k: v for k, v in changes.items() if v is not None})
     return pair
 
 
-def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits: str | None = None):
+def inputs_from_args(args, pair: Pair, minimum: int = 1, example_digits: str | None = None):
     """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None).
 
     example_digits: the demo digits (one each) when neither --digits nor --count is given."""

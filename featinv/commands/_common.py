@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
+from featinv.config import SettingError
+
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
 # (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu
@@ -52,9 +54,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def flag(setting: str) -> str:
+    """A setting's command-line flag: ``run_dir`` -> ``--run-dir``."""
+    return "--" + setting.replace("_", "-")
+
+
 def one_line(e: BaseException) -> str:
-    """An exception's message on one line (KeyError without its quotes, multi-line messages joined)."""
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    """An exception's message on one line (KeyError without its quotes, multi-line messages joined;
+    the settings a SettingError names shown as flags)."""
+    if isinstance(e, SettingError):
+        text = e.render(flag)
+    else:
+        text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(e).__name__
 
 

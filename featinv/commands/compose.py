@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from featinv.analysis.reports import compose_report
 from featinv.analysis.steering import box_mask
+from featinv.backbone import check_index
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
                                         set_threads, write_report)
 from featinv.commands._common import Parser, command
@@ -37,9 +38,8 @@ def main(argv: list[str]) -> int:
     ext = pair.extractor
     size = ext.image_size
     mask = box_mask(box or (0, 0, size / 2, size), size, ext.feature_shape[1:])
-    classes = ext.head_weight().shape[0]
-    if args.cls is not None and not 0 <= args.cls < classes:
-        raise ValueError(f"--class {args.cls} out of range: the classifier has {classes} classes (0..{classes - 1})")
+    if args.cls is not None:
+        check_index(args.cls, ext.head_weight().shape[0], "--class", "the classifier's classes:")
     return write_report(args.out, "compose.png",
                         lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops))
 

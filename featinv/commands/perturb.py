@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from featinv.analysis.perturb import CORRUPTIONS
+from featinv.backbone import check_index
 from featinv.analysis.reports import Attack, perturb_report
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads,
                                         write_report)
@@ -19,7 +20,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eps", type=float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
                    "the demo classifier's held-out predictions; ImageNet models typically need only 4/255)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps")
-    p.add_argument("--step-size", type=float, help="PGD step size (default: eps / 8)")
+    p.add_argument("--step-size", type=float, help="PGD step size (default: 2.5 eps / steps, Madry et al.'s rule)")
     p.add_argument("--target", type=int, help="targeted PGD towards this class (default: untargeted)")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -33,9 +34,8 @@ def main(argv: list[str]) -> int:
     attack = None if args.attack == "none" else Attack(args.eps, args.pgd_steps, args.step_size, args.target)
     set_threads()
     pair = pair_from_args(args)
-    classes = pair.extractor.head_weight().shape[0] if args.target is not None else None
-    if args.target is not None and not 0 <= args.target < classes:
-        raise ValueError(f"--target {args.target} out of range: the classifier has {classes} classes (0..{classes - 1})")
+    if args.target is not None:
+        check_index(args.target, pair.extractor.head_weight().shape[0], "--target", "the classifier's classes:")
     images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
     return write_report(args.out, "perturb.png",
                         lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack))

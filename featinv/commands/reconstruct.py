@@ -1,16 +1,13 @@
 """``featinv reconstruct``: reconstruct ImageNet-style images from their classifier features."""
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
+from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, cleanup_on_failure, command
-from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
-from featinv.config_file import run_config
+from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, PairSource, ReconstructJob, SampleConfig, to_dict
 from featinv.folder_job import reconstruct_folder
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
@@ -63,27 +60,21 @@ def build_parser() -> Parser:
 
 @command("reconstruct")
 def main(argv: list[str]) -> int:
-    """``featinv reconstruct``: parse arguments, print the resolved settings, run the folder job."""
+    """``featinv reconstruct``: parse arguments into a ReconstructJob, print it, run it."""
     args = build_parser().parse_args(argv)
-    if not Path(args.checkpoint).is_file():  # fail before anything is loaded
-        raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} not found")
-    full, base, source = run_config(args.checkpoint, args.config, args.run_dir, args.backbone)
-    backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
+    source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
+                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                           guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
-    settings = {"checkpoint": args.checkpoint, "config": source,
-                "backbone": to_dict(backbone), "sample": dataclasses.asdict(sample), "data": args.data,
-                "out": args.out, "per_class": args.per_class, "batch_size": args.batch_size,
-                "accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,
-                "strategy": args.strategy, "precision": args.precision}
-    _print0("featinv reconstruct\n" + json.dumps(settings, indent=2))
+    job = ReconstructJob(source=source, data=args.data, out=args.out, per_class=args.per_class or None, sample=sample,
+                         batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
+                         devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+                         precision=args.precision, overwrite=args.overwrite)
+    _print0("featinv reconstruct\n" + json.dumps(to_dict(job), indent=2))
     with cleanup_on_failure(args.out):
-        manifest = reconstruct_folder(args.checkpoint, backbone, args.data, args.out, args.per_class or None,
-                                      sample, args.batch_size, full.model if full else None, args.accelerator,
-                                      devices, args.num_nodes, args.strategy, args.precision, args.num_workers,
-                                      overwrite=args.overwrite)
+        manifest = reconstruct_folder(job)
     if "items" in manifest:
         _print0(f"{manifest['complete']}/{manifest['items']} items complete "
                 f"({manifest['reconstructed']} new, {len(manifest['unreadable'])} unreadable): {args.out}")
