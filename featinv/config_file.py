@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from featinv.backbone import BACKBONE_PRESETS
+from featinv.checkpoint import resolve_featinv_source
 from featinv.checkpoint.reference_yaml import config_from_reference_yaml
 from featinv.config import PRESETS, BackboneConfig, FeatInvConfig, merge
 
@@ -61,7 +62,13 @@ def run_config(checkpoint: str | Path, config: str | None = None, run_dir: str |
     if config:
         full = load_config(config)
         return full, full.backbone, config
-    run_file = Path(run_dir or Path(checkpoint).parent) / "config.yaml"
+    if run_dir:
+        run_file = Path(run_dir) / "config.yaml"
+    else:  # beside the checkpoint file, or inside an exported FeatInv folder (or Hub id)
+        try:
+            run_file = resolve_featinv_source(checkpoint)[1] or Path(checkpoint).parent / "config.yaml"
+        except FileNotFoundError:  # loading the checkpoint says so, in its own words
+            run_file = Path(checkpoint).parent / "config.yaml"
     if run_file.is_file():
         return None, load_config(str(run_file)).backbone, f"model: the checkpoint's metadata; backbone: {run_file}"
     if run_dir:
