@@ -332,3 +332,18 @@ def test_pickled_component_weights_are_read_weights_only(pipe, tmp_path):
     sd, _ = read_pipeline(folder)
     expected, _ = read_pipeline(pipe[0])
     assert sd.keys() == expected.keys() and all(torch.equal(sd[k], expected[k]) for k in sd)
+
+
+def test_dpmpp_2m_lower_order_final_matches_diffusers_below_15_steps():
+    """diffusers' lower_order_final (its default, applied below 15 steps) is featinv's option of that name."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(**SD1_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                        timestep_spacing="trailing", final_sigmas_type="sigma_min")
+    sched.set_timesteps(10)
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    eps_fn, ours = _eps_fn(2), []
+    dpmpp_2m_sample(eps_fn, x_T, alphas_cumprod(DiffusionConfig()), ddim_timesteps(10, spacing="trailing"),
+                    callback=lambda i, x, x0: ours.append(x), lower_order_final=True)
+    for i, (a, b) in enumerate(zip(ours, _diffusers_trajectory(sched, x_T, eps_fn), strict=True)):
+        assert_close_rel(a, b, TOL, f"step {i}")
