@@ -39,7 +39,9 @@ def is_export(folder: str | Path) -> bool:
     folder = Path(folder)
     names = {p.name for p in folder.iterdir()}
     card = folder / "README.md"
-    return names <= set(EXPORT_FILES) and card.is_file() and (front_matter(card) or {}).get("library_name") == LIBRARY_NAME
+    if not names <= set(EXPORT_FILES) or not card.is_file():
+        return False
+    return (front_matter(card) or {}).get("library_name") == LIBRARY_NAME
 
 
 def read_evaluation(path: str | Path) -> dict:
@@ -120,7 +122,8 @@ def export_featinv(source: str | Path, out: str | Path, evaluation: str | Path |
         if as_is:
             atomic_save(lambda t: shutil.copyfile(weights, t), tmp / EXPORT_WEIGHTS)  # the file as trained, bit for bit
         else:
-            save_featinv(model, tmp / EXPORT_WEIGHTS, {"featinv_train_steps": str(steps)} if steps is not None else None)
+            steps_meta = {"featinv_train_steps": str(steps)} if steps is not None else None
+            save_featinv(model, tmp / EXPORT_WEIGHTS, steps_meta)
         atomic_save(lambda t: shutil.copyfile(config, t), tmp / "config.yaml")
         atomic_write_text(card, tmp / "README.md")
         if out.exists():  # an earlier export, or empty: replaced as a whole

@@ -16,8 +16,8 @@ featinv tokenizes with the CLIP BPE that every SD-1.x pipeline ships.)
     unet up_blocks.i.{resnets,attentions}.j          output_blocks.(i(n+1) + j).{0,1}   (same order: deepest first)
     unet up_blocks.i.upsamplers.0                    output_blocks.(i(n+1) + n).{1, or 2 after an attention}
     unet conv_norm_out; conv_out                     out.0; out.2
-    unet resnet norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut
-                                                     in_layers.0 in_layers.2 emb_layers.1 out_layers.0 out_layers.3 skip_connection
+    unet resnet norm1 conv1 time_emb_proj            in_layers.0 in_layers.2 emb_layers.1
+               norm2 conv2 conv_shortcut             out_layers.0 out_layers.3 skip_connection
     vae encoder.down_blocks.i                        encoder.down.i (resnets.j -> block.j, downsamplers.0 -> downsample)
     vae decoder.up_blocks.i                          decoder.up.(L-1-i): diffusers counts up from the LOWEST resolution
     vae mid_block.resnets.{0,1}; conv_norm_out       mid.block_{1,2}; norm_out; resnet conv_shortcut -> nin_shortcut
