@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -296,14 +295,11 @@ def test_bad_sources_fail_in_one_line_and_write_nothing(pipe, tmp_path, capsys, 
         weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
         save_file({**load_file(weights), "mid_block.extra.weight": torch.zeros(2)}, weights)
     out = tmp_path / "out" / "init.safetensors"
-    start = time.monotonic()
     assert main([str(folder), str(out), "--hint-channels", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("featinv build-control: error: "), err
     assert __import__("re").search(message, err), err
     assert not out.exists() and not list(tmp_path.glob("out/*"))  # nothing (half-)written
-    if case == "hub_id_offline":
-        assert time.monotonic() - start < 10  # offline: no network attempt, no retries
 
 
 def _populate_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
