@@ -1,5 +1,8 @@
 """Build the initial FeatInv checkpoint from a miniSD checkpoint (the reference's "tool_add_control").
 
+The miniSD source is a checkpoint file, a diffusers pipeline folder or a Hub id of one
+(:func:`featinv.checkpoint.read_source`).
+
 Every ``control_model.X`` whose name exists as ``model.diffusion_model.X`` (time embedding, input
 blocks, middle block) is copied from the UNet; the feature adapter and the 13 zero convs are new.
 """
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from featinv.checkpoint import CheckpointError, infer_model_config, load_into, read_state_dict, save_featinv
+from featinv.checkpoint import CheckpointError, infer_model_config, load_into, read_source, save_featinv
 from featinv.config import BackboneConfig, ModelConfig
 from featinv.controlnet import ControlNet
 from featinv.model import FeatInv
@@ -44,18 +47,20 @@ def write_random_minisd(path: str | Path, preset: str = "tiny", seed: int = 0) -
 
 def build_control(minisd: str | Path, out: str | Path, cfg: ModelConfig | None = None,
                   hint_channels: int | None = None, seed: int = 0) -> dict:
-    """miniSD checkpoint -> FeatInv safetensors at ``out``; returns a summary of what was copied / new.
+    """miniSD checkpoint, diffusers pipeline folder or Hub id -> FeatInv safetensors at ``out``; returns a
+    summary of what was copied / new.
 
-    cfg: the model config (default: inferred from the file's shapes); hint_channels overrides
+    cfg: the model config (default: the file's featinv metadata, a pipeline's config.json files, else
+    inferred from the shapes); hint_channels overrides
     ``cfg.adapter.in_channels`` (the backbone's feature channels). Refuses to overwrite ``out``."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it (choose another output path)")
-    sd, _ = read_state_dict(minisd)
+    sd, found = read_source(minisd)
     if any(k.startswith("control_model.") for k in sd):
         raise CheckpointError(f"{minisd} already holds a control branch (control_model.*): it is a FeatInv "
                               "checkpoint, not a miniSD one")
-    cfg = cfg or infer_model_config(sd, str(minisd))
+    cfg = cfg or found or infer_model_config(sd, str(minisd))
     if hint_channels is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=hint_channels))
     with torch.device("meta"):

@@ -10,6 +10,7 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "inspect": ("featinv.commands.inspect", "say what a checkpoint holds and which config it matches"),
     "convert": ("featinv.commands.convert", "a checkpoint as safetensors (--trust-pickle for a trusted old pickle)"),
     "build-control": ("featinv.commands.build_control", "miniSD checkpoint -> initial FeatInv checkpoint"),
+    "export": ("featinv.commands.export", "a trained model as a shareable folder: weights, config, model card"),
     "train": ("featinv.commands.train", "train the control branch (one CPU to many GPUs)"),
     "reconstruct": ("featinv.commands.reconstruct", "reconstruct ImageNet-val images from their feature maps"),
     "evaluate": ("featinv.commands.evaluate", "feature similarity, accuracy and FID of reconstructions"),

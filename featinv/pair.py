@@ -2,7 +2,7 @@
 
 Every face gets its model here: the reconstruct job, the analyses, the app and the benchmarks call
 :func:`load_pair` with a :class:`~featinv.config.PairSource` (the demo pair, a weights file, or a folder
-holding ``featinv.safetensors``). :func:`check_channels` is the one check that a backbone fits a model.
+holding ``featinv.safetensors``, or an exported folder's Hub id). :func:`check_channels` is the one check that a backbone fits a model.
 Errors name the setting at fault (``checkpoint``, ``run_dir``, ``backbone``); faces show their flags.
 """
 from __future__ import annotations
@@ -19,9 +19,6 @@ from featinv.config import BackboneConfig, ModelConfig, PairSource, SampleConfig
 from featinv.config_file import load_config
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor
-
-WEIGHTS_NAME = "featinv.safetensors"  # what a run folder (and an exported folder) holds
-
 
 @dataclass
 class Pair:
@@ -60,13 +57,17 @@ class ResolvedSource:
 
 
 def weights_file(checkpoint: str | Path) -> Path:
-    """A weights file, or a folder holding ``featinv.safetensors`` -> that file; FileNotFoundError else."""
+    """A weights file, a folder holding ``featinv.safetensors`` (a run, an export) or the Hub id of an
+    exported folder -> the weights file (see :func:`featinv.checkpoint.resolve_featinv_source`)."""
+    from featinv.checkpoint import resolve_featinv_source
+
     path = Path(checkpoint)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
+    if not path.exists() and path.suffix:  # a file name: say it is missing (not "no such Hub id")
         raise SettingNotFound(f"{{checkpoint}}: {str(path)!r} not found")
-    return path
+    try:
+        return resolve_featinv_source(checkpoint)[0]
+    except FileNotFoundError as e:
+        raise SettingNotFound(f"{{checkpoint}}: {e}") from None
 
 
 def resolve_source(source: PairSource, need_backbone: bool = True) -> ResolvedSource:

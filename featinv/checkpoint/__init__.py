@@ -10,7 +10,12 @@ Our module tree mirrors the LDM one, so the mapping is a prefix table (STYLE.md 
     betas, alphas_cumprod, ... (13 buffers)       computed from ModelConfig.diffusion
 
 Reference-style YAML (``target:``/``params:``) is translated in :mod:`featinv.checkpoint.reference_yaml`
-(no ``target`` is imported); both modules of this package are the only ones that know reference names.
+(no ``target`` is imported), diffusers pipeline folders in :mod:`featinv.checkpoint.diffusers`; Hub ids
+become local folders in :mod:`featinv.checkpoint.hub`. The modules of this package are the only ones that
+know reference (or diffusers) names.
+
+Sources: a checkpoint file, a diffusers pipeline folder (``model_index.json``), an exported FeatInv folder
+(``featinv.safetensors``, ``config.yaml``, ``README.md``: see :mod:`featinv.export`), or the Hub id of a folder.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from safetensors.torch import save_file
 
 from featinv.config import (AdapterConfig, DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig,
                             from_dict, to_dict)
+from featinv.checkpoint.hub import DIFFUSERS_FILES, local_source, looks_like_hub_id
 from featinv.diffusion import SCHEDULE_KEYS, schedule_buffers
 from featinv.io import atomic_save
 from featinv.safe_unpickle import legacy_globals
@@ -44,6 +50,8 @@ COMPONENT_NAMES = {"unet": "UNet", "control": "control branch", "vae": "VAE", "t
 HARMLESS = ("cond_stage_model.transformer.text_model.embeddings.position_ids", "model_ema.",
             "cond_stage_model.transformer.embeddings.position_ids")
 METADATA_KEY = "featinv_config"
+EXPORT_WEIGHTS = "featinv.safetensors"  # the weights file of an exported FeatInv folder
+EXPORT_FILES = [EXPORT_WEIGHTS, "config.yaml", "README.md"]
 
 
 class CheckpointError(ValueError):
@@ -287,14 +295,50 @@ def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
                               "reconstruct black images")
 
 
+def resolve_featinv_source(source: str | os.PathLike) -> tuple[Path, Path | None]:
+    """A trained FeatInv model's (weights file, run config.yaml or None) from a checkpoint file (its
+    config.yaml is the one beside it, if any), an exported FeatInv folder, or the Hub id of one."""
+    path = local_source(source, EXPORT_FILES)
+    if path.is_dir():
+        if (path / EXPORT_WEIGHTS).is_file():
+            path = path / EXPORT_WEIGHTS
+        elif (path / "model_index.json").is_file():
+            raise ValueError(f"{source}: a diffusers pipeline (miniSD) holds no FeatInv branch; make the initial "
+                             "FeatInv checkpoint from it with `featinv build-control`")
+        else:
+            raise FileNotFoundError(f"{source}: a folder without {EXPORT_WEIGHTS} (an exported FeatInv model, "
+                                    "see `featinv export`)")
+    run_config = path.parent / "config.yaml"
+    return path, run_config if run_config.is_file() else None
+
+
+def read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+    """(state dict with reference keys, the config it carries or None) of a checkpoint file, an exported
+    FeatInv folder, a diffusers pipeline folder (config from its config.json files, see
+    :mod:`featinv.checkpoint.diffusers`), or the Hub id of either folder."""
+    from featinv.checkpoint.diffusers import is_pipeline_folder, read_pipeline
+
+    path = local_source(source, DIFFUSERS_FILES + EXPORT_FILES)
+    if path.is_dir() and is_pipeline_folder(path):
+        return read_pipeline(path)
+    if path.is_dir() and not (path / EXPORT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{source}: a folder that is neither a diffusers pipeline (no model_index.json) "
+                                f"nor an exported FeatInv model (no {EXPORT_WEIGHTS})")
+    weights, _ = resolve_featinv_source(path)
+    sd, metadata = read_state_dict(weights)
+    return sd, config_from_metadata(metadata)
+
+
 def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
-    """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt).
+    """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt), an
+    exported FeatInv folder or its Hub id (see :func:`resolve_featinv_source`).
 
     The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict, and
     NaN/inf weights are refused. Peak memory is about one copy of the weights: safetensors files and
     torch.save zip archives are memory-mapped and their tensors assigned as the parameters."""
     from featinv.model import FeatInv
 
+    path, _ = resolve_featinv_source(path)
     sd, metadata = read_state_dict(path)
     cfg = cfg or config_from_metadata(metadata) or infer_model_config(sd, str(path))
     check_finite(sd, str(path))
@@ -324,14 +368,22 @@ def save_minisd(model, path: str | os.PathLike) -> Path:
 
 
 def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False) -> dict:
-    """Write the state dict of ``src`` (any format :func:`read_state_dict` reads) to the safetensors
-    file ``dst`` in the reference layout, atomically; returns ``{"tensors", "skipped", "out"}``.
+    """Write the state dict of ``src`` (any format :func:`read_state_dict` reads, or any folder or Hub id
+    :func:`read_source` reads) to the safetensors file ``dst`` in the reference layout, atomically;
+    returns ``{"tensors", "skipped", "out"}``. A diffusers pipeline becomes a miniSD file (with the
+    schedule buffers of a ``.ckpt`` and its config in the metadata, heads included).
 
     trust_pickle: unpickle ``src`` fully (``weights_only=False``), which runs any code the file
     holds: only for a file from a trusted source that the weights-only reader refuses."""
     src, dst = Path(src), Path(dst)
     metadata: dict[str, str] = {}
-    if trust_pickle and src.suffix != ".safetensors":
+    if src.is_dir() or looks_like_hub_id(src):  # a diffusers pipeline, an exported FeatInv folder, a Hub id
+        sd, cfg = read_source(src)
+        if cfg is not None:
+            metadata = {METADATA_KEY: json.dumps(to_dict(cfg), sort_keys=True)}
+            if not any(k in sd for k in SCHEDULE_KEYS):  # a pipeline: the buffers a miniSD .ckpt holds
+                sd = {**schedule_buffers(cfg.diffusion), **sd}
+    elif trust_pickle and src.suffix != ".safetensors":
         if not src.is_file():
             raise FileNotFoundError(f"checkpoint not found: {src}")
         obj = torch.load(src, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(src))
@@ -350,7 +402,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust
             storages.add(ptr)
     if not tensors:
         raise CheckpointError(f"{src}: holds no tensors to convert")
-    metadata = {**metadata, "featinv_converted_from": src.name}
+    metadata = {**metadata, "featinv_converted_from": src.name or str(src)}
     atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), dst)
     return {"tensors": len(tensors), "skipped": sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor)),
             "out": str(dst)}

@@ -11,9 +11,11 @@ from featinv.config_file import load_config
 @command("build-control")
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv build-control", description=__doc__.splitlines()[0])
-    p.add_argument("minisd", help="miniSD checkpoint (.ckpt, .pt or .safetensors)")
+    p.add_argument("minisd", help="miniSD checkpoint (.ckpt, .pt or .safetensors), diffusers pipeline folder "
+                                  "(model_index.json) or Hub id (owner/name; the cache is tried first)")
     p.add_argument("out", help="output FeatInv checkpoint (.safetensors); must not exist")
-    p.add_argument("--config", help="model config (preset or YAML); default: inferred from the checkpoint")
+    p.add_argument("--config", help="model config (preset or YAML); default: the checkpoint's metadata, a "
+                                    "pipeline's config.json files, else inferred from the checkpoint's shapes")
     p.add_argument("--backbone", default="convnext_base",
                    help="backbone preset or timm name whose feature channels the adapter takes")
     p.add_argument("--hint-channels", type=int, help="adapter input channels (overrides --backbone)")

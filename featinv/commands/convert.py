@@ -1,5 +1,7 @@
 """``featinv convert SRC DST.safetensors``: a checkpoint's state dict as a safetensors file.
 
+SRC may also be a diffusers pipeline folder or a Hub id: it becomes a miniSD file in the reference layout.
+
 For a pickle the safe reader refuses (it names globals that need code execution), ``--trust-pickle``
 unpickles it fully, once, so that every later read is of a plain safetensors file.
 """
@@ -14,7 +16,8 @@ from featinv.commands._common import Parser, command
 @command("convert")
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv convert", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="checkpoint: .ckpt (Lightning, LDM), .pt/.pth or .safetensors")
+    p.add_argument("src", help="checkpoint: .ckpt (Lightning, LDM), .pt/.pth or .safetensors; or a diffusers pipeline "
+                        "folder, an exported FeatInv folder, or the Hub id of one")
     p.add_argument("dst", help="output .safetensors file; must not exist")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle SRC fully (weights_only=False): RUNS ANY CODE THE FILE HOLDS; "
