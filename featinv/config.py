@@ -49,6 +49,7 @@ class AdapterConfig:
     in_channels: int = 1024  # channels of the classifier's feature map
     width: int = 512         # intermediate width (reference: 512)
     grid: int = 32           # target spatial size = latent size (reference: 32)
+    pooled: bool = False     # the paper's ablation: the map's spatial mean copied to every position (absent = False)
 
 
 @dataclass(frozen=True)
