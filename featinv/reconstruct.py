@@ -15,10 +15,9 @@ import hashlib
 from typing import Sequence
 
 import torch
-
-from featinv.backbone import FeatureExtractor
 import torch.nn.functional as F
 
+from featinv.backbone import FeatureExtractor
 from featinv.config import FeatureGuidanceConfig, SampleConfig
 from featinv.model import FeatInv, guess_mode_scales
 from featinv.sampling import EpsFn, ddim_timesteps, feature_guided_eps_fn, guided_eps_fn

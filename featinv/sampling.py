@@ -217,7 +217,7 @@ def feature_guided_eps_fn(eps_fn: EpsFn, decode_fn: Callable[[torch.Tensor], tor
                                  f"{tuple(target.shape)}")
             dist = (feats.float() - target).flatten(1).square().sum(1) / target_sq  # (B,)
             (grad,) = torch.autograd.grad(dist.sum(), x_in)  # rows are independent: each its own gradient
-        weight = guidance.scale * (1.0 - a_t).sqrt() * on.view_as(a_t.flatten()).view_as(a_t).to(a_t.dtype)
+        weight = guidance.scale * (1.0 - a_t).sqrt() * on.view(a_t.shape).to(a_t.dtype)
         return (eps.detach() + weight * grad.to(eps.dtype)).to(x.dtype)
 
     return guided
