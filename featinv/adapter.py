@@ -3,6 +3,9 @@
 FeatInv (arXiv 2505.21032) hint adapter, as its reference checkpoint holds it: bilinear upsampling to the latent grid -> conv3x3 (C_f->512) ->
 SiLU -> conv3x3 (512->512) -> SiLU -> zero-initialised conv3x3 (512->model_channels).
 Keys ``block.1``, ``block.3``, ``block.5`` follow the reference checkpoint.
+With ``AdapterConfig.pooled`` the map is first average-pooled over space and the vector copied to every
+position (the paper's pooled-conditioning ablation, what RCDM-style models condition on): the
+weights are the same, only what they see differs.
 """
 from __future__ import annotations
 
@@ -52,4 +55,7 @@ class FeatureAdapter(nn.Module):
         nn.init.zeros_(self.block[5].bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.block(to_nchw(feats, self.cfg.in_channels))
+        x = to_nchw(feats, self.cfg.in_channels)  # (B, C_f, h, w)
+        if self.cfg.pooled:
+            x = x.mean(dim=(2, 3), keepdim=True).expand_as(x)  # (B, C_f, h, w), constant over (h, w)
+        return self.block(x)

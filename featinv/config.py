@@ -67,6 +67,7 @@ class AdapterConfig:
     in_channels: int = 1024  # channels of the classifier's feature map
     width: int = 512         # intermediate width (reference: 512)
     grid: int = 32           # target spatial size = latent size (reference: 32)
+    pooled: bool = False     # the paper's ablation: the map's spatial mean copied to every position (absent = False)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,24 @@ class ReconstructJob:
         _check_range(self, batch_size=(1, None), num_workers=(0, None), num_nodes=(1, None))
         if self.per_class is not None:
             _check_range(self, per_class=(1, None))
+
+
+@dataclass(frozen=True)
+class FeatureGuidanceConfig:
+    """Training-free feature guidance (``featinv.sampling.feature_guided_eps_fn``): each guided step
+    decodes the predicted clean image and steers the latent down the gradient of the classifier's
+    feature distance to the target map. Off by default; it needs no trained control branch."""
+
+    scale: float = 0.0   # guidance strength s >= 0 (0: off, the plain sampler bit for bit)
+    t_min: int = 0       # steps whose timestep t lies in [t_min, t_max] are guided
+    t_max: int = 999
+
+    def __post_init__(self):
+        if not 0 <= self.scale < float("inf"):  # also refuses NaN
+            raise ValueError(f"FeatureGuidanceConfig.scale must be a finite number >= 0, got {self.scale!r}")
+        _check_range(self, t_min=(0, None))
+        if self.t_max < self.t_min:
+            raise ValueError(f"FeatureGuidanceConfig.t_max ({self.t_max}) must be >= t_min ({self.t_min})")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ guidance branches in one batched forward, computes the adapter output (hint) and
 contexts once, and seeds each (key, k) with its own generator, so a sample's pixels do not depend
 on the batch it was generated in. Sampling is DDIM (Song et al. 2021, "Denoising Diffusion Implicit
 Models", eq. 12) with classifier-free guidance (Ho & Salimans 2022), as in FeatInv (arXiv 2505.21032).
+Optionally, training-free feature guidance (:func:`featinv.sampling.feature_guided_eps_fn`) steers the
+samples towards the feature maps they are reconstructed from, through the backbone's gradient.
 The ImageNet-val folder job built on it is :mod:`featinv.folder_job`.
 """
 from __future__ import annotations
@@ -13,11 +15,12 @@ import hashlib
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from featinv.backbone import FeatureExtractor
-from featinv.config import SampleConfig
+from featinv.config import FeatureGuidanceConfig, SampleConfig
 from featinv.model import FeatInv, guess_mode_scales
-from featinv.sampling import EpsFn, ddim_timesteps, guided_eps_fn
+from featinv.sampling import EpsFn, ddim_timesteps, feature_guided_eps_fn, guided_eps_fn
 from featinv.sampling import sample as run_sampler
 
 RANGE_TOLERANCE = 1e-2  # resampling overshoot allowed outside [0, 1]
@@ -45,13 +48,21 @@ class Reconstructor:
     CPU (and GPU) kernels pick batch-size-dependent algorithms whose float sums differ in the last
     bits (e.g. the time-embedding GEMM at batch 1 vs 8, 32-channel convs), which flips a few uint8
     pixels; at one fixed shape a row's result does not depend on its neighbours, so with a fixed
-    batch a sample's pixels are bitwise the same in any batch, order, resume or rank split."""
+    batch a sample's pixels are bitwise the same in any batch, order, resume or rank split.
+
+    guidance: training-free feature guidance towards the feature maps being inverted (needs the
+    backbone). With ``cfg.guidance_scale=0`` and ``cfg.uncond="features"`` the sampler runs the
+    unconditional model (feature map dropped) alone: guidance then inverts without the control branch."""
 
     def __init__(self, model: FeatInv, backbone: FeatureExtractor | None = None,
-                 cfg: SampleConfig = SampleConfig(), bf16: bool = False, fixed_batch: int | None = None):
+                 cfg: SampleConfig = SampleConfig(), bf16: bool = False, fixed_batch: int | None = None,
+                 guidance: FeatureGuidanceConfig | None = None):
         self.model = model.eval()
         self.backbone = backbone.eval() if backbone is not None else None
         self.cfg = cfg
+        self.guidance = guidance or FeatureGuidanceConfig()
+        if self.guidance.scale and backbone is None:
+            raise ValueError("feature guidance needs the backbone: pass it to Reconstructor(model, backbone, ...)")
         self.bf16 = bf16  # own autocast; leave False when the caller (e.g. Lightning) autocasts
         self.fixed_batch = fixed_batch
 
@@ -129,8 +140,23 @@ class Reconstructor:
 
     def eps_fn(self, feats: torch.Tensor) -> EpsFn:
         """The guided ε-callable the sampler runs for feature maps (B, C, h, w): x (B·K, ...), t (B·K,) -> ε."""
-        cond, uncond = self._branches(feats.to(self.device))
-        return guided_eps_fn(self.model, cond, uncond, self.cfg.guidance_scale)
+        feats = feats.to(self.device)
+        cond, uncond = self._branches(feats)
+        eps_fn = guided_eps_fn(self.model, cond, uncond, self.cfg.guidance_scale)
+        if not self.guidance.scale:
+            return eps_fn
+        target = feats.float().repeat_interleave(self.cfg.num_samples, dim=0)  # (B·K, C, h, w)
+        return feature_guided_eps_fn(eps_fn, self.model.decode_latents, self._guidance_features, target,
+                                     self.model.alphas_cumprod, self.guidance)
+
+    def _guidance_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded images (N, 3, H, W) in [-1, 1] -> the backbone's features, differentiable (no clamp:
+        it would zero the gradient of pixels outside the range)."""
+        x = (images.float() + 1) / 2
+        size = self.backbone.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return self.backbone(x).float()
 
     @torch.no_grad()
     def _sample(self, feats: torch.Tensor, keys: list[str]) -> torch.Tensor:

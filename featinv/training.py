@@ -144,6 +144,11 @@ class FeatInvModule(pl.LightningModule):
         if missing:
             raise KeyError(f"training checkpoint lacks {len(missing)} trainable weight(s), e.g. {sorted(missing)[:3]}; "
                            "was it written with another train.unlock_decoder setting?")
+        saved = checkpoint.get("featinv", {}).get("model", {}).get("adapter", {}).get("pooled", False)
+        if saved != self.model.cfg.adapter.pooled:
+            raise ValueError(f"training checkpoint was written with model.adapter.pooled={str(saved).lower()}, "
+                             f"this run has model.adapter.pooled={str(self.model.cfg.adapter.pooled).lower()}; "
+                             "resume it with the setting it started with (or start a new --run-dir)")
         self._resume_rng = checkpoint.get("rng")
 
     def on_train_start(self) -> None:

@@ -329,6 +329,25 @@ def read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mod
     return sd, config_from_metadata(metadata)
 
 
+def check_adapter_option(saved: ModelConfig | None, model, source: str) -> None:
+    """CheckpointError naming ``model.adapter.pooled`` if a file's adapter was trained with the other
+    setting than the model it is loaded into (its metadata's config; no metadata: not checked).
+
+    The setting changes what the adapter sees, not its weights, so shapes cannot catch it. An adapter
+    whose output conv is still zero (build-control's output, never trained) gives the same zero hint
+    either way, so an initial checkpoint starts a run of either kind."""
+    want = model.cfg.adapter.pooled
+    if saved is None or saved.adapter.pooled == want:
+        return
+    last = model.control.input_hint_block.block[-1]
+    if not (last.weight.any() or last.bias.any()):
+        return
+    kind = "pooled" if saved.adapter.pooled else "spatial"
+    raise CheckpointError(f"{source}: its adapter was trained on {kind} feature maps (metadata adapter.pooled="
+                          f"{str(saved.adapter.pooled).lower()}) but the config says model.adapter.pooled="
+                          f"{str(want).lower()}; load it with model.adapter.pooled={str(saved.adapter.pooled).lower()}")
+
+
 def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
     """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt), an
     exported FeatInv folder or its Hub id (see :func:`resolve_featinv_source`).
@@ -340,13 +359,15 @@ def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device
 
     path, _ = resolve_featinv_source(path)
     sd, metadata = read_state_dict(path)
-    cfg = cfg or config_from_metadata(metadata) or infer_model_config(sd, str(path))
+    saved = config_from_metadata(metadata)
+    cfg = cfg or saved or infer_model_config(sd, str(path))
     check_finite(sd, str(path))
     with torch.device("meta"):  # no storage: the file's tensors become the parameters (one copy in memory)
         model = FeatInv(cfg)
     notes = load_into(model, sd, source=str(path), assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"not loaded: {left[:3]}"  # strict loading covers every parameter and buffer
+    check_adapter_option(saved, model, str(path))
     for note in notes:
         print(f"note: {path}: {note}")
     return model.to(device)

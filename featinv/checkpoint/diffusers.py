@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from featinv.checkpoint.reference_yaml import _text_config
+from featinv.checkpoint.reference_yaml import clip_text_config
 from featinv.config import AdapterConfig, DiffusionConfig, ModelConfig, UNetConfig, VAEConfig
 from featinv.tensor_files import read_safetensors
 
@@ -304,7 +304,7 @@ def read_pipeline(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfi
     if raw["text_encoder"].get("architectures", ["CLIPTextModel"]) != ["CLIPTextModel"]:
         raise ValueError(f"{where['text_encoder']}: architectures {raw['text_encoder']['architectures']} not "
                          "supported (featinv reads a CLIPTextModel)")
-    text = _text_config(text_raw, str(where["text_encoder"]))
+    text = clip_text_config(text_raw, str(where["text_encoder"]))
     sched_file = path / "scheduler" / "scheduler_config.json"
     diffusion = scheduler_config(read_json(sched_file), sched_file) if sched_file.is_file() else DiffusionConfig()
     size = raw["unet"].get("sample_size", 32)

@@ -35,7 +35,7 @@ _CLIP_IGNORED = {"dropout", "attention_dropout", "initializer_range", "initializ
                  "transformers_version"}
 
 
-def _text_config(clip: dict, where: str) -> TextConfig:
+def clip_text_config(clip: dict, where: str) -> TextConfig:
     """clip_text_config -> TextConfig; unknown keys and activations other than CLIP's quick_gelu fail.
 
     Exact GELU is refused rather than supported: every SD-1.x / miniSD text encoder (CLIP ViT-L/14)
@@ -88,7 +88,7 @@ def config_from_reference_yaml(data: dict, source: str = "yaml") -> ModelConfig:
                     scale_factor=top.get("scale_factor", 0.18215))
     cond = top["cond_stage_config"]
     clip = ((cond or {}).get("params") or {}).get("clip_text_config")
-    text = _text_config(clip, f"{source}: cond_stage_config.params.clip_text_config") if clip else TextConfig()
+    text = clip_text_config(clip, f"{source}: cond_stage_config.params.clip_text_config") if clip else TextConfig()
     diffusion = DiffusionConfig(timesteps=top.get("timesteps", 1000), linear_start=top.get("linear_start", 0.00085),
                                 linear_end=top.get("linear_end", 0.012))
     return ModelConfig(unet=unet, adapter=AdapterConfig(in_channels=ctrl_p["hint_channels"]), vae=vae, text=text,
