@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
+from featinv.folder_lock import LOCK_NAME
+
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
 # (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu
@@ -79,13 +81,16 @@ def command(name: str):
 
 @contextlib.contextmanager
 def cleanup_on_failure(path: str | os.PathLike):
-    """If the body fails, remove ``path`` when it did not exist before and holds only empty folders."""
+    """If the body fails, remove ``path`` when it did not exist before and holds only empty folders
+    (and the job's own lock file)."""
     path = Path(path)
     existed = path.exists()
     try:
         yield
     except BaseException:
         if not existed and path.is_dir():
+            with contextlib.suppress(OSError):
+                (path / LOCK_NAME).unlink()  # released by now (the lock's `with` is inside this one)
             for folder, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):  # deepest first
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # only succeeds when empty

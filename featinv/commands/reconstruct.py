@@ -12,6 +12,7 @@ from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
 from featinv.config_file import run_config
 from featinv.folder_job import reconstruct_folder
+from featinv.folder_lock import folder_lock
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> int:
                 "accelerator": args.accelerator, "devices": devices, "num_nodes": args.num_nodes,
                 "strategy": args.strategy, "precision": args.precision}
     _print0("featinv reconstruct\n" + json.dumps(settings, indent=2))
-    with cleanup_on_failure(args.out):
+    with cleanup_on_failure(args.out), folder_lock(args.out):  # one job per folder, before the model loads
         manifest = reconstruct_folder(args.checkpoint, backbone, args.data, args.out, args.per_class or None,
                                       sample, args.batch_size, full.model if full else None, args.accelerator,
                                       devices, args.num_nodes, args.strategy, args.precision, args.num_workers,

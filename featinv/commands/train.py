@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from featinv.build_control import backbone_channels
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config_file import load_config
+from featinv.folder_lock import folder_lock
 from featinv.training import effective_config, train
 
 
@@ -19,6 +20,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
     p.add_argument("--resume", default="auto",
                    help="Lightning checkpoint to resume, 'auto' (the newest in run-dir/checkpoints that loads) or 'none'")
+    p.add_argument("--accept-change", action="append", default=[], metavar="FIELD",
+                   help="resume although FIELD differs from the run's config.yaml (a resumed run must keep "
+                        "backbone, model, train.lr, data.batch_size and data.root; repeat for several fields; "
+                        "the run's config.yaml then records the new value)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 1, 8, or auto")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes")
@@ -30,9 +35,10 @@ def main(argv: list[str]) -> int:
     cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    with cleanup_on_failure(args.run_dir):
+    with cleanup_on_failure(args.run_dir), folder_lock(args.run_dir, "--run-dir"):  # one job per run
         train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume)
+              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume,
+              accept_changes=tuple(args.accept_change))
     return 0
 
 
