@@ -62,6 +62,11 @@ def test_compose_and_perturb_on_a_checkpoint(tiny, tmp_path):
     ("compose", ["--ops", "paste,blend"], "--ops: unknown composite(s) ['blend']"),
     ("perturb", ["--severities", "4"], "--severities: '4' must list values from 1, 2, 3"),
     ("perturb", ["--images", "EMPTY"], "no images"),
+    ("steer", ["--alphas", "0,nan"], "--alphas: '0,nan' holds nan; every value must be a finite number"),
+    ("compose", ["--ts", "0,inf"], "--ts: '0,inf' holds inf"),
+    ("perturb", ["--eps", "nan"], "argument --eps: 'nan' is not a finite number"),
+    ("steer", ["--samples", "1000"], "argument --samples: 1000 is above the limit of 64 samples per input"),
+    ("steer", ["--count", "0"], "argument --count: must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_naming_it(tiny, tmp_path, capsys, command, extra, message):
     empty = tmp_path / "empty"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -248,13 +249,27 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
 
 
 def write_outputs(out: str | Path, picture: Image.Image, picture_name: str, markdown: str, table: dict) -> dict:
-    """Write ``<out>/<picture_name>``, ``table.md`` and ``table.json`` atomically -> their paths."""
+    """Write ``<out>/<picture_name>``, ``table.md`` and ``table.json`` atomically -> their paths.
+
+    table.json is strict JSON: a non-finite number (a statistic of nothing) is written as null."""
     out = Path(out)
+    table = _finite(json.loads(json.dumps(table, default=_jsonable)))
     out.mkdir(parents=True, exist_ok=True)
     paths = {"picture": save_png(picture, out / picture_name),
              "markdown": atomic_write_text(markdown, out / "table.md"),
-             "json": atomic_write_text(json.dumps(table, indent=2, default=_jsonable) + "\n", out / "table.json")}
+             "json": atomic_write_text(json.dumps(table, indent=2, default=_jsonable, allow_nan=False) + "\n", out / "table.json")}
     return {k: str(v) for k, v in paths.items()}
+
+
+def _finite(v):
+    """NaN / inf -> None, in nested lists and dicts (strict JSON has no such numbers)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _jsonable(v):

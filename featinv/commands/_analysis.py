@@ -3,6 +3,7 @@ and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
 from featinv.config_file import run_config
-from featinv.commands._common import cleanup_on_failure
+from featinv.commands._common import MAX_SAMPLES, cleanup_on_failure, positive_int, sample_count
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
 # its neighbours (Reconstructor.fixed_batch): α = 0, interpolation ends and clean inputs then reproduce
@@ -34,11 +35,12 @@ def add_common_args(p) -> None:
                                                "input); default on the demo: held-out digits")
     g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
                                     "default: the command's example digits, or the first --count held-out digits)")
-    g.add_argument("--count", type=int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
+    g.add_argument("--count", type=positive_int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--samples", type=int, default=1, help="K reconstructions per input (K > 1 adds a spread map)")
+    g.add_argument("--samples", type=sample_count, default=1,
+                   help=f"K reconstructions per input (K > 1 adds a spread map; at most {MAX_SAMPLES})")
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
-    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's: demo 20, else 50)")
+    g.add_argument("--steps", type=positive_int, help="DDIM steps (default: the model's: demo 20, else 50)")
     p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
 
 
@@ -49,6 +51,9 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
     if not values:
         raise ValueError(f"{flag}: {text!r} is empty")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{flag}: {text!r} holds {bad[0]}; every value must be a finite number")
     return values
 
 
@@ -106,9 +111,7 @@ def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits:
     elif pair.data is not None:
         text = args.digits if args.digits or args.count else example_digits
         digits = parse_ints(text, "--digits") if text else None
-        count = args.count or (1 if digits else 3)
-        if count < 1:
-            raise ValueError(f"--count must be >= 1, got {count}")
+        count = args.count if args.count is not None else (1 if digits else 3)  # --count 0: argparse refuses
         images, names, labels = demo_digits(pair.data, digits, count)
     else:
         raise ValueError("--images: give input images (files or folders) when running on --checkpoint")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 import traceback
@@ -25,6 +26,41 @@ from featinv.folder_lock import LOCK_NAME
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                OmegaConfBaseException)
 USER_ERROR_NAMES = ("MisconfigurationException",)
+
+
+# --samples K multiplies every reconstruction of a command (and its memory); above this a typo is likelier
+# than intent (README: "Numbers on the command line").
+MAX_SAMPLES = 64
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of every float flag: a finite number (nan, inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    """argparse ``type`` of --samples: 1 <= K <= MAX_SAMPLES."""
+    value = positive_int(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"{value} is above the limit of {MAX_SAMPLES} samples per input")
+    return value
 
 
 class UsageError(ValueError):

@@ -5,7 +5,7 @@ from featinv.analysis.perturb import CORRUPTIONS
 from featinv.analysis.reports import Attack, perturb_report
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads,
                                         write_report)
-from featinv.commands._common import Parser, command
+from featinv.commands._common import Parser, command, finite_float, positive_int
 
 
 @command("perturb")
@@ -16,10 +16,10 @@ def main(argv: list[str]) -> int:
                    help=f"comma-separated from {', '.join(CORRUPTIONS)}, or 'none'")
     p.add_argument("--severities", default="1,2,3", help="corruption severities (1-3)")
     p.add_argument("--attack", choices=("pgd", "none"), default="pgd", help="adversarial attack")
-    p.add_argument("--eps", type=float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
+    p.add_argument("--eps", type=finite_float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
                    "the demo classifier's held-out predictions; ImageNet models typically need only 4/255)")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps")
-    p.add_argument("--step-size", type=float, help="PGD step size (default: eps / 8)")
+    p.add_argument("--pgd-steps", type=positive_int, default=20, help="PGD steps")
+    p.add_argument("--step-size", type=finite_float, help="PGD step size (default: eps / 8)")
     p.add_argument("--target", type=int, help="targeted PGD towards this class (default: untargeted)")
     add_common_args(p)
     args = p.parse_args(argv)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
-from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.commands._common import Parser, cleanup_on_failure, command, finite_float, positive_int, sample_count
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, SampleConfig, to_dict
 from featinv.config_file import run_config
 from featinv.folder_job import reconstruct_folder
@@ -39,20 +39,20 @@ def build_parser() -> Parser:
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
                    help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
                         "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
-    p.add_argument("--steps", type=int, default=d.steps,
+    p.add_argument("--steps", type=positive_int, default=d.steps,
                    help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
                         "1000, as the reference); trailing = exactly S steps from t=999")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (ddim only)")
-    p.add_argument("--scale", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=finite_float, default=d.eta, help="DDIM eta (ddim only)")
+    p.add_argument("--scale", type=finite_float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
-    p.add_argument("--samples", type=int, default=d.num_samples, help="reconstructions per image (K)")
+    p.add_argument("--samples", type=sample_count, default=d.num_samples, help="reconstructions per image (K)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed; each image/sample gets its own")
     p.add_argument("--uncond", choices=UNCOND_MODES, default=d.uncond,
                    help="unconditional branch: empty prompt with the features (reference) or without them")
     p.add_argument("--guess-mode", action="store_true", help="reference guess mode (control ramp, uncond w/o control)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch per device (x K samples x 2 branches)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch per device (x K samples x 2 branches)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per device")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices (auto, N, or a list like 0,1)")
