@@ -46,3 +46,24 @@ def atomic_save(write, path: str | os.PathLike) -> Path:
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file (JSON, YAML, CSV, Markdown) atomically."""
     return atomic_save(lambda tmp: Path(tmp).write_text(text), path)
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool = False) -> Path:
+    """ValueError naming ``flag`` unless ``path`` (a folder, or a file's folder with ``is_file``) can be
+    written: checked first, before any model loads, and without leaving anything behind (a temporary
+    folder is made and removed in the nearest folder that exists)."""
+    path = Path(path)
+    folder = path.parent if is_file else path
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag}: {str(folder)!r} is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".featinv-probe-"))
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written ({reason}: {existing})") from None
+    return path

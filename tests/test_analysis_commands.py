@@ -104,3 +104,29 @@ def test_checkpoint_without_run_config_or_backbone_names_the_flag(tiny, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("featinv steer: error:") and "--backbone" in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def bomb_png(path):
+    """A PNG header declaring 20000 x 20000 pixels: PIL refuses it as a decompression bomb on open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, capsys):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), str(bomb), "--ops", "interpolate",
+            "--ts", "0,1"]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image '{bomb}': DecompressionBombError" in err and "Traceback" not in err
+    assert len(json.loads((tmp_path / "out" / "table.json").read_text())["rows"]) == 2
+    assert cli.main(["steer", *tiny["args"], "--images", str(bomb), "--out", str(tmp_path / "only")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("featinv steer: error: --images: unreadable image") and "bomb.png" in line

@@ -36,3 +36,15 @@ def test_umask_without_proc(monkeypatch, umask):
     monkeypatch.setattr(fio, "open", no_proc, raising=False)  # module global shadows the builtin
     assert fio.current_umask() == 0o027
     assert os.umask(0o027) == 0o027  # the fallback restored it
+
+
+def test_check_writable_leaves_nothing_behind_and_names_the_flag(tmp_path):
+    from featinv.io import check_writable
+
+    assert check_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # probed, not created
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"--run-dir: .*f/out' cannot be written"):
+        check_writable(tmp_path / "f" / "out", "--run-dir")
+    with pytest.raises(ValueError, match=r"--out: .*/f' is a file, not a folder"):
+        check_writable(tmp_path / "f")

@@ -86,15 +86,23 @@ def chain(tmp_path_factory) -> dict:
     return results
 
 
+def wait_for_lock(proc: subprocess.Popen, folder: Path) -> None:
+    """Until ``proc`` holds the folder's lock: it writes its PID right after taking it, before the model loads."""
+    lock = folder / ".featinv.lock"
+    for _ in range(1200):
+        if lock.is_file() and lock.read_text().strip() == str(proc.pid) or proc.poll() is not None:
+            return
+        time.sleep(0.1)
+
+
 def race(recon: list[str], tmp: Path) -> dict:
     """Two jobs on one folder: the first holds the lock (stopped while it holds it), the second is refused;
     the first is killed with SIGKILL, and a rerun proceeds."""
+    interrupted = featinv(*recon, "--steps", "2", "--out", "recon_int", cwd=tmp, wait=False)
     first = featinv(*recon, "--steps", "2", "--out", "recon_race", cwd=tmp, wait=False)
-    lock = tmp / "recon_race" / ".featinv.lock"
-    for _ in range(1200):  # the holder writes its PID right after taking the lock, before the model loads
-        if lock.is_file() and lock.read_text().strip() == str(first.pid) or first.poll() is not None:
-            break
-        time.sleep(0.1)
+    wait_for_lock(interrupted, tmp / "recon_int")
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C while the job loads its model
+    wait_for_lock(first, tmp / "recon_race")
     os.kill(first.pid, signal.SIGSTOP)  # the first job is running (stopped): it holds the lock
     try:
         second = featinv(*recon, "--steps", "3", "--out", "recon_race", cwd=tmp)
@@ -102,7 +110,8 @@ def race(recon: list[str], tmp: Path) -> dict:
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.communicate()
-    return {"race_first_pid": first.pid, "race_first_state": first_state, "race_second": second,
+    return {"interrupted": finish(interrupted), "race_first_pid": first.pid, "race_first_state": first_state,
+            "race_second": second,
             "race_rerun": featinv(*recon, "--steps", "2", "--out", "recon_race", cwd=tmp)}
 
 
@@ -193,3 +202,9 @@ def test_fewer_images_than_the_batch_size_is_refused_before_training(chain):
     line = error_line(chain["small_batch"], "train")
     assert "--data photos: 5 images < data.batch_size 8" in line
     assert "step 1/" not in chain["small_batch"].stderr and not (chain["tmp"] / "runs/small").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(chain):
+    proc = chain["interrupted"]
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "featinv reconstruct: interrupted; rerun to resume"

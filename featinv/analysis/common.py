@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -80,18 +81,25 @@ def _image_files(path: Path) -> list[Path]:
 def load_images(paths: Sequence[str | Path], size: int) -> tuple[torch.Tensor, list[str]]:
     """Image files and/or folders (any size) -> ((N, 3, size, size) in [0, 1], names).
 
-    Each image is resized (shorter side) and centre-cropped to the backbone's input, as in evaluation."""
+    Each image is resized (shorter side) and centre-cropped to the backbone's input, as in evaluation.
+    An image that cannot be read (a broken file, a decompression bomb) is skipped with a warning naming
+    it; ValueError naming it when no image is left."""
     crop = crop_transform(size, train=False)
-    images, names = [], []
+    images, names, bad = [], [], []
     for p in paths:
         for f in _image_files(Path(p)):
             try:
                 with Image.open(f) as im:
                     pil = crop(im.convert("RGB"))
-            except (OSError, ValueError, SyntaxError) as e:
-                raise ValueError(f"unreadable image {str(f)!r}: {type(e).__name__}: {e}") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad.append(f"unreadable image {str(f)!r}: {type(e).__name__}: {' '.join(str(e).split())}")
+                continue
             images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1))
             names.append(f.stem)
+    if not images and bad:
+        raise ValueError(bad[0] + (f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""))
+    for reason in bad:
+        warnings.warn(f"skipping {reason}", stacklevel=2)
     return torch.stack(images), names
 
 

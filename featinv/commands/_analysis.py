@@ -12,6 +12,7 @@ import torch
 from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
 from featinv.config_file import run_config
+from featinv.io import check_writable
 from featinv.commands._common import MAX_SAMPLES, cleanup_on_failure, positive_int, sample_count
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
@@ -79,6 +80,7 @@ def set_threads() -> None:
 
 
 def pair_from_args(args) -> AnalysisPair:
+    check_writable(args.out)  # before any model loads or trains
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -11,8 +11,11 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
@@ -96,14 +99,53 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(e).__name__
 
 
-def command(name: str):
-    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``."""
+class _Interrupts:
+    """Ctrl-C during a command: remembered, then raised as KeyboardInterrupt as usual. Lightning catches
+    that inside fit/predict and ends with ``sys.exit(1)``; the remembered interrupt makes that exit an
+    interruption too."""
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)  # Lightning leaves SIGINT ignored after an interrupt
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line each (``warning: ...``), not with the source line that raised them."""
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+def command(name: str, resumes: bool = False):
+    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``.
+
+    Ctrl-C ends the command with one line (``interrupted; rerun to resume`` for a command that resumes)
+    and exit status 130, as a shell reports SIGINT."""
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: list[str] | None = None) -> int:
             argv = sys.argv[1:] if argv is None else list(argv)
+            interrupts = _Interrupts()
             try:
-                return fn(argv) or 0
+                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning):
+                    return fn(argv) or 0
+            except (KeyboardInterrupt, SystemExit) as e:
+                if isinstance(e, SystemExit) and not interrupts.seen:
+                    raise
+                if "--debug" in argv:
+                    traceback.print_exc()
+                print(f"featinv {name}: interrupted{'; rerun to resume' if resumes else ''}", file=sys.stderr)
+                return 130
             except Exception as e:  # noqa: BLE001 -- user errors are reported, anything else re-raised
                 if not isinstance(e, USER_ERRORS) and type(e).__name__ not in USER_ERROR_NAMES:
                     raise
@@ -113,6 +155,17 @@ def command(name: str):
                 return 2
         return main
     return wrap
+
+
+@contextlib.contextmanager
+def mock_attr(obj, name: str, value):
+    """Set ``obj.name`` for the body, restore it after."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 @contextlib.contextmanager

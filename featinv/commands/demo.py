@@ -11,9 +11,10 @@ import torch
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.demo import run
+from featinv.io import check_writable
 
 
-@command("demo")
+@command("demo", resumes=True)
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="featinv_demo", help="output folder (picture, table; cache/ for artefacts)")
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--retrain", action="store_true", help="ignore cached artefacts and train everything again")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one less than the CPUs, at most 4)")
     args = p.parse_args(argv)
+    check_writable(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -7,10 +7,11 @@ from featinv.build_control import backbone_channels
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config_file import load_config
 from featinv.folder_lock import folder_lock
+from featinv.io import check_writable
 from featinv.training import effective_config, train
 
 
-@command("train")
+@command("train", resumes=True)
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv train",
                description="Train FeatInv's control branch on a frozen classifier's feature maps.")
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
     args = p.parse_args(argv)
+    check_writable(args.run_dir, "--run-dir")
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
     cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it
