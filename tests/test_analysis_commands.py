@@ -130,3 +130,18 @@ def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, 
     assert cli.main(["steer", *tiny["args"], "--images", str(bomb), "--out", str(tmp_path / "only")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("featinv steer: error: --images: unreadable image") and "bomb.png" in line
+
+
+def test_a_users_folder_is_not_overwritten_but_the_commands_own_output_is(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "table.md").write_text("my notes")
+    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), "--ops", "interpolate", "--ts", "0,1",
+            "--out", str(out)]
+    assert cli.main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds files that are not featinv compose's output (table.md)" in line and "--overwrite" in line
+    assert (out / "table.md").read_text() == "my notes"
+    assert cli.main([*args, "--overwrite"]) == 0 and (out / "table.md").read_text() != "my notes"
+    assert cli.main(args) == 0  # now the folder holds compose's own output: rerun replaces it
+    assert cli.main(["steer", *args[1:]]) == 2  # but not another command's

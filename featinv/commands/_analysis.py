@@ -12,7 +12,7 @@ import torch
 from featinv.analysis.common import AnalysisPair, demo_digits, load_images, load_pair, write_outputs
 from featinv.backbone import BACKBONE_PRESETS, resolve_backbone
 from featinv.config_file import run_config
-from featinv.io import check_writable
+from featinv.io import check_output_folder, check_writable, mark_output_folder
 from featinv.commands._common import MAX_SAMPLES, cleanup_on_failure, positive_int, sample_count
 
 # The analyses reconstruct in chunks of exactly this many rows, so that a row's pixels do not depend on
@@ -43,6 +43,9 @@ def add_common_args(p) -> None:
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
     g.add_argument("--steps", type=positive_int, help="DDIM steps (default: the model's: demo 20, else 50)")
     p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
+    p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files "
+                   "(without it only a new or empty folder, or this command's earlier output, is written into)")
+    p.set_defaults(command_name=p.prog.split()[-1])
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -81,6 +84,7 @@ def set_threads() -> None:
 
 def pair_from_args(args) -> AnalysisPair:
     check_writable(args.out)  # before any model loads or trains
+    check_output_folder(args.out, args.command_name, args.overwrite)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -122,12 +126,13 @@ def inputs_from_args(args, pair: AnalysisPair, minimum: int = 1, example_digits:
     return images.to(pair.extractor.mean.device), names, labels
 
 
-def write_report(out: str, filename: str, make_report) -> int:
+def write_report(out: str, filename: str, make_report, command: str) -> int:
     """Run ``make_report() -> (picture, table, markdown)`` and write its files into ``out`` (removed again
-    if the report fails and ``out`` was new); print the table and where the files are."""
+    if the report fails and ``out`` was new), marked as ``command``'s; print the table and where the files are."""
     with cleanup_on_failure(out):
         picture, table, md = make_report()
         paths = write_outputs(out, picture, filename, md, table)
+        mark_output_folder(out, command)
     print(md)
     print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
     return 0

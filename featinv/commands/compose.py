@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     if args.cls is not None and not 0 <= args.cls < classes:
         raise ValueError(f"--class {args.cls} out of range: the classifier has {classes} classes (0..{classes - 1})")
     return write_report(args.out, "compose.png",
-                        lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops))
+                        lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops),
+                        args.command_name)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.demo import run
-from featinv.io import check_writable
+from featinv.io import check_output_folder, check_writable
 
 
 @command("demo", resumes=True)
@@ -21,10 +21,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="smaller settings (about 1.5 minutes on a 2-core CPU; used by the tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files")
     p.add_argument("--retrain", action="store_true", help="ignore cached artefacts and train everything again")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one less than the CPUs, at most 4)")
     args = p.parse_args(argv)
     check_writable(args.out)
+    check_output_folder(args.out, "demo", args.overwrite, own=("cache",))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

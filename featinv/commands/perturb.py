@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--target {args.target} out of range: the classifier has {classes} classes (0..{classes - 1})")
     images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
     return write_report(args.out, "perturb.png",
-                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack))
+                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack), args.command_name)
 
 
 if __name__ == "__main__":

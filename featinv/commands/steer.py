@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
             ref = feats_of(pair.data["x_train"].expand(-1, 3, -1, -1)) if pair.data is not None else feats_of(images)
         clamp = feature_range(torch.cat([ref, *sets]), per_location=args.clamp == "location")
     return write_report(args.out, "steer.png",
-                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description))
+                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description),
+                        args.command_name)
 
 
 if __name__ == "__main__":

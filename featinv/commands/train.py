@@ -7,7 +7,7 @@ from featinv.build_control import backbone_channels
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config_file import load_config
 from featinv.folder_lock import folder_lock
-from featinv.io import check_writable
+from featinv.io import check_output_folder, check_writable
 from featinv.training import effective_config, train
 
 
@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
     args = p.parse_args(argv)
     check_writable(args.run_dir, "--run-dir")
+    # a run folder is recognised by its config.yaml / checkpoints; a run is continued, never overwritten
+    check_output_folder(args.run_dir, "train", None, "--run-dir", own=("config.yaml", "checkpoints"))
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
     cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it
