@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 
 import torch
@@ -73,13 +72,6 @@ def parse_box(text: str, flag: str = "--mask") -> list[float]:
     if len(box) != 4:
         raise ValueError(f"{flag}: {text!r} must be four numbers x0,y0,x1,y1")
     return box
-
-
-def set_threads() -> None:
-    """The demo's tiny tensors run fastest with one core left free (see featinv demo)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(available - 1, 4)))
-    torch.set_flush_denormal(True)
 
 
 def pair_from_args(args) -> AnalysisPair:

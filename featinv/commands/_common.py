@@ -126,6 +126,25 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
+@contextlib.contextmanager
+def _threads(argv: list[str]):
+    """torch's CPU threads by the one rule (:func:`featinv.runtime.configure_threads`) for the command,
+    restored after it (for callers in one process, such as tests); not for --help (no torch import)."""
+    if any(a in ("-h", "--help") for a in argv):
+        yield
+        return
+    import torch
+
+    from featinv.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    configure_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def command(name: str, resumes: bool = False):
     """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``.
 
@@ -137,7 +156,7 @@ def command(name: str, resumes: bool = False):
             argv = sys.argv[1:] if argv is None else list(argv)
             interrupts = _Interrupts()
             try:
-                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning):
+                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning), _threads(argv):
                     return fn(argv) or 0
             except (KeyboardInterrupt, SystemExit) as e:
                 if isinstance(e, SystemExit) and not interrupts.seen:

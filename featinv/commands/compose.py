@@ -4,7 +4,7 @@ from __future__ import annotations
 from featinv.analysis.reports import compose_report
 from featinv.analysis.steering import box_mask
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        set_threads, write_report)
+                                        write_report)
 from featinv.commands._common import Parser, command
 
 OPS = ("interpolate", "paste", "channels", "arithmetic")
@@ -30,7 +30,6 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--ops: unknown composite(s) {unknown or args.ops!r}; choose from {', '.join(OPS)}")
     ts = parse_floats(args.ts, "--ts")
     box = parse_box(args.mask) if args.mask else None
-    set_threads()
     pair = pair_from_args(args)
     images, names, _ = inputs_from_args(args, pair, minimum=3 if "arithmetic" in ops else 2,
                                         example_digits="3,8,0")  # demo: A = 3, B = 8, C = 0

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from featinv.analysis.perturb import CORRUPTIONS
 from featinv.analysis.reports import Attack, perturb_report
-from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads,
-                                        write_report)
+from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, write_report)
 from featinv.commands._common import Parser, command, finite_float, positive_int
 
 
@@ -31,14 +30,14 @@ def main(argv: list[str]) -> int:
     if not severities or any(s not in (1, 2, 3) for s in severities):
         raise ValueError(f"--severities: {args.severities!r} must list values from 1, 2, 3")
     attack = None if args.attack == "none" else Attack(args.eps, args.pgd_steps, args.step_size, args.target)
-    set_threads()
     pair = pair_from_args(args)
     classes = pair.extractor.head_weight().shape[0] if args.target is not None else None
     if args.target is not None and not 0 <= args.target < classes:
         raise ValueError(f"--target {args.target} out of range: the classifier has {classes} classes (0..{classes - 1})")
     images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
     return write_report(args.out, "perturb.png",
-                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack), args.command_name)
+                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack),
+                        args.command_name)
 
 
 if __name__ == "__main__":
