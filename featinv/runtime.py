@@ -12,7 +12,9 @@ seeded by a function of stable names, never from the global RNG:
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import torch
 
@@ -48,3 +50,19 @@ def configure_threads(threads: int = 0) -> int:
     torch.set_num_threads(n)
     torch.set_flush_denormal(True)
     return n
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising ("💡 Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence what a featinv user cannot act on in train/reconstruct output: Lightning's tips, and a
+    deprecation inside Lightning's own code (its use of torch's ``LeafSpec``). Idempotent."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)

@@ -40,7 +40,7 @@ from featinv.config_file import check_resumed_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
-from featinv.runtime import resolve_precision
+from featinv.runtime import quiet_lightning, resolve_precision
 
 
 class FeatInvModule(pl.LightningModule):
@@ -359,6 +359,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     (:func:`~featinv.config_file.check_resumed_config`) but for the fields named in ``accept_changes``.
     Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch."""
     run_dir = Path(run_dir)
+    quiet_lightning()
     if resume == "auto":  # the newest checkpoint of the run that loads
         resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
     if resume:  # before anything loads: the same run, or a change the user accepted by name
@@ -398,5 +399,5 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     out = run_dir / "featinv.safetensors"
     if trainer.is_global_zero:
         save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
-        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})")
+        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})", file=sys.stderr)
     return out

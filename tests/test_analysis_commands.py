@@ -127,6 +127,7 @@ def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, 
     err = capsys.readouterr().err
     assert f"warning: skipping unreadable image '{bomb}': DecompressionBombError" in err and "Traceback" not in err
     assert len(json.loads((tmp_path / "out" / "table.json").read_text())["rows"]) == 2
+    assert "; 1 sample per composite" in (tmp_path / "out" / "table.md").read_text()
     assert cli.main(["steer", *tiny["args"], "--images", str(bomb), "--out", str(tmp_path / "only")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("featinv steer: error: --images: unreadable image") and "bomb.png" in line

@@ -119,7 +119,7 @@ def test_the_run_records_its_effective_config(chain):
     run = chain["tmp"] / "runs" / "run"
     assert "in_channels: 512" in (run / "config.yaml").read_text()  # resnet18's channels, not tiny.yaml's 16
     assert "in_channels: 512" in chain["first"].stdout  # printed as it is recorded
-    assert "(step 4)" in chain["continued"].stdout  # continued from step 2, not started over
+    assert "(step 4)" in chain["continued"].stderr  # continued from step 2, not started over
 
 
 def test_progress_is_whole_lines_on_stderr(chain):
@@ -195,7 +195,7 @@ def test_resuming_with_a_changed_backbone_is_refused_naming_both_values(chain):
     line = error_line(chain["changed"], "train")
     assert "backbone.name: the run trained 'resnet18', now 'resnet34'" in line and "--accept-change" in line
     assert (chain["tmp"] / "runs/run/config.yaml").read_bytes() == chain["config_before"]
-    assert "(step 4)" not in chain["changed"].stdout  # nothing trained, nothing exported
+    assert "(step 4)" not in chain["changed"].stderr  # nothing trained, nothing exported
 
 
 def test_fewer_images_than_the_batch_size_is_refused_before_training(chain):
@@ -208,3 +208,12 @@ def test_ctrl_c_is_one_line_and_exit_130(chain):
     proc = chain["interrupted"]
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "featinv reconstruct: interrupted; rerun to resume"
+
+
+def test_no_noise_a_user_cannot_act_on(chain):
+    """No Lightning tips or deprecations of Lightning's own code; stdout keeps the results, progress and
+    "exported ..." go to stderr."""
+    for name in ("first", "continued", "recon", "recon_again"):
+        text = chain[name].stdout + chain[name].stderr
+        assert "Tip:" not in text and "LeafSpec" not in text and "Traceback" not in text, (name, text[-2000:])
+    assert "exported" not in chain["continued"].stdout and "exported" in chain["continued"].stderr

@@ -32,7 +32,8 @@ def build_parser() -> Parser:
     p.add_argument("--backbone-size", type=int, help="backbone input size (None: the preset's)")
     p.add_argument("--examples", help="folder of example images to offer (with --checkpoint)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
     return p
 
 

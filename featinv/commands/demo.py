@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files")
     p.add_argument("--retrain", action="store_true", help="ignore cached artefacts and train everything again")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
     args = p.parse_args(argv)
     check_writable(args.out)
     check_output_folder(args.out, "demo", args.overwrite, own=("cache",))

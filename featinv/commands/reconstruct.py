@@ -14,6 +14,7 @@ from featinv.config_file import run_config
 from featinv.folder_job import reconstruct_folder
 from featinv.folder_lock import folder_lock
 from featinv.io import check_output_folder, check_writable
+from featinv.runtime import quiet_lightning
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 
@@ -68,6 +69,7 @@ def main(argv: list[str]) -> int:
     """``featinv reconstruct``: parse arguments, print the resolved settings, run the folder job."""
     args = build_parser().parse_args(argv)
     check_writable(args.out)
+    quiet_lightning()
     check_output_folder(args.out, "reconstruct", args.overwrite, own=("manifest.json",))
     if not Path(args.checkpoint).is_file():  # fail before anything is loaded
         raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} not found")
