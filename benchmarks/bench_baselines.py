@@ -29,7 +29,9 @@ import torch
 from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion
 from featinv.checkpoint import load_featinv
 from featinv.config import FeatureGuidanceConfig
-from featinv.demo import _stage_control, load_demo_pair, make_extractor, metrics, rgb, train_classifier
+from featinv.demo import load_demo_pair, metrics
+from featinv.demo_stages import QUICK, _stage_control, classifier_accuracy
+from featinv.digits import make_extractor, rgb, train_classifier
 from featinv.reconstruct import Reconstructor
 from featinv.sampling import ddim_timesteps, feature_guided_eps_fn, sample
 
@@ -60,13 +62,13 @@ class Counter:
 
 def pooled_pair_model(pair, seed: int, log):
     """The pooled model: the demo's control stage, same settings and initial checkpoint, pooled adapter."""
-    cache = pair.cache.parent / f"{pair.cache.name}-pooled"
+    cache = pair.folder.parent / f"{pair.folder.name}-pooled"
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "featinv_init.safetensors").exists():
-        shutil.copyfile(pair.cache / "featinv_init.safetensors", cache / "featinv_init.safetensors")
+        shutil.copyfile(pair.folder / "featinv_init.safetensors", cache / "featinv_init.safetensors")
     cfg = pair.model.cfg
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, pooled=True))
-    final = _stage_control(cache, pair.data, pair.settings, seed, torch.device("cpu"), cfg, pair.extractor, log)
+    final = _stage_control(cache, pair.data, QUICK, seed, torch.device("cpu"), cfg, pair.extractor, log)
     return load_featinv(final).eval()
 
 
@@ -153,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     pair = load_demo_pair(args.demo_out, seed=args.seed, log=log)
     pooled = pooled_pair_model(pair, args.seed, log)
-    n = args.digits or pair.settings.eval_digits
+    n = args.digits or QUICK.eval_digits
     originals = rgb(pair.data["x_test"][:n])
     keys = [f"test{i}" for i in range(n)]
     with torch.no_grad():
         feats = pair.extractor(originals)
-    judge = make_extractor(train_classifier(pair.data, pair.settings, args.seed + 1, torch.device("cpu")),
-                           pair.settings.image_size).eval()
+    judge = make_extractor(train_classifier(pair.data, QUICK.classifier_epochs, args.seed + 1, torch.device("cpu")),
+                           QUICK.image_size).eval()
     with torch.no_grad():
         judge_acc = (judge.classify(rgb(pair.data["x_test"])).argmax(1) == pair.data["y_test"]).float().mean().item()
     counter = Counter([pair.model.unet, pooled.unet], pair.extractor)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  {name}: {row}")
     counter.remove()
     results = {"rows": rows, "digits": n, "samples": k, "seed": args.seed,
-               "classifier_accuracy": pair.classifier_accuracy, "judge_accuracy": judge_acc, "guidance": args.guidance,
+               "classifier_accuracy": classifier_accuracy(pair.extractor, pair.data), "judge_accuracy": judge_acc, "guidance": args.guidance,
                "pixel_steps": args.pixel_steps, "threads": args.threads}
     md = markdown(results)
     print(md)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,8 @@ def _check_range(cfg: Any, **bounds: tuple[float | None, float | None]) -> None:
     """ValueError naming the first field of ``cfg`` outside its [low, high] (None: unbounded)."""
     for name, (low, high) in bounds.items():
         value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number, got {value!r}")
         if (low is not None and value < low) or (high is not None and value > high):
             want = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"{type(cfg).__name__}.{name} must be {want}, got {value!r}")
@@ -208,6 +211,9 @@ class SampleConfig:
         check_eta(self.sampler, self.eta, f"{type(self).__name__}.eta")
         if self.uncond not in UNCOND_MODES:
             raise ValueError(f"SampleConfig.uncond must be one of {UNCOND_MODES}, got {self.uncond!r}")
+        for name in ("eta", "guidance_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"SampleConfig.{name} must be a finite number, got {getattr(self, name)!r}")
         if self.steps < 1 or self.num_samples < 1:
             raise ValueError(f"SampleConfig: steps ({self.steps}) and num_samples ({self.num_samples}) must be >= 1")
 

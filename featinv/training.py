@@ -36,10 +36,11 @@ from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.checkpoint import config_from_metadata, load_featinv, save_featinv
 from featinv.io import atomic_save, atomic_write_text
 from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
+from featinv.config_file import check_resumed_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
-from featinv.runtime import resolve_precision
+from featinv.runtime import quiet_lightning, resolve_precision
 
 
 class FeatInvModule(pl.LightningModule):
@@ -308,6 +309,18 @@ def latest_checkpoint(folder: str | Path, log=print) -> Path | None:
     return None
 
 
+def check_enough_images(n: int, batch_size: int, root: str = "", world_size: int = 1) -> None:
+    """ValueError unless every rank gets one full batch: batches are whole (``drop_last``, so that a
+    resumed run sees the same batches), and an epoch without one would train nothing and export the
+    initial weights."""
+    if n // world_size >= batch_size:
+        return
+    where = f"--data {root}" if root else "the training dataset"
+    ranks = f" per device ({n} over {world_size} devices)" if world_size > 1 else ""
+    raise ValueError(f"{where}: {n} images < data.batch_size {batch_size}{ranks}, so no training batch; "
+                     f"add images, or pass data.batch_size={max(1, n // world_size)}")
+
+
 def effective_config(cfg: FeatInvConfig, channels: int) -> FeatInvConfig:
     """The config a run trains: ``model.adapter.in_channels`` is the backbone's feature channels
     (whatever the YAML said); this is what ``<run_dir>/config.yaml`` records."""
@@ -341,19 +354,27 @@ def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: Feature
 
 def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone: FeatureExtractor | None = None,
           dataset: Dataset | None = None, devices="auto", num_nodes: int = 1, strategy: str = "auto",
-          accelerator: str = "auto", resume: str | Path | None = None, progress: bool = True) -> Path:
+          accelerator: str = "auto", resume: str | Path | None = None, progress: bool = True,
+          accept_changes: tuple[str, ...] = ()) -> Path:
     """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
 
     backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
-    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any."""
+    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any.
+    A resumed run must keep the run's recorded backbone, model, lr, batch size and data root
+    (:func:`~featinv.config_file.check_resumed_config`) but for the fields named in ``accept_changes``.
+    Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch."""
     run_dir = Path(run_dir)
+    quiet_lightning()
+    if resume == "auto":  # the newest checkpoint of the run that loads
+        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
+    if resume:  # before anything loads: the same run, or a change the user accepted by name
+        check_resumed_config(run_dir, cfg, accept_changes)
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
     if dataset is None:
         if not cfg.data.root:
             raise ValueError("no training data: set data.root (an ImageNet-layout folder) or pass --data")
         dataset = ImageDataset(cfg.data.root, backbone.image_size, cfg.model.image_size, train=True)
-    if resume == "auto":  # the newest checkpoint of the run that loads
-        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
+    check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root)
     model = build_training_model(cfg, init, backbone)
     cfg = effective_config(cfg, backbone.feature_shape[0])  # what the run trains is what it records
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
@@ -369,6 +390,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
                          enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
     progress_to_stderr(trainer)
+    check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root, trainer.world_size)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
     with warnings.catch_warnings():  # Lightning warnings about what is done here on purpose:
@@ -382,5 +404,5 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     out = run_dir / "featinv.safetensors"
     if trainer.is_global_zero:
         save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
-        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})")
+        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})", file=sys.stderr)
     return out

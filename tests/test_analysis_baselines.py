@@ -6,7 +6,7 @@ import torch
 
 from featinv.analysis.baselines import (PixelInversionConfig, pixel_inversion, relative_feature_distance,
                                         total_variation)
-from featinv.demo import DigitsCNN, make_extractor
+from featinv.digits import DigitsCNN, make_extractor
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,11 @@ def test_compose_and_perturb_on_a_checkpoint(tiny, tmp_path):
     ("compose", ["--ops", "paste,blend"], "--ops: unknown composite(s) ['blend']"),
     ("perturb", ["--severities", "4"], "--severities: '4' must list values from 1, 2, 3"),
     ("perturb", ["--images", "EMPTY"], "no images"),
+    ("steer", ["--alphas", "0,nan"], "--alphas: '0,nan' holds nan; every value must be a finite number"),
+    ("compose", ["--ts", "0,inf"], "--ts: '0,inf' holds inf"),
+    ("perturb", ["--eps", "nan"], "argument --eps: 'nan' is not a finite number"),
+    ("steer", ["--samples", "1000"], "argument --samples: 1000 is above the limit of 64 samples per input"),
+    ("steer", ["--count", "0"], "argument --count: must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_naming_it(tiny, tmp_path, capsys, command, extra, message):
     empty = tmp_path / "empty"
@@ -99,3 +104,45 @@ def test_checkpoint_without_run_config_or_backbone_names_the_flag(tiny, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("featinv steer: error:") and "--backbone" in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def bomb_png(path):
+    """A PNG header declaring 20000 x 20000 pixels: PIL refuses it as a decompression bomb on open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, capsys):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), str(bomb), "--ops", "interpolate",
+            "--ts", "0,1"]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping unreadable image '{bomb}': DecompressionBombError" in err and "Traceback" not in err
+    assert len(json.loads((tmp_path / "out" / "table.json").read_text())["rows"]) == 2
+    assert "; 1 sample per composite" in (tmp_path / "out" / "table.md").read_text()
+    assert cli.main(["steer", *tiny["args"], "--images", str(bomb), "--out", str(tmp_path / "only")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("featinv steer: error: --images: unreadable image") and "bomb.png" in line
+
+
+def test_a_users_folder_is_not_overwritten_but_the_commands_own_output_is(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "table.md").write_text("my notes")
+    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), "--ops", "interpolate", "--ts", "0,1",
+            "--out", str(out)]
+    assert cli.main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds files that are not featinv compose's output (table.md)" in line and "--overwrite" in line
+    assert (out / "table.md").read_text() == "my notes"
+    assert cli.main([*args, "--overwrite"]) == 0 and (out / "table.md").read_text() != "my notes"
+    assert cli.main(args) == 0  # now the folder holds compose's own output: rerun replaces it
+    assert cli.main(["steer", *args[1:]]) == 2  # but not another command's

@@ -64,3 +64,17 @@ def test_tables_and_outputs(tmp_path):
     assert json.loads((tmp_path / "out" / "table.json").read_text()) == {"v": [1, 2]}
     assert Image.open(paths["picture"]).size == (4, 4)
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
+
+
+def test_table_json_is_strict_json_with_null_for_non_finite_numbers(tmp_path):
+    import json as _json
+
+    from PIL import Image as _Image
+
+    from featinv.analysis.common import write_outputs
+
+    paths = write_outputs(tmp_path, _Image.new("RGB", (4, 4)), "p.png", "md",
+                          {"rows": [{"cosine": float("nan"), "p": float("inf"), "ok": 0.5}]})
+    text = open(paths["json"]).read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(text)["rows"] == [{"cosine": None, "p": None, "ok": 0.5}]

@@ -78,3 +78,59 @@ def test_failed_reconstruct_leaves_no_output_folder(tiny_job, tmp_path, capsys):
                  "--backbone", "resnet18", "--accelerator", "cpu"]) == 2
     assert "bad.safetensors" in one_error_line(capsys.readouterr().err, "reconstruct")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["reconstruct", "--checkpoint", "MISSING", "--data", "MISSING", "--out", "BAD"], "--out"),
+    (["train", "--config", "tiny", "--init", "MISSING", "--run-dir", "BAD"], "--run-dir"),
+    (["steer", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
+    (["compose", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
+    (["perturb", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
+    (["demo", "--out", "BAD"], "--out"),
+    (["build-control", "MISSING", "BAD/x.safetensors"], "out"),
+    (["convert", "MISSING", "BAD/x.safetensors"], "dst"),
+])
+def test_an_unwritable_output_is_refused_before_anything_loads(argv, flag, tmp_path, capsys):
+    """--out under a regular file: the one-line error names the output flag (not the missing model
+    files, checked later), and the demo pair is not trained."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    subs = {"BAD": str(tmp_path / "file" / "out"), "MISSING": str(tmp_path / "missing"), "DEMO": str(tmp_path / "demo")}
+    argv = [subs.get(a, a.replace("BAD", subs["BAD"])) for a in argv]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err, argv[0])
+    assert line.startswith(f"featinv {argv[0]}: error: {flag}: ") and "cannot be written" in line
+    assert not (tmp_path / "demo").exists()
+
+
+def test_evaluate_refuses_an_unwritable_eval_folder_first(tmp_path, capsys):
+    (tmp_path / "recon").mkdir()
+    (tmp_path / "recon" / "eval").write_text("a file where eval/ goes")
+    assert main(["evaluate", "--out", str(tmp_path / "recon"), "--backbone", "resnet18"]) == 2
+    assert "--out: " in one_error_line(capsys.readouterr().err, "evaluate")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    import os
+    import signal
+    import sys
+
+    from featinv.commands._common import command
+
+    @command("demo", resumes=True)
+    def interrupted(argv):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    @command("steer")
+    def like_lightning(argv):  # Lightning catches KeyboardInterrupt in fit/predict and calls sys.exit(1)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            sys.exit(1)
+
+    before = signal.getsignal(signal.SIGINT)
+    assert interrupted([]) == 130
+    assert capsys.readouterr().err == "featinv demo: interrupted; rerun to resume\n"
+    assert like_lightning([]) == 130
+    assert capsys.readouterr().err == "featinv steer: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before  # restored

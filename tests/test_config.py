@@ -126,3 +126,14 @@ def test_a_bad_value_in_the_yaml_names_the_file(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: tiny\ntrain: {drop_prob: -0.1}\n")
     with pytest.raises(ValueError, match=r"run\.yaml: TrainConfig\.drop_prob must be in \[0, 1\], got -0\.1"):
         load_config(str(tmp_path / "run.yaml"), ["train.lr=0.1"])
+
+
+def test_non_finite_numbers_are_refused_naming_the_field():
+    import pytest as _pytest
+
+    from featinv.config import PRESETS, SampleConfig, merge
+
+    with _pytest.raises(ValueError, match=r"TrainConfig.lr must be a finite number, got nan"):
+        merge(PRESETS["tiny"], ["train.lr=nan"])
+    with _pytest.raises(ValueError, match=r"SampleConfig.guidance_scale must be a finite number"):
+        SampleConfig(guidance_scale=float("inf"))

@@ -14,7 +14,8 @@ from conftest import make_tiny_model
 from featinv.checkpoint import load_featinv, resolve_featinv_source, save_featinv
 from featinv.commands.export import main
 from featinv.config import PRESETS
-from featinv.config_file import run_config
+from featinv.config import PairSource
+from featinv.pair import resolve_source
 from featinv.export import front_matter
 
 
@@ -67,8 +68,8 @@ def test_export_round_trips_bit_for_bit_with_a_model_card(run, tmp_path, capsys)
     assert "| top-1 accuracy on reconstructions | 0.7500 |" in card
     weights, config = resolve_featinv_source(out)
     assert weights == out / "featinv.safetensors" and config == out / "config.yaml"
-    full, backbone, _ = run_config(out)  # reconstruct / analyses / app find the backbone inside the folder
-    assert full is None and backbone.layer == 2
+    resolved = resolve_source(PairSource(checkpoint=str(out)))  # reconstruct / analyses / app: the same loader
+    assert resolved.model_config is None and resolved.backbone.layer == 2
 
 
 def test_refuses_a_foreign_folder_and_replaces_an_earlier_export(run, tmp_path, capsys):

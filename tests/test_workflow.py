@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,12 @@ def chain(tmp_path_factory) -> dict:
     ok(featinv("build-control", "minisd.safetensors", "init.safetensors", "--backbone", "resnet18", cwd=tmp))
     train = ["train", "--config", TINY, "--init", "init.safetensors", "--data", "photos"]
     one_go = featinv(*train, "--run-dir", "runs/one_go", "train.max_steps=4", cwd=tmp, wait=False)  # alongside
+    small_batch = featinv(*train, "--run-dir", "runs/small", "data.batch_size=8", cwd=tmp, wait=False)  # 5 photos
     first = ok(featinv(*train, "--run-dir", "runs/run", "train.max_steps=2", cwd=tmp))
     continued = ok(featinv(*train, "--run-dir", "runs/run", "train.max_steps=4", cwd=tmp))
+    config_before = (tmp / "runs/run/config.yaml").read_bytes()
+    changed = featinv(*train, "--run-dir", "runs/run", "train.max_steps=6", "backbone.name=resnet34", cwd=tmp,
+                      wait=False)  # alongside reconstruct
     one_go = ok(finish(one_go))
     recon = ["reconstruct", "--checkpoint", "runs/run/featinv.safetensors", "--data", "photos",
              "--per-class", "1", "--batch-size", "2", "--num-workers", "0"]
@@ -70,6 +76,9 @@ def chain(tmp_path_factory) -> dict:
     results["recon_again"] = ok(featinv(*recon, "--steps", "2", "--out", "recon", cwd=tmp))
     results["recon_other"] = featinv(*recon, "--steps", "3", "--out", "recon", cwd=tmp)
     results["bad_data"] = finish(bad_data)
+    results["changed"], results["config_before"] = finish(changed), config_before
+    results["small_batch"] = finish(small_batch)
+    results.update(race(recon, tmp))
     again = featinv(*recon, "--steps", "2", "--out", "recon_again", cwd=tmp, wait=False)  # alongside evaluate
     results["evaluate"] = ok(featinv("evaluate", "--out", "recon", "--no-fid", "--device", "cpu", cwd=tmp))
     ok(finish(again))
@@ -77,11 +86,40 @@ def chain(tmp_path_factory) -> dict:
     return results
 
 
+def wait_for_lock(proc: subprocess.Popen, folder: Path) -> None:
+    """Until ``proc`` holds the folder's lock: it writes its PID right after taking it, before the model loads."""
+    lock = folder / ".featinv.lock"
+    for _ in range(1200):
+        if lock.is_file() and lock.read_text().strip() == str(proc.pid) or proc.poll() is not None:
+            return
+        time.sleep(0.1)
+
+
+def race(recon: list[str], tmp: Path) -> dict:
+    """Two jobs on one folder: the first holds the lock (stopped while it holds it), the second is refused;
+    the first is killed with SIGKILL, and a rerun proceeds."""
+    interrupted = featinv(*recon, "--steps", "2", "--out", "recon_int", cwd=tmp, wait=False)
+    first = featinv(*recon, "--steps", "2", "--out", "recon_race", cwd=tmp, wait=False)
+    wait_for_lock(interrupted, tmp / "recon_int")
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C while the job loads its model
+    wait_for_lock(first, tmp / "recon_race")
+    os.kill(first.pid, signal.SIGSTOP)  # the first job is running (stopped): it holds the lock
+    try:
+        second = featinv(*recon, "--steps", "3", "--out", "recon_race", cwd=tmp)
+        first_state = first.poll()
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.communicate()
+    return {"interrupted": finish(interrupted), "race_first_pid": first.pid, "race_first_state": first_state,
+            "race_second": second,
+            "race_rerun": featinv(*recon, "--steps", "2", "--out", "recon_race", cwd=tmp)}
+
+
 def test_the_run_records_its_effective_config(chain):
     run = chain["tmp"] / "runs" / "run"
     assert "in_channels: 512" in (run / "config.yaml").read_text()  # resnet18's channels, not tiny.yaml's 16
     assert "in_channels: 512" in chain["first"].stdout  # printed as it is recorded
-    assert "(step 4)" in chain["continued"].stdout  # continued from step 2, not started over
+    assert "(step 4)" in chain["continued"].stderr  # continued from step 2, not started over
 
 
 def test_progress_is_whole_lines_on_stderr(chain):
@@ -141,3 +179,41 @@ def test_evaluate_and_inspect(chain):
     assert summary["images"] == 3 and summary["reconstructions"] == 3 and summary["unreadable"] == []
     assert (chain["tmp"] / "recon" / "eval" / "contact_sheet.png").is_file()
     ok(chain["inspect"])
+
+
+def test_two_jobs_on_one_folder_one_runs_the_other_is_refused_and_kill_9_frees_it(chain):
+    line = error_line(chain["race_second"], "reconstruct")
+    assert chain["race_first_state"] is None  # refused while the first job still held the folder
+    assert "recon_race is in use by another featinv job" in line and f"PID {chain['race_first_pid']}" in line
+    assert ".featinv.lock" in line
+    ok(chain["race_rerun"])  # the killed job's lock does not block
+    manifest = json.loads((chain["tmp"] / "recon_race" / "manifest.json").read_text())
+    assert manifest["sample"]["steps"] == 2 and manifest["complete"] == 3
+
+
+def test_resuming_with_a_changed_backbone_is_refused_naming_both_values(chain):
+    line = error_line(chain["changed"], "train")
+    assert "backbone.name: the run trained 'resnet18', now 'resnet34'" in line and "--accept-change" in line
+    assert (chain["tmp"] / "runs/run/config.yaml").read_bytes() == chain["config_before"]
+    assert "(step 4)" not in chain["changed"].stderr  # nothing trained, nothing exported
+
+
+def test_fewer_images_than_the_batch_size_is_refused_before_training(chain):
+    line = error_line(chain["small_batch"], "train")
+    assert "--data photos: 5 images < data.batch_size 8" in line
+    assert "step 1/" not in chain["small_batch"].stderr and not (chain["tmp"] / "runs/small").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(chain):
+    proc = chain["interrupted"]
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "featinv reconstruct: interrupted; rerun to resume"
+
+
+def test_no_noise_a_user_cannot_act_on(chain):
+    """No Lightning tips or deprecations of Lightning's own code; stdout keeps the results, progress and
+    "exported ..." go to stderr."""
+    for name in ("first", "continued", "recon", "recon_again"):
+        text = chain[name].stdout + chain[name].stderr
+        assert "Tip:" not in text and "LeafSpec" not in text and "Traceback" not in text, (name, text[-2000:])
+    assert "exported" not in chain["continued"].stdout and "exported" in chain["continued"].stderr

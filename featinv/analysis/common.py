@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -43,18 +45,25 @@ def _image_files(path: Path) -> list[Path]:
 def load_images(paths: Sequence[str | Path], size: int) -> tuple[torch.Tensor, list[str]]:
     """Image files and/or folders (any size) -> ((N, 3, size, size) in [0, 1], names).
 
-    Each image is resized (shorter side) and centre-cropped to the backbone's input, as in evaluation."""
+    Each image is resized (shorter side) and centre-cropped to the backbone's input, as in evaluation.
+    An image that cannot be read (a broken file, a decompression bomb) is skipped with a warning naming
+    it; ValueError naming it when no image is left."""
     crop = crop_transform(size, train=False)
-    images, names = [], []
+    images, names, bad = [], [], []
     for p in paths:
         for f in _image_files(Path(p)):
             try:
                 with Image.open(f) as im:
                     pil = crop(im.convert("RGB"))
-            except (OSError, ValueError, SyntaxError) as e:
-                raise ValueError(f"unreadable image {str(f)!r}: {type(e).__name__}: {e}") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad.append(f"unreadable image {str(f)!r}: {type(e).__name__}: {' '.join(str(e).split())}")
+                continue
             images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1))
             names.append(f.stem)
+    if not images and bad:
+        raise ValueError(bad[0] + (f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""))
+    for reason in bad:
+        warnings.warn(f"skipping {reason}", stacklevel=2)
     return torch.stack(images), names
 
 
@@ -214,13 +223,27 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
 
 
 def write_outputs(out: str | Path, picture: Image.Image, picture_name: str, markdown: str, table: dict) -> dict:
-    """Write ``<out>/<picture_name>``, ``table.md`` and ``table.json`` atomically -> their paths."""
+    """Write ``<out>/<picture_name>``, ``table.md`` and ``table.json`` atomically -> their paths.
+
+    table.json is strict JSON: a non-finite number (a statistic of nothing) is written as null."""
     out = Path(out)
+    table = _finite(json.loads(json.dumps(table, default=_jsonable)))
     out.mkdir(parents=True, exist_ok=True)
     paths = {"picture": save_png(picture, out / picture_name),
              "markdown": atomic_write_text(markdown, out / "table.md"),
-             "json": atomic_write_text(json.dumps(table, indent=2, default=_jsonable) + "\n", out / "table.json")}
+             "json": atomic_write_text(json.dumps(table, indent=2, default=_jsonable, allow_nan=False) + "\n", out / "table.json")}
     return {k: str(v) for k, v in paths.items()}
+
+
+def _finite(v):
+    """NaN / inf -> None, in nested lists and dicts (strict JSON has no such numbers)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _jsonable(v):

@@ -26,6 +26,11 @@ ALPHA_UNIT = "α in units of the input's mean per-location feature norm"
 ALPHA_TEXT = ALPHA_UNIT.replace("α", "alpha")  # the bitmap font has no Greek letters
 
 
+def count(n: int, noun: str) -> str:
+    """``1 input``, ``3 inputs``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def reconstructor(pair: Pair) -> Reconstructor:
     return Reconstructor(pair.model, pair.extractor, pair.sample_config, fixed_batch=FIXED_BATCH)
 
@@ -112,8 +117,8 @@ def steer_report(pair: Pair, images: torch.Tensor, names: Sequence[str], directi
                     ("target_prob_reconstruction", f"p(class {target}), reconstruction"),
                     ("target_features_share", f"top-1 = {target}, steered features"),
                     ("target_reconstruction_share", f"top-1 = {target}, reconstruction")]
-    md = (f"# featinv steer\n\n{description}; {ALPHA_UNIT}; clamp to the backbone's range: {kind}; {b} inputs x "
-          f"{k} samples, same seeds for every α.\n\n"
+    md = (f"# featinv steer\n\n{description}; {ALPHA_UNIT}; clamp to the backbone's range: {kind}; "
+          f"{count(b, 'input')} x {count(k, 'sample')}, same seeds for every α.\n\n"
           + markdown_table(rows, columns))
     table = {"description": description, "target": target, "alphas": alphas, "inputs": list(names), "samples": k,
              "masked": mask is not None, "clamp": kind, "rows": rows}
@@ -191,7 +196,8 @@ def compose_report(pair: Pair, images: torch.Tensor, names: Sequence[str], ts: S
     title = ["featinv compose: composite feature maps of the inputs A, B, C, reconstructed with one seed",
              "tile: rec = the classifier's top-1 (probability) on the reconstruction"
              + ("; spread rows: per-pixel std over the K samples" if kk > 1 else "")]
-    md = ("# featinv compose\n\nA, B, C = " + ", ".join(names[:3]) + f"; {kk} samples per composite, one seed.\n\n"
+    md = ("# featinv compose\n\nA, B, C = " + ", ".join(names[:3])
+          + f"; {count(kk, 'sample')} per composite, one seed.\n\n"
           + markdown_table(rows, [("composite", "composite"), ("cosine", "feature cosine, reconstruction vs. target"),
                                   ("target_top1", "top-1 on the target (head)"),
                                   ("reconstruction_top1", "top-1 on the reconstruction"),
@@ -275,7 +281,8 @@ def perturb_report(pair: Pair, images: torch.Tensor, names: Sequence[str], label
                ("rec_as_clean_share", "reconstruction read as the clean input is")]
     if labels is not None:
         columns[1:1] = [("accuracy_share", "accuracy"), ("rec_accuracy_share", "accuracy on reconstructions")]
-    md = (f"# featinv perturb\n\n{len(images)} inputs x {kk} samples; severities {list(severities)}"
+    md = (f"# featinv perturb\n\n{count(len(images), 'input')} x {count(kk, 'sample')}; "
+          f"severities {list(severities)}"
           + (f"; PGD L-inf eps {attack.eps:g}, {attack.steps} steps of {attack.step:g}"
              + ("" if attack.target is None else f", targeted at class {attack.target}") if attack else "")
           + ".\n\n" + markdown_table(rows, columns))

@@ -9,6 +9,7 @@ import torch
 from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, command
 from featinv.config import PairSource
+from featinv.runtime import configure_threads
 
 DESCRIPTION = ("Serve the interactive explorer (Reconstruct, Steer, Compose, Perturb) on a local web page. "
                "Without --checkpoint it serves the demo's digits pair, trained and cached on first use.")
@@ -32,7 +33,8 @@ def build_parser() -> Parser:
     p.add_argument("--backbone-size", type=int, help="backbone input size (None: the preset's)")
     p.add_argument("--examples", help="folder of example images to offer (with --checkpoint)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one less than the CPUs, at most 4)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
     return p
 
 
@@ -59,9 +61,7 @@ def main(argv: list[str]) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(args.threads or max(1, min(available - 1, 4)))
-    torch.set_flush_denormal(True)  # tiny activations otherwise slow CPU convolutions down many times
+    configure_threads(args.threads)  # 0: the commands' rule (featinv.runtime.default_threads)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry, no version check
     try:
         import gradio  # noqa: F401

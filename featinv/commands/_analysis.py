@@ -3,15 +3,16 @@ and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`."""
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import sys
 
 import torch
 
 from featinv.analysis.common import demo_digits, load_images, write_outputs
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import cleanup_on_failure
+from featinv.commands._common import MAX_SAMPLES, cleanup_on_failure, positive_int, sample_count
 from featinv.config import PairSource
+from featinv.io import check_output_folder, check_writable, mark_output_folder
 from featinv.pair import Pair, load_pair
 
 def add_common_args(p) -> None:
@@ -33,12 +34,16 @@ def add_common_args(p) -> None:
                                                "input); default on the demo: held-out digits")
     g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
                                     "default: the command's example digits, or the first --count held-out digits)")
-    g.add_argument("--count", type=int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
+    g.add_argument("--count", type=positive_int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--samples", type=int, default=1, help="K reconstructions per input (K > 1 adds a spread map)")
+    g.add_argument("--samples", type=sample_count, default=1,
+                   help=f"K reconstructions per input (K > 1 adds a spread map; at most {MAX_SAMPLES})")
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
-    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's: demo 20, else 50)")
+    g.add_argument("--steps", type=positive_int, help="DDIM steps (default: the model's: demo 20, else 50)")
     p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
+    p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files "
+                   "(without it only a new or empty folder, or this command's earlier output, is written into)")
+    p.set_defaults(command_name=p.prog.split()[-1])
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -48,6 +53,9 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag}: {text!r} is not a comma-separated list of numbers") from None
     if not values:
         raise ValueError(f"{flag}: {text!r} is empty")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{flag}: {text!r} holds {bad[0]}; every value must be a finite number")
     return values
 
 
@@ -65,14 +73,9 @@ def parse_box(text: str, flag: str = "--mask") -> list[float]:
     return box
 
 
-def set_threads() -> None:
-    """The demo's tiny tensors run fastest with one core left free (see featinv demo)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(available - 1, 4)))
-    torch.set_flush_denormal(True)
-
-
 def pair_from_args(args) -> Pair:
+    check_writable(args.out)  # before any model loads or trains
+    check_output_folder(args.out, args.command_name, args.overwrite)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -99,9 +102,7 @@ def inputs_from_args(args, pair: Pair, minimum: int = 1, example_digits: str | N
     elif pair.data is not None:
         text = args.digits if args.digits or args.count else example_digits
         digits = parse_ints(text, "--digits") if text else None
-        count = args.count or (1 if digits else 3)
-        if count < 1:
-            raise ValueError(f"--count must be >= 1, got {count}")
+        count = args.count if args.count is not None else (1 if digits else 3)  # --count 0: argparse refuses
         images, names, labels = demo_digits(pair.data, digits, count)
     else:
         raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
@@ -110,12 +111,13 @@ def inputs_from_args(args, pair: Pair, minimum: int = 1, example_digits: str | N
     return images.to(pair.extractor.mean.device), names, labels
 
 
-def write_report(out: str, filename: str, make_report) -> int:
+def write_report(out: str, filename: str, make_report, command: str) -> int:
     """Run ``make_report() -> (picture, table, markdown)`` and write its files into ``out`` (removed again
-    if the report fails and ``out`` was new); print the table and where the files are."""
+    if the report fails and ``out`` was new), marked as ``command``'s; print the table and where the files are."""
     with cleanup_on_failure(out):
         picture, table, md = make_report()
         paths = write_outputs(out, picture, filename, md, table)
+        mark_output_folder(out, command)
     print(md)
     print(f"picture: {paths['picture']}\ntables:  {paths['markdown']}, {paths['json']}", file=sys.stderr)
     return 0

@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
 from featinv.config import SettingError
+from featinv.folder_lock import LOCK_NAME
 
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
@@ -25,6 +30,41 @@ from featinv.config import SettingError
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                OmegaConfBaseException)
 USER_ERROR_NAMES = ("MisconfigurationException",)
+
+
+# --samples K multiplies every reconstruction of a command (and its memory); above this a typo is likelier
+# than intent (README: "Numbers on the command line").
+MAX_SAMPLES = 64
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of every float flag: a finite number (nan, inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    """argparse ``type`` of --samples: 1 <= K <= MAX_SAMPLES."""
+    value = positive_int(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"{value} is above the limit of {MAX_SAMPLES} samples per input")
+    return value
 
 
 class UsageError(ValueError):
@@ -69,14 +109,72 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(e).__name__
 
 
-def command(name: str):
-    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``."""
+class _Interrupts:
+    """Ctrl-C during a command: remembered, then raised as KeyboardInterrupt as usual. Lightning catches
+    that inside fit/predict and ends with ``sys.exit(1)``; the remembered interrupt makes that exit an
+    interruption too."""
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)  # Lightning leaves SIGINT ignored after an interrupt
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line each (``warning: ...``), not with the source line that raised them."""
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
+@contextlib.contextmanager
+def _threads(argv: list[str]):
+    """torch's CPU threads by the one rule (:func:`featinv.runtime.configure_threads`) for the command,
+    restored after it (for callers in one process, such as tests); not for --help (no torch import)."""
+    if any(a in ("-h", "--help") for a in argv):
+        yield
+        return
+    import torch
+
+    from featinv.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    configure_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def command(name: str, resumes: bool = False):
+    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``.
+
+    Ctrl-C ends the command with one line (``interrupted; rerun to resume`` for a command that resumes)
+    and exit status 130, as a shell reports SIGINT."""
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: list[str] | None = None) -> int:
             argv = sys.argv[1:] if argv is None else list(argv)
+            interrupts = _Interrupts()
             try:
-                return fn(argv) or 0
+                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning), _threads(argv):
+                    return fn(argv) or 0
+            except (KeyboardInterrupt, SystemExit) as e:
+                if isinstance(e, SystemExit) and not interrupts.seen:
+                    raise
+                if "--debug" in argv:
+                    traceback.print_exc()
+                print(f"featinv {name}: interrupted{'; rerun to resume' if resumes else ''}", file=sys.stderr)
+                return 130
             except Exception as e:  # noqa: BLE001 -- user errors are reported, anything else re-raised
                 if not isinstance(e, USER_ERRORS) and type(e).__name__ not in USER_ERROR_NAMES:
                     raise
@@ -89,14 +187,28 @@ def command(name: str):
 
 
 @contextlib.contextmanager
+def mock_attr(obj, name: str, value):
+    """Set ``obj.name`` for the body, restore it after."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
 def cleanup_on_failure(path: str | os.PathLike):
-    """If the body fails, remove ``path`` when it did not exist before and holds only empty folders."""
+    """If the body fails, remove ``path`` when it did not exist before and holds only empty folders
+    (and the job's own lock file)."""
     path = Path(path)
     existed = path.exists()
     try:
         yield
     except BaseException:
         if not existed and path.is_dir():
+            with contextlib.suppress(OSError):
+                (path / LOCK_NAME).unlink()  # released by now (the lock's `with` is inside this one)
             for folder, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):  # deepest first
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # only succeeds when empty

@@ -6,6 +6,7 @@ from featinv.build_control import backbone_channels, build_control
 from featinv.commands._common import Parser, command
 from featinv.config import BackboneConfig
 from featinv.config_file import load_config
+from featinv.io import check_writable
 
 
 @command("build-control")
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not str(args.out).endswith(".safetensors"):
         p.error(f"output must be a .safetensors file, got {args.out}")
+    check_writable(args.out, "out", is_file=True)
     channels = args.hint_channels
     if channels is None:
         bb = BACKBONE_PRESETS.get(args.backbone, BackboneConfig(name=args.backbone))

@@ -5,7 +5,7 @@ from featinv.analysis.reports import compose_report
 from featinv.analysis.steering import box_mask
 from featinv.backbone import check_index
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        set_threads, write_report)
+                                        write_report)
 from featinv.commands._common import Parser, command
 
 OPS = ("interpolate", "paste", "channels", "arithmetic")
@@ -31,7 +31,6 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--ops: unknown composite(s) {unknown or args.ops!r}; choose from {', '.join(OPS)}")
     ts = parse_floats(args.ts, "--ts")
     box = parse_box(args.mask) if args.mask else None
-    set_threads()
     pair = pair_from_args(args)
     images, names, _ = inputs_from_args(args, pair, minimum=3 if "arithmetic" in ops else 2,
                                         example_digits="3,8,0")  # demo: A = 3, B = 8, C = 0
@@ -41,7 +40,8 @@ def main(argv: list[str]) -> int:
     if args.cls is not None:
         check_index(args.cls, ext.head_weight().shape[0], "--class", "the classifier's classes:")
     return write_report(args.out, "compose.png",
-                        lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops))
+                        lambda: compose_report(pair, images, names, ts, mask, args.channels, args.cls, ops),
+                        args.command_name)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from featinv.checkpoint import convert_to_safetensors
 from featinv.commands._common import Parser, command
+from featinv.io import check_writable
 
 
 @command("convert")
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"output must be a .safetensors file, got {args.dst}")
     if Path(args.dst).exists():
         raise FileExistsError(f"{args.dst} exists; refusing to overwrite it")
+    check_writable(args.dst, "dst", is_file=True)
     report = convert_to_safetensors(args.src, args.dst, trust_pickle=args.trust_pickle)
     skipped = f"; left out {len(report['skipped'])} non-tensor entries" if report["skipped"] else ""
     print(f"wrote {report['tensors']} tensors to {report['out']}{skipped}")

@@ -4,33 +4,33 @@ The stages and the cache are described in :mod:`featinv.demo`.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.demo import run
+from featinv.io import check_output_folder, check_writable
+from featinv.runtime import configure_threads
 
 
-@command("demo")
+@command("demo", resumes=True)
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="featinv_demo", help="output folder (picture, table; cache/ for artefacts)")
     p.add_argument("--quick", action="store_true", help="smaller settings (about 1.5 minutes on a 2-core CPU; used by the tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files")
     p.add_argument("--retrain", action="store_true", help="ignore cached artefacts and train everything again")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: one less than the CPUs, at most 4)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
     args = p.parse_args(argv)
+    check_writable(args.out)
+    check_output_folder(args.out, "demo", args.overwrite, own=("cache",))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # Tiny tensors: with every core busy (other jobs), OpenMP barriers make each op ~50x slower, so one
-    # core is left free by default (one thread on a 2-core machine).
-    threads = args.threads or max(1, min(available - 1, 4))
-    torch.set_num_threads(max(1, threads))
-    torch.set_flush_denormal(True)  # tiny activations otherwise slow CPU convolutions down many times
+    configure_threads(args.threads)  # 0: the commands' rule (featinv.runtime.default_threads)
     # Lightning's advice for large runs (workers, loggers, accelerators) is noise on this tiny one.
     warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec|TPU available"
                                               "|GPU available|logger).*")

@@ -9,6 +9,7 @@ from featinv.backbone import resolve_backbone
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import BackboneConfig, from_dict, to_dict
 from featinv.evaluate import evaluate_folder, markdown
+from featinv.io import check_writable
 
 
 @command("evaluate")
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     if not out.is_dir():
         raise FileNotFoundError(f"--out: reconstruct folder {str(out)!r} not found")
+    check_writable(out / "eval")
     manifest = out / "manifest.json"
     saved = json.loads(manifest.read_text()).get("backbone") if manifest.is_file() else None
     if not saved and not args.backbone:

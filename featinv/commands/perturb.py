@@ -4,9 +4,8 @@ from __future__ import annotations
 from featinv.analysis.perturb import CORRUPTIONS
 from featinv.backbone import check_index
 from featinv.analysis.reports import Attack, perturb_report
-from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, set_threads,
-                                        write_report)
-from featinv.commands._common import Parser, command
+from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, write_report)
+from featinv.commands._common import Parser, command, finite_float, positive_int
 
 
 @command("perturb")
@@ -17,10 +16,10 @@ def main(argv: list[str]) -> int:
                    help=f"comma-separated from {', '.join(CORRUPTIONS)}, or 'none'")
     p.add_argument("--severities", default="1,2,3", help="corruption severities (1-3)")
     p.add_argument("--attack", choices=("pgd", "none"), default="pgd", help="adversarial attack")
-    p.add_argument("--eps", type=float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
+    p.add_argument("--eps", type=finite_float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
                    "the demo classifier's held-out predictions; ImageNet models typically need only 4/255)")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps")
-    p.add_argument("--step-size", type=float, help="PGD step size (default: 2.5 eps / steps, Madry et al.'s rule)")
+    p.add_argument("--pgd-steps", type=positive_int, default=20, help="PGD steps")
+    p.add_argument("--step-size", type=finite_float, help="PGD step size (default: 2.5 eps / steps, Madry et al.'s rule)")
     p.add_argument("--target", type=int, help="targeted PGD towards this class (default: untargeted)")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -32,13 +31,13 @@ def main(argv: list[str]) -> int:
     if not severities or any(s not in (1, 2, 3) for s in severities):
         raise ValueError(f"--severities: {args.severities!r} must list values from 1, 2, 3")
     attack = None if args.attack == "none" else Attack(args.eps, args.pgd_steps, args.step_size, args.target)
-    set_threads()
     pair = pair_from_args(args)
     if args.target is not None:
         check_index(args.target, pair.extractor.head_weight().shape[0], "--target", "the classifier's classes:")
     images, names, labels = inputs_from_args(args, pair, example_digits="2,4,7")
     return write_report(args.out, "perturb.png",
-                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack))
+                        lambda: perturb_report(pair, images, names, labels, corruptions, severities, attack),
+                        args.command_name)
 
 
 if __name__ == "__main__":

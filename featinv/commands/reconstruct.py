@@ -6,9 +6,12 @@ import json
 from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.commands._common import Parser, cleanup_on_failure, command, finite_float, positive_int, sample_count
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, PairSource, ReconstructJob, SampleConfig, to_dict
 from featinv.folder_job import reconstruct_folder
+from featinv.folder_lock import folder_lock
+from featinv.io import check_output_folder, check_writable
+from featinv.runtime import quiet_lightning
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 
@@ -35,20 +38,20 @@ def build_parser() -> Parser:
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
                    help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
                         "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
-    p.add_argument("--steps", type=int, default=d.steps,
+    p.add_argument("--steps", type=positive_int, default=d.steps,
                    help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
                         "1000, as the reference); trailing = exactly S steps from t=999")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (ddim only)")
-    p.add_argument("--scale", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=finite_float, default=d.eta, help="DDIM eta (ddim only)")
+    p.add_argument("--scale", type=finite_float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
-    p.add_argument("--samples", type=int, default=d.num_samples, help="reconstructions per image (K)")
+    p.add_argument("--samples", type=sample_count, default=d.num_samples, help="reconstructions per image (K)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed; each image/sample gets its own")
     p.add_argument("--uncond", choices=UNCOND_MODES, default=d.uncond,
                    help="unconditional branch: empty prompt with the features (reference) or without them")
     p.add_argument("--guess-mode", action="store_true", help="reference guess mode (control ramp, uncond w/o control)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch per device (x K samples x 2 branches)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch per device (x K samples x 2 branches)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per device")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices (auto, N, or a list like 0,1)")
@@ -58,10 +61,13 @@ def build_parser() -> Parser:
     return p
 
 
-@command("reconstruct")
+@command("reconstruct", resumes=True)
 def main(argv: list[str]) -> int:
     """``featinv reconstruct``: parse arguments into a ReconstructJob, print it, run it."""
     args = build_parser().parse_args(argv)
+    check_writable(args.out)
+    quiet_lightning()
+    check_output_folder(args.out, "reconstruct", args.overwrite, own=("manifest.json",))
     source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
                         backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
@@ -73,7 +79,7 @@ def main(argv: list[str]) -> int:
                          devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
                          precision=args.precision, overwrite=args.overwrite)
     _print0("featinv reconstruct\n" + json.dumps(to_dict(job), indent=2))
-    with cleanup_on_failure(args.out):
+    with cleanup_on_failure(args.out), folder_lock(args.out):  # one job per folder, before the model loads
         manifest = reconstruct_folder(job)
     if "items" in manifest:
         _print0(f"{manifest['complete']}/{manifest['items']} items complete "

@@ -13,7 +13,7 @@ from featinv.analysis.reports import steer_report
 from featinv.analysis.steering import (box_mask, channel_direction, class_direction, feature_range,
                                        mask_from_image, mean_difference_direction, probe_direction)
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        set_threads, write_report)
+                                        write_report)
 from featinv.commands._common import HelpFormatter, Parser, command
 
 DIRECTIONS = """directions (unit vectors in the feature map's channel space):
@@ -95,7 +95,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     alphas = parse_floats(args.alphas, "--alphas")
     box = parse_box(args.mask) if args.mask else None
-    set_threads()
     pair = pair_from_args(args)
     images, names, _ = inputs_from_args(args, pair)
     ext = pair.extractor
@@ -116,7 +115,8 @@ def main(argv: list[str]) -> int:
             ref = feats_of(pair.data["x_train"].expand(-1, 3, -1, -1)) if pair.data is not None else feats_of(images)
         clamp = feature_range(torch.cat([ref, *sets]), per_location=args.clamp == "location")
     return write_report(args.out, "steer.png",
-                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description))
+                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description),
+                        args.command_name)
 
 
 if __name__ == "__main__":

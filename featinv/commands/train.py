@@ -6,10 +6,12 @@ from omegaconf import OmegaConf
 from featinv.build_control import backbone_channels
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config_file import load_config
+from featinv.folder_lock import folder_lock
+from featinv.io import check_output_folder, check_writable
 from featinv.training import effective_config, train
 
 
-@command("train")
+@command("train", resumes=True)
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv train",
                description="Train FeatInv's control branch on a frozen classifier's feature maps.")
@@ -19,20 +21,28 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-dir", default="runs/featinv", help="checkpoints, image logs, config and export go here")
     p.add_argument("--resume", default="auto",
                    help="Lightning checkpoint to resume, 'auto' (the newest in run-dir/checkpoints that loads) or 'none'")
+    p.add_argument("--accept-change", action="append", default=[], metavar="FIELD",
+                   help="resume although FIELD differs from the run's config.yaml (a resumed run must keep "
+                        "backbone, model, train.lr, data.batch_size and data.root; repeat for several fields; "
+                        "the run's config.yaml then records the new value)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices, e.g. 1, 8, or auto")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("overrides", nargs="*", help="dotlist config overrides, e.g. train.lr=2e-5 data.batch_size=16")
     args = p.parse_args(argv)
+    check_writable(args.run_dir, "--run-dir")
+    # a run folder is recognised by its config.yaml / checkpoints; a run is continued, never overwritten
+    check_output_folder(args.run_dir, "train", None, "--run-dir", own=("config.yaml", "checkpoints"))
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
     cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    with cleanup_on_failure(args.run_dir):
+    with cleanup_on_failure(args.run_dir), folder_lock(args.run_dir, "--run-dir"):  # one job per run
         train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume)
+              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume,
+              accept_changes=tuple(args.accept_change))
     return 0
 
 
