@@ -51,10 +51,9 @@ class DemoSettings:
 
 
 DEFAULT = DemoSettings()
-# QUICK is calibrated on seeds 0-4 (benchmarks/bench_demo.py: label agreement 81-87 % vs 8-13 % unconditional,
-# 83-100 s on a 2-core CPU). What mattered, measured: control steps most (500 -> 72 %, 1000 -> 84 % on seed 0),
-# then 4x4 latents instead of 8x8 (+10 points, 40 % less time); attention outside the middle blocks cost
-# 40 % of a step without gaining agreement.
+# QUICK is calibrated on seeds 0-4 (benchmarks/bench_demo.py; its figures, and what each setting bought, are in
+# benchmarks/RESULTS.md): the control steps mattered most, then 4x4 latents instead of 8x8; attention outside
+# the middle blocks cost time without gaining agreement.
 QUICK = DemoSettings(vae_steps=120, unet_steps=600, unet_batch=32, control_steps=1000, eval_digits=60, samples=2)
 
 

@@ -110,6 +110,9 @@ def test_pooled_training_with_the_config_field(tiny_minisd, tmp_path):
     assert model.control.input_hint_block.block[-1].weight.any()  # it trained
     assert "pooled: true" in (tmp_path / "run" / "config.yaml").read_text()
     spatial = merge(cfg, ["model.adapter.pooled=false", "train.max_steps=4"])
+    with pytest.raises(ValueError, match=r"model\.adapter\.pooled: the run trained True, now False"):
+        train(spatial, init, tmp_path / "run", backbone=backbone, accelerator="cpu", devices=1, progress=False,
+              resume="auto")  # the run's config.yaml refuses it first
     with pytest.raises(ValueError, match=r"model\.adapter\.pooled=true.*model\.adapter\.pooled=false"):
         train(spatial, init, tmp_path / "run", backbone=backbone, accelerator="cpu", devices=1, progress=False,
-              resume="auto")
+              resume="auto", accept_changes=("model.adapter.pooled",))  # accepted there: the checkpoint refuses it

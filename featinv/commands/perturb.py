@@ -16,8 +16,8 @@ def main(argv: list[str]) -> int:
                    help=f"comma-separated from {', '.join(CORRUPTIONS)}, or 'none'")
     p.add_argument("--severities", default="1,2,3", help="corruption severities (1-3)")
     p.add_argument("--attack", choices=("pgd", "none"), default="pgd", help="adversarial attack")
-    p.add_argument("--eps", type=finite_float, default=0.15, help="PGD L-inf budget (images in [0, 1]; flips 97 %% of "
-                   "the demo classifier's held-out predictions; ImageNet models typically need only 4/255)")
+    p.add_argument("--eps", type=finite_float, default=0.15, help="PGD L-inf budget (images in [0, 1]; what it does to "
+                   "the demo classifier: benchmarks/RESULTS.md; ImageNet models are usually attacked at 4/255)")
     p.add_argument("--pgd-steps", type=positive_int, default=20, help="PGD steps")
     p.add_argument("--step-size", type=finite_float, help="PGD step size (default: 2.5 eps / steps, Madry et al.'s rule)")
     p.add_argument("--target", type=int, help="targeted PGD towards this class (default: untargeted)")

@@ -36,8 +36,9 @@ def build_parser() -> Parser:
     p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
-                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, at 15-20 steps "
-                        "as accurate as DDIM at 50 (benchmarks/RESULTS.md; use it with --spacing trailing)")
+                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, second order: "
+                        "fewer steps for the same accuracy (how many: benchmarks/RESULTS.md; use it with "
+                        "--spacing trailing)")
     p.add_argument("--steps", type=positive_int, default=d.steps,
                    help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,

@@ -8,50 +8,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featinv.analysis.common import image_set
 from featinv.analysis.reports import steer_report
-from featinv.analysis.steering import (box_mask, channel_direction, class_direction, feature_range,
-                                       mask_from_image, mean_difference_direction, probe_direction)
+from featinv.analysis.steering import (DIRECTION_SPECS, box_mask, feature_range, features_of, mask_from_image,
+                                       parse_direction)
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
                                         write_report)
 from featinv.commands._common import HelpFormatter, Parser, command
 
-DIRECTIONS = """directions (unit vectors in the feature map's channel space):
-  class:<i>                    the classifier head's weight vector of class i
-  channel:<i>                  channel i alone
-  mean-diff:<concept>:<other>  mean feature of the concept images minus that of the others
-  probe:<concept>:<other>      a logistic-regression probe's weight (concept activation vector)
-<concept>/<other> are image folders; on the demo pair also digit classes of the training split:
-digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest.
+DIRECTIONS = DIRECTION_SPECS + """
 alpha is in units of the input's mean per-location feature norm: alpha = 1 moves every location by
 one typical feature vector's length along the direction."""
-
-
-def direction_from_spec(spec: str, pair, reconstructor_features):
-    """--direction -> (unit vector (C,), target class or None, description, the image sets' feature maps)."""
-    kind, _, rest = spec.partition(":")
-    c = pair.extractor.feature_shape[0]
-    if kind in ("class", "channel"):
-        try:
-            index = int(rest)
-        except ValueError:
-            raise ValueError(f"--direction {spec!r}: {kind}:<index> needs an integer index") from None
-        if kind == "class":
-            return class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)", []
-        return channel_direction(c, index), None, f"direction channel:{index}", []
-    if kind in ("mean-diff", "probe"):
-        concept, sep, other = rest.rpartition(":")
-        if not sep or not concept or not other:
-            raise ValueError(f"--direction {spec!r}: use {kind}:<concept folder>:<other folder>")
-        x_c, desc_c = image_set(concept, pair)
-        x_o, desc_o = image_set(other, pair, exclude=concept)
-        f_c, f_o = reconstructor_features(x_c), reconstructor_features(x_o)
-        fn = mean_difference_direction if kind == "mean-diff" else probe_direction
-        target = None
-        if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
-            target = int(concept[5:])
-        return fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o]
-    raise ValueError(f"--direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe)")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -98,11 +64,9 @@ def main(argv: list[str]) -> int:
     pair = pair_from_args(args)
     images, names, _ = inputs_from_args(args, pair)
     ext = pair.extractor
-    feats_of = lambda x: torch.cat([ext(c.to(ext.mean.device)).float() for c in x.split(256)])  # noqa: E731
-    with torch.no_grad(), flag("--direction"):
-        direction, target, description, sets = direction_from_spec(args.direction, pair, feats_of)
-    if args.target is not None:
-        target = args.target
+    with flag("--direction"):
+        parsed = parse_direction(args.direction, pair)
+    target = parsed.target if args.target is None else args.target
     size, grid_hw = ext.image_size, ext.feature_shape[1:]
     with flag("--mask"):
         mask = box_mask(box, size, grid_hw) if box else None
@@ -111,11 +75,11 @@ def main(argv: list[str]) -> int:
             mask = mask_from_image(load_mask(args.mask_image, size), grid_hw)
     clamp = None
     if args.clamp:
-        with torch.no_grad():
-            ref = feats_of(pair.data["x_train"].expand(-1, 3, -1, -1)) if pair.data is not None else feats_of(images)
-        clamp = feature_range(torch.cat([ref, *sets]), per_location=args.clamp == "location")
+        ref = features_of(ext, pair.data["x_train"].expand(-1, 3, -1, -1) if pair.data is not None else images)
+        clamp = feature_range(torch.cat([ref, *parsed.reference_feats]), per_location=args.clamp == "location")
     return write_report(args.out, "steer.png",
-                        lambda: steer_report(pair, images, names, direction, alphas, target, mask, clamp, description),
+                        lambda: steer_report(pair, images, names, parsed.vector, alphas, target, mask, clamp,
+                                                     parsed.description),
                         args.command_name)
 
 
