@@ -13,8 +13,7 @@ from typing import Callable
 import torch
 
 from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.config import BackboneConfig, ModelConfig
-from featinv.model import FeatInv
+from featinv.config import BackboneConfig
 
 GIB = 2 ** 30
 
@@ -92,16 +91,3 @@ def count_flops(fn: Callable) -> int:
 def random_backbone(cfg: BackboneConfig) -> FeatureExtractor:
     """The backbone of ``cfg`` with random weights (no download): throughput only."""
     return build_backbone(dataclasses.replace(cfg, pretrained=False, checkpoint=""))
-
-
-def random_featinv(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> FeatInv:
-    """A FeatInv of ``cfg`` with random weights, built on ``device``; the zero convs are randomised too,
-    so the control branch does real work. Timing does not depend on the weights."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = FeatInv(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.01)
-    return model

@@ -15,8 +15,9 @@ import argparse
 import time
 
 import torch
-from _common import random_featinv, timed
+from _common import timed
 
+from featinv.build_control import random_featinv
 from featinv.config import PRESETS, SampleConfig
 from featinv.model import FeatInv
 from featinv.reconstruct import Reconstructor, sample_seed
@@ -70,7 +71,7 @@ def bench(name: str, model: FeatInv, batch: int, steps: int, device: torch.devic
 
 def build(preset: str, device: torch.device) -> FeatInv:
     """The preset's model with random weights (zero convs randomised so control does real work)."""
-    return random_featinv(PRESETS[preset].model, device).eval()
+    return random_featinv(PRESETS[preset].model, device=device).eval()
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from featinv.build_control import random_featinv
 from featinv.config import PRESETS, SampleConfig
 from featinv.diffusion import alphas_cumprod
 from featinv.model import FeatInv
@@ -75,12 +76,7 @@ def tiny_problem(n: int = 2) -> Problem:
     """The tiny preset at 8x8 latents, every zero-initialised layer made random (else ε = 0)."""
     cfg = PRESETS["tiny"].model
     cfg = dataclasses.replace(cfg, latent_size=8, adapter=dataclasses.replace(cfg.adapter, grid=8))
-    torch.manual_seed(0)
-    model = FeatInv(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
+    model = random_featinv(cfg, seed=0).eval()
     rec = Reconstructor(model, None, SampleConfig(num_samples=1))
     feats = torch.randn(n, cfg.adapter.in_channels, 2, 2, generator=torch.Generator().manual_seed(1))
     keys = [f"tiny{i}" for i in range(n)]

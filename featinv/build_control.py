@@ -45,6 +45,21 @@ def write_random_minisd(path: str | Path, preset: str = "tiny", seed: int = 0) -
         return save_minisd(FeatInv(PRESETS[preset].model), path)
 
 
+def random_featinv(cfg: ModelConfig, seed: int = 0, std: float = 0.05, device: str | torch.device = "cpu") -> FeatInv:
+    """A FeatInv of ``cfg`` with random weights from ``seed`` whose zero-initialised layers (zero convs,
+    the adapter's and the UNet's output convs) are N(0, std) too, so that the feature map changes the
+    output: for tests, benchmarks and smoke runs (the weights mean nothing). The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = FeatInv(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, std)
+    return model
+
+
 def build_control(minisd: str | Path, out: str | Path, cfg: ModelConfig | None = None,
                   hint_channels: int | None = None, seed: int = 0) -> dict:
     """miniSD checkpoint, diffusers pipeline folder or Hub id -> FeatInv safetensors at ``out``; returns a

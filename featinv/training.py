@@ -19,7 +19,6 @@ import itertools
 import json
 import random
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from featinv.config_file import check_resumed_config
 from featinv.data import ImageDataset, make_loader
 from featinv.diffusion import eps_loss
 from featinv.model import FeatInv
+from featinv.progress import progress_to_stderr
 from featinv.runtime import quiet_lightning, resolve_precision
 
 
@@ -163,48 +163,6 @@ class FeatInvModule(pl.LightningModule):
             random.setstate(rng["python"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-class LineProgress(pl.callbacks.ProgressBar):
-    """Training progress as whole lines on stderr (for logs, where a live bar's redraws are noise):
-    the first and last step, and at most one line every ``seconds`` in between; rank 0 only."""
-
-    def __init__(self, seconds: float = 30.0):
-        super().__init__()
-        self.seconds, self._enabled, self._start, self._last = seconds, True, 0.0, 0.0
-
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start = self._last = time.monotonic()
-        self._first = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step, now = trainer.global_step, time.monotonic()
-        if not (self._enabled and trainer.is_global_zero):
-            return
-        if step == self._first + 1 or step >= trainer.max_steps or now - self._last >= self.seconds:
-            self._last = now
-            metrics = "".join(f"  {k} {float(v):.4f}" for k, v in self.get_metrics(trainer, pl_module).items()
-                              if k.startswith("train/") and isinstance(v, (int, float, torch.Tensor)))
-            rate = (step - self._first) / max(now - self._start, 1e-9)
-            print(f"step {step}/{trainer.max_steps}{metrics}  ({rate:.2f} steps/s)", file=sys.stderr, flush=True)
-
-
-def progress_to_stderr(trainer: pl.Trainer) -> None:
-    """Replace Lightning's progress bar (it draws on stdout) by one on stderr: Rich's live bar on a
-    terminal, :class:`LineProgress` otherwise (or without rich). stdout keeps the run's messages."""
-    bars = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ProgressBar)]
-    if not bars:
-        return
-    new = LineProgress()
-    if sys.stderr.isatty() and isinstance(bars[0], pl.callbacks.RichProgressBar):
-        new = pl.callbacks.RichProgressBar(console_kwargs={"stderr": True})
-    trainer.callbacks = [c for c in trainer.callbacks if c not in bars] + [new]
 
 
 def _numpy_state() -> tuple:

@@ -90,18 +90,12 @@ def quick_demo_out(tmp_path_factory) -> Path:
 def make_tiny_model(in_channels: int = 512):
     """The tiny preset with the backbone's channel count, a narrower adapter for speed, and every
     zero-initialised layer made random so that the feature map changes the output."""
+    from featinv.build_control import random_featinv
     from featinv.config import PRESETS
-    from featinv.model import FeatInv
 
     cfg = PRESETS["tiny"].model
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=in_channels, width=64))
-    torch.manual_seed(0)
-    model = FeatInv(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model
+    return random_featinv(cfg, seed=0).eval()
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from conftest import FIXTURES, Evil, assert_close_rel, write_ldm_checkpoint
 from safetensors import safe_open
 
 import featinv.checkpoint as ckpt
-from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, convert_to_safetensors,
-                                infer_model_config, load_featinv, load_into, read_checkpoint, read_state_dict,
-                                save_featinv, to_reference)
+from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
+                                load_featinv, load_into, read_checkpoint, read_state_dict, save_featinv, to_reference)
+from featinv.checkpoint.convert import convert_to_safetensors
 from featinv.config import PRESETS, DiffusionConfig
 from featinv.model import FeatInv
 

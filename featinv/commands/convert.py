@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featinv.checkpoint import convert_to_safetensors
+from featinv.checkpoint.convert import convert_to_safetensors
 from featinv.commands._common import Parser, command
 from featinv.io import check_writable
 
