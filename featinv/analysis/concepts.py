@@ -132,7 +132,7 @@ def _vectors(feats: Tensor) -> Tensor:
 
 def _rebatch(chunks: Iterable[Tensor], size: int, minimum: int) -> Iterable[Tensor]:
     """Vectors in chunks of any size -> batches of ``size`` rows (the first of at least ``minimum``: the
-    estimators initialise on it); the remainder joins the last batch."""
+    estimators initialise on it); a remainder of fewer than ``minimum`` rows joins the last batch."""
     buf, rows, pending, first = [], 0, None, max(size, minimum)
     for chunk in chunks:
         buf.append(chunk)
@@ -143,12 +143,15 @@ def _rebatch(chunks: Iterable[Tensor], size: int, minimum: int) -> Iterable[Tens
             if pending is not None:
                 yield pending
             pending, buf, rows = cat[:cut], [cat[cut:]], rows - cut
-    rest = torch.cat(buf) if buf else None
+    rest = torch.cat(buf) if buf else torch.zeros(0)
+    if pending is not None and len(rest) >= minimum:
+        yield pending
+        pending = None
     if pending is None:
-        if rest is not None and len(rest):
+        if len(rest):
             yield rest
     else:
-        yield pending if rest is None or not len(rest) else torch.cat([pending, rest])
+        yield torch.cat([pending, rest])
 
 
 def _estimator(method: str, k: int, seed: int, alpha: float, batch_size: int):
@@ -199,14 +202,14 @@ def _batches(feats, batch_size: int, seed: int, passes: int) -> tuple[Callable[[
 
 
 def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = None, seed: int = 0,
-                 progress: Progress | None = None, passes: int | None = None, batch_size: int = 2048,
+                 progress: Progress | None = None, passes: int | None = None, batch_size: int = 1024,
                  alpha: float = 0.1, source: str = "") -> ConceptBasis:
     """Fit k concepts on the per-location channel vectors of feature maps -> ConceptBasis.
 
     feats: (N, C, h, w) maps, or an iterable of (B, C, h, w) batches (or (B, C) vectors) streamed through
     ``partial_fit`` (a set larger than memory). method: 'nmf', 'dict', 'pca', 'kmeans' or None (nmf for
     non-negative maps, else dict). passes: epochs over the data (default: enough for ~200 mini-batch
-    steps, at most 50; 1 for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
+    steps; 1 for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
     norm. progress(done, total) after every mini-batch. Deterministic given ``seed``."""
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive number of concepts, got {k}")
@@ -218,7 +221,7 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
             raise ValueError(f"k={k} exceeds the {locations} feature-map locations to fit on "
                              f"({feats.shape[0]} maps of {feats.shape[2]}x{feats.shape[3]})")
         batches = math.ceil(locations / batch_size)
-        passes = passes or max(1, min(50, math.ceil(200 / batches)))
+        passes = passes or math.ceil(200 / batches)
     passes = passes or 1
     chunks, facts = _batches(feats, batch_size, seed, passes)
     total = facts["vectors"] * passes if facts else None
@@ -360,11 +363,12 @@ def concept_importance(basis: ConceptBasis, extractor, feats: Tensor, labels: Te
     rem = []
     with torch.no_grad():
         for f, c, y in zip(feats.split(chunk), codes.split(chunk), labels.split(chunk)):
-            base = extractor.logits_from_features(f).float()
-            num_classes = num_classes or base.shape[1]
-            pick = lambda z: z.gather(1, y[:, None])[:, 0]  # noqa: E731 -- (N, classes) -> (N,) own-class logit
-            rem.append(torch.stack([pick(base) - pick(extractor.logits_from_features(remove(f, basis, i, c)).float())
-                                    for i in range(basis.k)], dim=1))
+            logits = extractor.logits_from_features(f).float()
+            num_classes = num_classes or logits.shape[1]
+            own = y[:, None]                                               # each image's own class
+            base = logits.gather(1, own)[:, 0]
+            rem.append(torch.stack([base - extractor.logits_from_features(remove(f, basis, i, c)).float()
+                                    .gather(1, own)[:, 0] for i in range(basis.k)], dim=1))
     grads = []
     with torch.enable_grad():
         for f, y in zip(feats.split(chunk), labels.split(chunk)):
