@@ -164,3 +164,61 @@ def test_bad_inputs_are_refused(data, nmf, tmp_path):
         ConceptBasis.load(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         ConceptBasis.load(tmp_path / "missing.safetensors")
+
+
+# ----- featinv concepts, and concept:<basis>:<i> in featinv steer, on the quick demo pair ---------------
+
+FAST_ARGS = ["--steps", "2", "--exemplars", "1", "--removals", "1", "--device", "cpu"]
+
+
+def test_concepts_command_writes_the_atlas_and_its_basis_steers(quick_demo_out, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from featinv import cli
+
+    demo = ["--demo-out", str(quick_demo_out)]
+    out = tmp_path / "concepts"
+    assert cli.main(["concepts", *demo, "-k", "3", "--method", "nmf", *FAST_ARGS, "--out", str(out)]) == 0
+    image = Image.open(out / "concepts.png")
+    assert image.width > 5 * 64 and image.height > 4 * 64  # a title, the plain row and 3 concept rows
+    table = json.loads((out / "table.json").read_text())
+    assert table["k"] == 3 and table["method"] == "nmf" and len(table["rows"]) == 3
+    assert len(table["importance_removal"]) == 3 and len(table["importance_removal"][0]) == 10
+    assert 0 <= table["completeness"]["agreement"] <= 1
+    assert (out / "table.md").read_text().count("\n|") >= 4
+    basis = ConceptBasis.load(out / "concepts.safetensors")
+    assert basis.k == 3 and basis.channels == 64
+    again = tmp_path / "again"
+    assert cli.main(["concepts", *demo, "--basis", str(out / "concepts.safetensors"), *FAST_ARGS,
+                     "--out", str(again)]) == 0
+    assert json.loads((again / "table.json").read_text())["rows"] == table["rows"]  # same basis, same atlas
+    steer_out = tmp_path / "steer"
+    assert cli.main(["steer", *demo, "--direction", f"concept:{out / 'concepts.safetensors'}:1", "--alphas", "0,1",
+                     "--steps", "2", "--out", str(steer_out)]) == 0
+    rows = json.loads((steer_out / "table.json").read_text())["rows"]
+    assert rows[1]["shift_features"] == pytest.approx(1.0, abs=1e-4)  # moved one feature norm along the atom
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-k", "0"], "-k: 0 concepts: must be between 1 and the 5748 feature-map locations"),
+    (["-k", "6000"], "-k: 6000 concepts: must be between 1 and the 5748"),
+    (["--method", "ica"], "--method: unknown concept method 'ica': choose one of nmf, dict, pca, kmeans"),
+    (["--basis", "JUNK"], "is not a concept basis file"),
+    (["--basis", "MISSING"], "--basis: concept basis"),
+    (["--basis", "JUNK", "-k", "3"], "--basis: give either a basis file or -k/--method"),
+])
+def test_concepts_bad_input_is_one_line(quick_demo_out, tmp_path, capsys, extra, message):
+    from featinv import cli
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    extra = [e.replace("JUNK", str(tmp_path / "junk.safetensors")).replace("MISSING", str(tmp_path / "no.st"))
+             for e in extra]
+    assert cli.main(["concepts", "--demo-out", str(quick_demo_out), *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("featinv concepts: error: ") and message in err[-1], err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["steer", "--demo-out", str(quick_demo_out), "--direction",
+                     f"concept:{tmp_path / 'junk.safetensors'}:0", "--out", str(tmp_path / "out")]) == 2
+    assert "featinv steer: error: --direction: " in capsys.readouterr().err

@@ -358,6 +358,8 @@ def concept_importance(basis: ConceptBasis, extractor, feats: Tensor, labels: Te
     (:func:`remove`); gradient (k, classes): the first-order estimate, Σ over locations of
     ⟨∂logit_c/∂feats, atom_i⟩ · code_i (exact for a head linear in the map); count (classes,): images
     per class (a class without images gets NaN). feats (N, C, h, w); labels (N,) int64 class indices."""
+    if labels.shape != (feats.shape[0],):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({feats.shape[0]},): one per map")
     codes = basis.encode(feats) if codes is None else codes
     labels = labels.to(feats.device).long()
     rem = []

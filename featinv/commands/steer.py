@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from featinv.analysis.common import image_set
+from featinv.analysis.concepts import ConceptBasis, concept_direction
 from featinv.analysis.reports import steer_report
 from featinv.analysis.steering import (box_mask, channel_direction, class_direction, feature_range,
                                        mask_from_image, mean_difference_direction, probe_direction)
@@ -21,6 +22,7 @@ DIRECTIONS = """directions (unit vectors in the feature map's channel space):
   channel:<i>                  channel i alone
   mean-diff:<concept>:<other>  mean feature of the concept images minus that of the others
   probe:<concept>:<other>      a logistic-regression probe's weight (concept activation vector)
+  concept:<basis>:<i>          atom i of a concept basis written by featinv concepts (concepts.safetensors)
 <concept>/<other> are image folders; on the demo pair also digit classes of the training split:
 digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest.
 alpha is in units of the input's mean per-location feature norm: alpha = 1 moves every location by
@@ -51,7 +53,15 @@ def direction_from_spec(spec: str, pair, reconstructor_features):
         if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
             target = int(concept[5:])
         return fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o]
-    raise ValueError(f"--direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe)")
+    if kind == "concept":
+        path, sep, index = rest.rpartition(":")
+        if not sep or not path or not index.isdigit():
+            raise ValueError(f"--direction {spec!r}: use concept:<basis file>:<concept index>")
+        basis = ConceptBasis.load(path)
+        if basis.channels != c:
+            raise ValueError(f"concept basis {path!r} was fitted on {basis.channels} channels, the feature map has {c}")
+        return concept_direction(basis, int(index)), None, f"direction concept:{index} ({basis.method}, {path})", []
+    raise ValueError(f"--direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe, concept)")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -82,7 +92,8 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv steer", epilog=DIRECTIONS, formatter_class=_Help, description="Move feature maps along a direction and "
                "reconstruct every strength with the same seeds: a strip per input, a table per alpha.")
-    p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>")
+    p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>, "
+                   "concept:<basis>:<i>")
     p.add_argument("--alphas", default="0,0.5,1,1.5,2", help="comma-separated strengths (0 is always shown first)")
     p.add_argument("--target", type=int, help="class whose probability the table reports (default: from the direction)")
     p.add_argument("--mask", help="steer only inside this box x0,y0,x1,y1 (pixels of the backbone input)")
