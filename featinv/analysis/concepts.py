@@ -209,7 +209,7 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     feats: (N, C, h, w) maps, or an iterable of (B, C, h, w) batches (or (B, C) vectors) streamed through
     ``partial_fit`` (a set larger than memory). method: 'nmf', 'dict', 'pca', 'kmeans' or None (nmf for
     non-negative maps, else dict). passes: epochs over the data (default: enough for ~200 mini-batch
-    steps; 1 for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
+    steps; 1 for PCA and for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
     norm. progress(done, total) after every mini-batch. Deterministic given ``seed``."""
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive number of concepts, got {k}")
@@ -221,7 +221,8 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
             raise ValueError(f"k={k} exceeds the {locations} feature-map locations to fit on "
                              f"({feats.shape[0]} maps of {feats.shape[2]}x{feats.shape[3]})")
         batches = math.ceil(locations / batch_size)
-        passes = passes or math.ceil(200 / batches)
+        # PCA's incremental SVD sees every vector once (more passes only repeat them, at an SVD a batch)
+        passes = passes or (1 if method == "pca" else math.ceil(200 / batches))
     passes = passes or 1
     chunks, facts = _batches(feats, batch_size, seed, passes)
     total = facts["vectors"] * passes if facts else None
