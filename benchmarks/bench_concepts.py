@@ -186,15 +186,16 @@ def markdown(res: dict) -> str:
                 rm = row["removal"]
                 steer_s = " / ".join(pct(v) for v in row.get("steer", [])) or "n/a"
                 best = pct(max(row["steer"])) if row.get("steer") else "n/a"
-                ratio = "n/a" if rm["ratio"] is None else f"{rm['ratio']:.1f}x"
+                ratio = "random <= 0" if rm["ratio"] is None else f"{rm['ratio']:.1f}x"
                 lines.append(f"| {m} | {k} | {pct(rm['top']['prob_drop'])} / {pct(rm['random']['prob_drop'])} | "
                              f"{pct(rm['top']['agreement_drop'])} / {pct(rm['random']['agreement_drop'])} | {ratio} | "
                              f"{row['stability']:.3f} | {steer_s} | {best} |")
         lines += ["", "Completeness on the held-out digits: variance explained / decoded-map agreement (fit seconds).", "",
                   "| method | " + " | ".join(f"k={k}" for k in GROW) + " |", "|---|" + "---|" * len(GROW)]
         for m, r in d["methods"].items():
-            cells = [f"{pct(r['grow'][k]['variance_explained'])} / {pct(r['grow'][k]['agreement'])} "
-                     f"({r['grow'][k]['fit_seconds']:.1f} s)" for k in GROW]
+            grow = {int(k): v for k, v in r["grow"].items()}  # JSON keys are strings
+            cells = [f"{pct(grow[k]['variance_explained'])} / {pct(grow[k]['agreement'])} "
+                     f"({grow[k]['fit_seconds']:.1f} s)" for k in GROW]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if res.get("scale"):
         lines += ["", "| method | rows x 1024 | k | passes | fit | peak memory / data | encode 16 maps |", "|---|---|---|---|---|---|---|"]
@@ -216,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-scale", action="store_true")
     p.add_argument("--scale-worker", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_concepts")
+    p.add_argument("--tables-from", metavar="JSON", help="print the tables of an earlier run's bench_concepts.json")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.tables_from:
+        print(markdown(json.loads(Path(args.tables_from).read_text())))
+        return 0
     if args.scale_worker:
         print(json.dumps(scale_worker(args.scale_worker, args.scale_rows, 20, args.seed)))
         return 0
