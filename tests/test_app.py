@@ -92,6 +92,26 @@ def test_compose_at_t0_reconstructs_a(cb, session):
     assert np.abs(pixels(pasted[2][0]) - pixels(gallery[2][0])).max() > 0  # B's cell changes the picture
 
 
+def test_concepts_panel_heat_strip_and_removal(cb, session, tmp_path):
+    from featinv.analysis.concepts import fit_concepts
+    from featinv.demo import load_digits_split
+
+    with torch.no_grad():
+        feats = session.extractor(load_digits_split(session.image_size)["x_train"][:300].expand(-1, 3, -1, -1))
+    path = fit_concepts(feats, 4, "nmf", seed=0).save(tmp_path / "concepts.safetensors")
+    heat, strip, removed, table = cb.concepts(session.examples[3], str(path), 1, 2.0, *sampler(session, k=1))
+    assert [c.split(":")[0] for _, c in strip] == ["α +0.00", "α +0.50", "α +1.00", "α +1.50", "α +2.00"]
+    assert len(removed) == 2 and removed[1][1].startswith("without concept 1: ") and len(table) == 4
+    plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
+    assert np.abs(pixels(strip[0][0]) - pixels(plain[0][0])).max() <= 1  # α = 0: the plain reconstruction
+    assert heat.size == strip[0][0].size
+    with pytest.raises(gr.Error, match="concept 9: give a whole number in 0..3"):
+        cb.concepts(session.examples[3], str(path), 9, 2.0, *sampler(session, k=1))
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(gr.Error, match="is not a concept basis file"):
+        cb.concepts(session.examples[3], str(tmp_path / "junk.safetensors"), 0, 2.0, *sampler(session, k=1))
+
+
 def test_perturb_shows_clean_and_perturbed(cb, session):
     clean, perturbed, table = cb.perturb(session.examples[3], "PGD attack", 1, 64, 10, "untargeted",
                                          *sampler(session, k=2))

@@ -12,7 +12,6 @@ Edited features can leave the range the backbone ever produces (e.g. negative va
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -190,62 +189,3 @@ def steer_and_reconstruct(reconstructor, feats: Tensor, direction: Tensor, alpha
     keys)`` bit for bit (same shapes, same noise). ``steered`` reuses an already computed steer()."""
     steered = steer(feats, direction, alphas, mask, clamp) if steered is None else steered
     return torch.stack([reconstructor.from_features(steered[:, a], keys) for a in range(steered.shape[1])], dim=1)
-
-
-# ----- direction specs ---------------------------------------------------------------------------
-
-DIRECTION_SPECS = """directions (unit vectors in the feature map's channel space):
-  class:<i>                    the classifier head's weight vector of class i
-  channel:<i>                  channel i alone
-  mean-diff:<concept>:<other>  mean feature of the concept images minus that of the others
-  probe:<concept>:<other>      a logistic-regression probe's weight (concept activation vector)
-<concept>/<other> are image folders; on the demo pair also digit classes of the training split:
-digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest."""
-
-
-@dataclass
-class Direction:
-    """A parsed direction spec: the unit vector (C,), the class it points to (or None), a description,
-    and the feature maps of the image sets it was made from (references for a clamp)."""
-
-    vector: Tensor
-    target: int | None
-    description: str
-    reference_feats: list[Tensor] = field(default_factory=list)
-
-
-@torch.no_grad()
-def features_of(extractor, images01: Tensor, chunk: int = 256) -> Tensor:
-    """Images (N, 3, S, S) in [0, 1] -> the extractor's feature maps (N, C, h, w), fp32, in chunks."""
-    dev = extractor.mean.device
-    return torch.cat([extractor(c.to(dev)).float() for c in images01.split(chunk)])
-
-
-@torch.no_grad()
-def parse_direction(spec: str, pair) -> Direction:
-    """A direction spec (see :data:`DIRECTION_SPECS`) on ``pair`` (a featinv.pair.Pair) -> :class:`Direction`;
-    ValueError naming the spec when it does not parse."""
-    from featinv.analysis.common import image_set
-
-    kind, _, rest = spec.partition(":")
-    if kind in ("class", "channel"):
-        try:
-            index = int(rest)
-        except ValueError:
-            raise ValueError(f"direction {spec!r}: {kind}:<index> needs an integer index") from None
-        if kind == "class":
-            return Direction(class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)")
-        return Direction(channel_direction(pair.extractor.feature_shape[0], index), None, f"direction channel:{index}")
-    if kind in ("mean-diff", "probe"):
-        concept, sep, other = rest.rpartition(":")
-        if not sep or not concept or not other:
-            raise ValueError(f"direction {spec!r}: use {kind}:<concept folder>:<other folder>")
-        x_c, desc_c = image_set(concept, pair)
-        x_o, desc_o = image_set(other, pair, exclude=concept)
-        f_c, f_o = features_of(pair.extractor, x_c), features_of(pair.extractor, x_o)
-        fn = mean_difference_direction if kind == "mean-diff" else probe_direction
-        target = None
-        if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
-            target = int(concept[5:])
-        return Direction(fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o])
-    raise ValueError(f"direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe)")

@@ -1,4 +1,4 @@
-"""The four panels' callbacks, without the web page: library calls in, pictures and tables out.
+"""The panels' callbacks, without the web page: library calls in, pictures and tables out.
 
 Every function takes the :class:`~featinv.app.session.Session`, the panel's inputs and a
 SampleConfig, calls the library (``featinv.reconstruct``, ``featinv.analysis``) and formats the
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from featinv.analysis import common, compose, perturb, steering
+from featinv.analysis import concepts as concepts_lib
 from featinv.app.session import Session
 from featinv.config import SampleConfig
 from featinv.reconstruct import uncertainty
@@ -278,3 +279,50 @@ def perturb_image(session: Session, path: str | None, kind: str, severity, eps_2
     table = topk_table(session, torch.cat([clean_probs, rec_probs[:1], attacked_probs, rec_probs[k:k + 1]]),
                        ["clean", "clean sample 1", "perturbed", "perturbed sample 1"])
     return PerturbOutput(clean=clean, perturbed=bad, table=table)
+
+
+# ----- Concepts -----------------------------------------------------------------------------------
+
+@dataclass
+class ConceptsOutput:
+    heat: Image.Image                       # the input with the concept's code over the grid laid over it
+    strip: list[tuple[Image.Image, str]]    # steered along the concept's atom, strengths 0..strength
+    removed: list[tuple[Image.Image, str]]  # the plain reconstruction, then the one without the concept
+    table: pd.DataFrame                     # per concept: its code on this image, the head without it
+
+
+def concepts(session: Session, path: str | None, basis_path: str | None, index, strength: float,
+             cfg: SampleConfig, progress=_no_progress) -> ConceptsOutput:
+    """One concept of a basis written by ``featinv concepts`` on the uploaded image: where it sits, a steering
+    strip along its atom, and the reconstruction without it (one sample each, the same noise)."""
+    image = session.load_image(path)
+    if not basis_path:
+        raise ValueError("no concept basis: upload a concepts.safetensors written by `featinv concepts`")
+    basis = concepts_lib.ConceptBasis.load(basis_path)
+    if index is None or float(index) != int(index) or not 0 <= int(index) < basis.k:
+        raise ValueError(f"concept {index!r}: give a whole number in 0..{basis.k - 1}")
+    i = int(index)
+    rec = session.reconstructor(dataclasses.replace(cfg, num_samples=1))
+    feats = rec.features(image)
+    codes = basis.encode(feats)                                                   # (1, k, h, w)
+    heat = concepts_lib.heat_map(codes, i, image.shape[-1])[0].cpu()
+    vmax = float(heat.max())
+    weight = (heat / vmax).clamp(0, 1) * 0.6 if vmax > 0 else torch.zeros_like(heat)
+    overlaid = image[0].cpu() * (1 - weight) + heatmap(heat, vmax=vmax) * weight
+    alphas = torch.linspace(0, float(strength), STRIP).tolist()
+    progress(0.1, f"steering along concept {i}: {STRIP} strengths")
+    samples = steering.steer_and_reconstruct(rec, feats, concepts_lib.concept_direction(basis, i), alphas, [KEY])
+    progress(0.6, f"removing concept {i}")
+    with torch.no_grad():
+        without = [concepts_lib.remove(feats, basis, j, codes) for j in range(basis.k)]
+        head = session.extractor.logits_from_features(torch.cat(without)).float().softmax(dim=-1)
+    pair = rec.from_features(torch.cat([feats, without[i]]), [KEY, KEY])           # (2, 1, 3, H, W)
+    _, probs = classify(session, torch.cat([samples[0, :, 0], pair[:, 0]]))
+    strip = [(tile(samples[0, a, 0]), f"α {alpha:+.2f}: {label(session, probs[a])}") for a, alpha in enumerate(alphas)]
+    removed = [(tile(pair[0, 0]), f"reconstruction: {label(session, probs[STRIP])}"),
+               (tile(pair[1, 0]), f"without concept {i}: {label(session, probs[STRIP + 1])}")]
+    peak = codes.amax(dim=(2, 3))[0]
+    table = pd.DataFrame({"concept": [str(j) for j in range(basis.k)],
+                          "code on this image (max over the grid)": [f"{float(v):.2f}" for v in peak],
+                          "head on the map without it": [label(session, p) for p in head]})
+    return ConceptsOutput(heat=tile(overlaid), strip=strip, removed=removed, table=table)

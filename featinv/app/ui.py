@@ -80,6 +80,12 @@ class Callbacks:
             out = panels.perturb_image(self.session, path, kind, severity, eps, steps, target, cfg, progress)
             return out.clean, out.perturbed, out.table
 
+    def concepts(self, path, basis, index, strength, *sampler, progress=gr.Progress()):
+        with user_errors():
+            cfg = self.session.sample_config_from(*sampler)
+            out = panels.concepts(self.session, path, basis, index, strength, cfg, progress)
+            return out.heat, out.strip, out.removed, out.table
+
 
 def _gallery(label: str, columns: int, elem_id: str, height: int = 230) -> gr.Gallery:
     return gr.Gallery(label=label, columns=columns, height=height, format="png", object_fit="contain",
@@ -181,8 +187,29 @@ def _perturb_tab(cb: Callbacks, upload, sampler) -> None:
     go.click(cb.perturb, [upload, method, severity, eps, steps, target, *sampler], [clean, attacked, table])
 
 
+def _concepts_tab(cb: Callbacks, upload, sampler) -> None:
+    gr.Markdown("A concept basis from `featinv concepts` (its `concepts.safetensors`; the atlas shows what each "
+                "concept is): where the concept sits in this image, steering along it, and the image without it.")
+    with gr.Row():
+        basis = gr.File(label="concept basis (concepts.safetensors)", type="filepath", elem_id="concepts-basis")
+        index = gr.Number(value=0, precision=0, minimum=0, label="concept", elem_id="concepts-index")
+        strength = gr.Slider(-4, 4, value=2, step=0.25, elem_id="concepts-strength",
+                             label="steering strength (units of the map's mean feature norm); the strip runs 0..strength")
+    go = gr.Button("Show concept", variant="primary", elem_id="concepts-run")
+    with gr.Row():
+        heat = gr.Image(label="the concept's code over the grid (heat)", format="png", interactive=False,
+                        elem_classes=["pixelated"], height=200, elem_id="concepts-heat")
+        removed = _gallery("reconstruction, and without the concept", 2, "concepts-removed")
+    strip = _gallery("steered along the concept: strengths 0..strength", panels.STRIP, "concepts-strip")
+    table = gr.Dataframe(headers=["concept", "code on this image", "head on the map without it"],
+                         label="every concept of the basis on this image", interactive=False, elem_id="concepts-table")
+    args = [upload, basis, index, strength, *sampler]
+    go.click(cb.concepts, args, [heat, strip, removed, table])
+    strength.release(cb.concepts, args, [heat, strip, removed, table])
+
+
 def build(session: Session) -> gr.Blocks:
-    """The four panels (Reconstruct, Steer, Compose, Perturb) over one shared input image."""
+    """The panels (Reconstruct, Steer, Compose, Perturb, Concepts) over one shared input image."""
     cb = Callbacks(session)
     with gr.Blocks(title="featinv explorer", analytics_enabled=False) as page:
         gr.Markdown(f"## featinv explorer\nServing **{session.name}**. Upload an image (or pick an example): "
@@ -198,7 +225,8 @@ def build(session: Session) -> gr.Blocks:
                 sampler = _advanced(session)
             with gr.Column(scale=3), gr.Tabs():
                 for name, tab in [("Reconstruct", _reconstruct_tab), ("Steer", _steer_tab),
-                                  ("Compose", _compose_tab), ("Perturb", _perturb_tab)]:
+                                  ("Compose", _compose_tab), ("Perturb", _perturb_tab),
+                                  ("Concepts", _concepts_tab)]:
                     with gr.Tab(name, id=name.lower()):
                         tab(cb, upload, sampler)
         upload.change(cb.preview, upload, preview)

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from featinv.analysis.reports import steer_report
-from featinv.analysis.steering import (DIRECTION_SPECS, box_mask, feature_range, features_of, mask_from_image,
-                                       parse_direction)
+from featinv.analysis.directions import DIRECTION_SPECS, features_of, parse_direction
+from featinv.analysis.steering import box_mask, feature_range, mask_from_image
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
                                         write_report)
 from featinv.commands._common import HelpFormatter, Parser, command
@@ -48,7 +48,8 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv steer", epilog=DIRECTIONS, formatter_class=_Help, description="Move feature maps along a direction and "
                "reconstruct every strength with the same seeds: a strip per input, a table per alpha.")
-    p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>")
+    p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>, "
+                   "concept:<basis>:<i>")
     p.add_argument("--alphas", default="0,0.5,1,1.5,2", help="comma-separated strengths (0 is always shown first)")
     p.add_argument("--target", type=int, help="class whose probability the table reports (default: from the direction)")
     p.add_argument("--mask", help="steer only inside this box x0,y0,x1,y1 (pixels of the backbone input)")

@@ -1,0 +1,349 @@
+"""Concept discovery on spatial feature maps: a basis of channel-space atoms fitted on per-location vectors.
+
+The feature map's per-location channel vectors x (C,) are factorised as x ≈ Σ_i code_i · atom_i + offset,
+in the fit / encode / decode convention of scikit-learn and Overcomplete (CRAFT and ACE do the same on
+spatial activations). scikit-learn does the factorisation, streamed through ``partial_fit``:
+
+- ``nmf``    non-negative codes and atoms (maps after a ReLU); MiniBatchNMF.
+- ``dict``   sparse dictionary learning, non-negative codes, signed atoms (signed maps such as ConvNeXt's or
+             a ViT's: a concept still *adds* to a location); MiniBatchDictionaryLearning(positive_code=True).
+- ``pca``    signed codes along orthonormal components, around the mean (the offset); IncrementalPCA.
+- ``kmeans`` one-hot codes: each location is its nearest cluster centre; MiniBatchKMeans.
+
+Atoms are unit vectors (k-means: the cluster centres), so a code is a length along its atom in feature
+units and concept i's contribution to a map is code_i (N, 1, h, w) times atom_i. With these one can
+remove a concept (subtract its contribution), keep only some, steer along an atom
+(:func:`featinv.analysis.steering.steer`), see where a concept sits (its code over the grid, upsampled),
+and measure how much a class's logit needs it (:mod:`featinv.analysis.concept_scores`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from featinv.analysis.steering import steer
+
+METHODS = ("nmf", "dict", "pca", "kmeans")
+FORMAT = "featinv-concepts/1"   # metadata["format"] of a basis file
+Progress = Callable[[int, "int | None"], None]   # (vectors processed, total or None for a one-shot stream)
+
+
+@dataclass(frozen=True, eq=False)
+class ConceptBasis:
+    """k concepts in a C-channel feature space.
+
+    atoms: (k, C) float32 (unit rows; k-means: the centres); offset: (C,) added by decode (PCA's mean, else 0);
+    scale: the fit data's mean vector norm (the dictionary's sparsity alpha is relative to it);
+    source: the backbone / layer fitted on; stats: fit statistics (vectors, maps, grid, passes, seed, ...)."""
+
+    atoms: Tensor
+    method: str
+    offset: Tensor
+    scale: float = 1.0
+    alpha: float = 0.0
+    source: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.atoms.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.atoms.shape[1]
+
+    def check(self, feats: Tensor) -> None:
+        if feats.ndim != 4:
+            raise ValueError(f"feature maps must be (N, C, h, w), got shape {tuple(feats.shape)}")
+        if feats.shape[1] != self.channels:
+            raise ValueError(f"feature map has {feats.shape[1]} channels but the concept basis was fitted on "
+                             f"{self.channels} channels ({self.source or 'unnamed backbone'})")
+
+    def encode(self, feats: Tensor) -> Tensor:
+        """feats (N, C, h, w) -> codes (N, k, h, w) float32 (non-negative except for PCA)."""
+        self.check(feats)
+        n, _, h, w = feats.shape
+        x = feats.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, self.channels)
+        codes = _encode_vectors(self, x) if len(x) else x.new_zeros(0, self.k)
+        return codes.view(n, h, w, self.k).permute(0, 3, 1, 2).contiguous().to(feats.device)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes (N, k, h, w) -> feature maps (N, C, h, w): Σ_i code_i · atom_i + offset."""
+        if codes.ndim != 4 or codes.shape[1] != self.k:
+            raise ValueError(f"codes must be (N, {self.k}, h, w) for this {self.k}-concept basis, "
+                             f"got shape {tuple(codes.shape)}")
+        a, off = self.atoms.to(codes.device), self.offset.to(codes.device)
+        return torch.einsum("nkhw,kc->nchw", codes.float(), a) + off.view(1, -1, 1, 1)
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: atoms and offset, the rest as JSON metadata (written atomically)."""
+        from safetensors.torch import save_file
+
+        from featinv.io import atomic_save
+
+        meta = {"format": FORMAT, "method": self.method, "scale": repr(float(self.scale)),
+                "alpha": repr(float(self.alpha)), "source": self.source, "stats": json.dumps(self.stats)}
+        tensors = {"atoms": self.atoms.float().contiguous(), "offset": self.offset.float().contiguous()}
+        return atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConceptBasis:
+        """A file written by :meth:`save`; anything else is a ValueError naming the file."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"concept basis {str(path)!r} not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
+            raise ValueError(f"{str(path)!r} is not a concept basis file ({type(e).__name__}: {e})") from None
+        if meta.get("format") != FORMAT or {"atoms", "offset"} - set(tensors):
+            raise ValueError(f"{str(path)!r} is not a concept basis file (no {FORMAT!r} metadata with atoms and "
+                             f"offset; has keys {sorted(tensors)[:5]})")
+        atoms, offset = tensors["atoms"].float(), tensors["offset"].float()
+        if atoms.ndim != 2 or meta["method"] not in METHODS or offset.shape != (atoms.shape[1],):
+            raise ValueError(f"{str(path)!r}: bad concept basis (method {meta['method']!r}, atoms "
+                             f"{tuple(atoms.shape)}, offset {tuple(offset.shape)})")
+        return cls(atoms, meta["method"], offset, float(meta["scale"]), float(meta["alpha"]), meta.get("source", ""),
+                   json.loads(meta.get("stats") or "{}"))
+
+
+# ----- fitting -------------------------------------------------------------------------------------
+
+def _vectors(feats: Tensor) -> Tensor:
+    """(B, C, h, w) maps or (B, C) vectors -> (B·h·w, C) float32 on the CPU."""
+    if feats.ndim == 2:
+        return feats.detach().float().cpu()
+    if feats.ndim != 4:
+        raise ValueError(f"feature maps must be (N, C, h, w) (or (N, C) vectors), got shape {tuple(feats.shape)}")
+    return feats.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+
+
+def _rebatch(chunks: Iterable[Tensor], size: int, minimum: int) -> Iterable[Tensor]:
+    """Vectors in chunks of any size -> batches of ``size`` rows (the first of at least ``minimum``: the
+    estimators initialise on it); a remainder of fewer than ``minimum`` rows joins the last batch."""
+    buf, rows, pending, first = [], 0, None, max(size, minimum)
+    for chunk in chunks:
+        buf.append(chunk)
+        rows += len(chunk)
+        while rows >= (first if pending is None else size):
+            cut = first if pending is None else size
+            cat = torch.cat(buf)
+            if pending is not None:
+                yield pending
+            pending, buf, rows = cat[:cut], [cat[cut:]], rows - cut
+    rest = torch.cat(buf) if buf else torch.zeros(0)
+    if pending is not None and len(rest) >= minimum:
+        yield pending
+        pending = None
+    if pending is None:
+        if len(rest):
+            yield rest
+    else:
+        yield torch.cat([pending, rest])
+
+
+def _estimator(method: str, k: int, seed: int, alpha: float, batch_size: int):
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import IncrementalPCA, MiniBatchDictionaryLearning, MiniBatchNMF
+
+    if method == "nmf":
+        return MiniBatchNMF(n_components=k, init="nndsvda", batch_size=batch_size, random_state=seed)
+    if method == "dict":
+        return MiniBatchDictionaryLearning(n_components=k, alpha=alpha, batch_size=batch_size, positive_code=True,
+                                           fit_algorithm="cd", transform_algorithm="lasso_cd", random_state=seed)
+    if method == "pca":
+        return IncrementalPCA(n_components=k, batch_size=batch_size)
+    return MiniBatchKMeans(n_clusters=k, batch_size=batch_size, random_state=seed, n_init=1)
+
+
+def _check_method(method: str | None, first: Tensor) -> str:
+    if method is None:
+        return "nmf" if first.min() >= 0 else "dict"
+    if method not in METHODS:
+        raise ValueError(f"unknown concept method {method!r}: choose one of {', '.join(METHODS)}")
+    return method
+
+
+def _negative_error(x: Tensor) -> ValueError:
+    return ValueError(f"NMF needs non-negative feature maps, but they hold negative entries (min {x.min():.3g}); "
+                      "use method 'dict' (non-negative codes, signed atoms), 'pca' or 'kmeans'")
+
+
+def _batches(feats, batch_size: int, seed: int, passes: int) -> tuple[Callable[[int], Iterable[Tensor]], dict]:
+    """-> (pass index -> chunks of vectors, facts known up front). A tensor is read in a seeded random order
+    of its maps each pass; an iterable of batches is read as given (a one-shot iterator only once)."""
+    if isinstance(feats, Tensor):
+        if feats.ndim != 4:
+            raise ValueError(f"feature maps must be (N, C, h, w), got shape {tuple(feats.shape)}")
+        n, c, h, w = feats.shape
+        per_chunk = max(1, batch_size // (h * w))
+
+        def chunks(p: int) -> Iterable[Tensor]:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + p))
+            for idx in order.split(per_chunk):
+                yield _vectors(feats[idx])
+        return chunks, {"vectors": n * h * w, "maps": n, "grid": [h, w], "channels": c}
+    if iter(feats) is feats and passes > 1:
+        raise ValueError(f"passes={passes} needs a re-iterable set of batches (a list, a DataLoader), "
+                         "not a one-shot iterator")
+    return (lambda p: (_vectors(b) for b in feats)), {}
+
+
+def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = None, seed: int = 0,
+                 progress: Progress | None = None, passes: int | None = None, batch_size: int = 1024,
+                 alpha: float = 0.1, source: str = "") -> ConceptBasis:
+    """Fit k concepts on the per-location channel vectors of feature maps -> ConceptBasis.
+
+    feats: (N, C, h, w) maps, or an iterable of (B, C, h, w) batches (or (B, C) vectors) streamed through
+    ``partial_fit`` (a set larger than memory). method: 'nmf', 'dict', 'pca', 'kmeans' or None (nmf for
+    non-negative maps, else dict). passes: epochs over the data (default: enough for ~200 mini-batch
+    steps; 1 for PCA and for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
+    norm. progress(done, total) after every mini-batch. Deterministic given ``seed``."""
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive number of concepts, got {k}")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown concept method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(feats, Tensor) and feats.ndim == 4:
+        locations = feats.shape[0] * feats.shape[2] * feats.shape[3]
+        if k > locations:
+            raise ValueError(f"k={k} exceeds the {locations} feature-map locations to fit on "
+                             f"({feats.shape[0]} maps of {feats.shape[2]}x{feats.shape[3]})")
+        batches = math.ceil(locations / batch_size)
+        # PCA's incremental SVD sees every vector once (more passes only repeat them, at an SVD a batch)
+        passes = passes or (1 if method == "pca" else math.ceil(200 / batches))
+    passes = passes or 1
+    chunks, facts = _batches(feats, batch_size, seed, passes)
+    total = facts["vectors"] * passes if facts else None
+    est, scale, done, seen = None, 1.0, 0, 0
+    for p in range(passes):
+        for x in _rebatch(chunks(p), batch_size, k):
+            if est is None:
+                method = _check_method(method, x)
+                scale = float(x.norm(dim=1).mean()) or 1.0  # codes and alpha in units of a typical vector
+                est = _estimator(method, k, seed, alpha, batch_size)
+            if method == "nmf" and x.min() < 0:
+                raise _negative_error(x)
+            if len(x) < k:
+                raise ValueError(f"k={k} exceeds the {len(x)} feature-map locations to fit on")
+            # float64 for the dictionary: its lasso's duality-gap test cannot be met in float32 precision
+            est.partial_fit((x / scale).to(torch.float64 if method == "dict" else torch.float32).numpy())
+            done += len(x)
+            seen += len(x) if p == 0 else 0
+            if progress is not None:
+                progress(done, total)
+    if est is None:
+        raise ValueError("no feature maps to fit concepts on (the set of batches is empty)")
+    facts = facts or {"vectors": seen}
+    stats = {**facts, "passes": passes, "batch_size": batch_size, "seed": seed, "k": k}
+    return _basis_from(est, method, scale, alpha, source, stats)
+
+
+def _basis_from(est, method: str, scale: float, alpha: float, source: str, stats: dict) -> ConceptBasis:
+    """The fitted estimator (in units of ``scale``) -> ConceptBasis in feature units, unit atoms."""
+    atoms = torch.from_numpy(np.asarray(est.cluster_centers_ if method == "kmeans" else est.components_)).float()
+    offset = torch.zeros(atoms.shape[1])
+    if method == "kmeans":
+        atoms = atoms * scale
+    else:
+        atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    if method == "pca":
+        offset = torch.from_numpy(np.asarray(est.mean_)).float() * scale
+        stats = {**stats, "explained_variance_ratio": [float(v) for v in est.explained_variance_ratio_]}
+    return ConceptBasis(atoms.contiguous(), method, offset, scale, alpha, source, stats)
+
+
+def _encode_vectors(basis: ConceptBasis, x: Tensor) -> Tensor:
+    """(n, C) -> codes (n, k) in feature units (atoms are unit, so a code is a length along its atom)."""
+    if basis.method == "pca":
+        return (x - basis.offset) @ basis.atoms.T
+    if basis.method == "kmeans":
+        nearest = torch.cdist(x, basis.atoms).argmin(dim=1)
+        return F.one_hot(nearest, basis.k).float()
+    if basis.method == "nmf" and x.min() < 0:
+        raise _negative_error(x)
+    xs, atoms = (x / basis.scale).double().numpy(), basis.atoms.double().numpy()
+    if basis.method == "nmf":
+        from sklearn.decomposition import non_negative_factorization
+
+        codes, _, _ = non_negative_factorization(xs, H=atoms, n_components=basis.k, update_H=False, solver="cd",
+                                                 max_iter=400, tol=1e-6)
+    else:
+        from sklearn.decomposition import sparse_encode
+
+        codes = sparse_encode(xs, atoms, algorithm="lasso_cd", alpha=basis.alpha, positive=True, max_iter=1000)
+    return torch.from_numpy(codes).float() * basis.scale
+
+
+# ----- concept operations --------------------------------------------------------------------------
+
+def _concept_indices(basis: ConceptBasis, concepts: int | Sequence[int]) -> list[int]:
+    idx = [concepts] if isinstance(concepts, int) else list(concepts)
+    bad = [i for i in idx if not 0 <= i < basis.k]
+    if bad:
+        raise ValueError(f"concept index {bad[0]} out of range: the basis has {basis.k} concepts (0..{basis.k - 1})")
+    return idx
+
+
+def contribution(basis: ConceptBasis, codes: Tensor, concepts: int | Sequence[int]) -> Tensor:
+    """codes (N, k, h, w) -> the concepts' summed contribution code_i · atom_i to the map (N, C, h, w)."""
+    idx = _concept_indices(basis, concepts)
+    mask = torch.zeros(basis.k, device=codes.device)
+    mask[idx] = 1.0
+    return torch.einsum("nkhw,kc->nchw", codes.float() * mask.view(1, -1, 1, 1), basis.atoms.to(codes.device))
+
+
+def remove(feats: Tensor, basis: ConceptBasis, concepts: int | Sequence[int], codes: Tensor | None = None,
+           floor: float | None = None) -> Tensor:
+    """feats (N, C, h, w) minus the concepts' contribution -> (N, C, h, w); the encoding's residual stays.
+
+    Entries the concepts do not touch (zero code, zero atom entry) stay bit-identical. floor: clamp the
+    changed entries from below (0 keeps a ReLU map non-negative). codes: basis.encode(feats), if known."""
+    basis.check(feats)
+    codes = basis.encode(feats) if codes is None else codes
+    part = contribution(basis, codes, concepts).to(feats.dtype)
+    edited = feats - part
+    if floor is not None:
+        edited = edited.clamp(min=floor)
+    return torch.where(part != 0, edited, feats)
+
+
+def keep_only(basis: ConceptBasis, codes: Tensor, concepts: int | Sequence[int]) -> Tensor:
+    """The map the given concepts alone make: Σ_{i in concepts} code_i · atom_i + offset -> (N, C, h, w)."""
+    return contribution(basis, codes, concepts) + basis.offset.to(codes.device).view(1, -1, 1, 1)
+
+
+def concept_direction(basis: ConceptBasis, i: int) -> Tensor:
+    """Concept i's atom as a unit steering direction -> (C,)."""
+    (i,) = _concept_indices(basis, i)
+    atom = basis.atoms[i].float()
+    norm = atom.norm()
+    if norm == 0:
+        raise ValueError(f"concept {i} has a zero atom; it has no direction to steer along")
+    return atom / norm
+
+
+def steer_concept(feats: Tensor, basis: ConceptBasis, i: int, alphas: Sequence[float], mask: Tensor | None = None,
+                  clamp=None) -> Tensor:
+    """feats (B, C, h, w) steered along concept i's atom for each α -> (B, A, C, h, w) (see steering.steer)."""
+    basis.check(feats)
+    return steer(feats, concept_direction(basis, i).to(feats.device), alphas, mask, clamp)
+
+
+def heat_map(codes: Tensor, i: int, size: int | tuple[int, int]) -> Tensor:
+    """Concept i's code over the grid, bilinearly brought to image size -> (N, H, W) in feature units."""
+    if codes.ndim != 4 or not 0 <= i < codes.shape[1]:
+        raise ValueError(f"concept {i} out of range for codes of shape {tuple(codes.shape)}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(codes[:, i:i + 1].float(), size=size, mode="bilinear", align_corners=False)[:, 0]

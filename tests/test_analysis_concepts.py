@@ -1,0 +1,225 @@
+"""Concept bases: planted atoms recovered, encode/decode, removal, save/load, importance, refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from analysis_helpers import random_extractor
+from featinv.analysis.concept_scores import completeness, concept_importance
+from featinv.analysis.concepts import (ConceptBasis, concept_direction, contribution, fit_concepts, heat_map,
+                                       keep_only, remove, steer_concept)
+
+
+def planted(k: int = 5, c: int = 24, n: int = 120, grid: int = 4, seed: int = 0):
+    """Non-negative maps made of k sparse non-negative unit atoms with sparse codes, plus a little noise
+    -> (feats (n, c, grid, grid), atoms (k, c))."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.rand(k, c, generator=g) * (torch.rand(k, c, generator=g) < 0.5)
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    codes = torch.rand(n, k, grid, grid, generator=g) * (torch.rand(n, k, grid, grid, generator=g) < 0.3)
+    feats = torch.einsum("nkhw,kc->nchw", codes, atoms) + 0.01 * torch.rand(n, c, grid, grid, generator=g)
+    return feats, atoms
+
+
+def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the Hungarian matching of a's rows to b's rows (k,)."""
+    cos = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+    rows, cols = linear_sum_assignment(-cos.numpy())
+    return cos[rows, cols]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def nmf(data):
+    return fit_concepts(data[0], 5, "nmf", seed=0, source="planted")
+
+
+@pytest.mark.parametrize("method", ["nmf", "dict"])
+def test_planted_atoms_are_recovered(data, nmf, method):
+    feats, atoms = data
+    basis = nmf if method == "nmf" else fit_concepts(feats, 5, "dict", seed=0, passes=20)
+    assert basis.method == method and basis.atoms.shape == (5, 24)
+    assert matched_cosine(atoms, basis.atoms).min() > 0.95
+
+
+@pytest.mark.parametrize("method", ["nmf", "dict", "pca", "kmeans"])
+def test_encode_decode_within_the_residual(data, nmf, method):
+    feats = data[0]
+    basis = nmf if method == "nmf" else fit_concepts(feats, 5, method, seed=0, passes=3)
+    codes = basis.encode(feats)
+    assert codes.shape == (120, 5, 4, 4)
+    if method != "pca":
+        assert (codes >= 0).all()
+    if method == "kmeans":
+        assert (codes.sum(dim=1) == 1).all()  # one-hot: each location is one centre
+    rec = basis.decode(codes)
+    assert rec.shape == feats.shape
+    err = (rec - feats).square().sum() / (feats - feats.mean(dim=(0, 2, 3), keepdim=True)).square().sum()
+    stats = completeness(basis, feats, codes=codes)
+    assert stats["variance_explained"] == pytest.approx(1 - err.item(), abs=1e-5)
+    # planted rank-5 structure: the factorisations hold nearly all of it, k-means (one atom per location) less
+    assert stats["variance_explained"] > {"nmf": 0.97, "dict": 0.9, "pca": 0.97, "kmeans": 0.2}[method]
+
+
+def test_default_method_follows_the_sign_and_fits_are_deterministic(data, nmf):
+    feats = data[0]
+    assert fit_concepts(feats, 5, seed=0).method == "nmf"
+    again = fit_concepts(feats, 5, "nmf", seed=0, source="planted")
+    assert torch.equal(again.atoms, nmf.atoms)
+    assert fit_concepts(feats - 0.1, 3, seed=0, passes=1).method == "dict"
+
+
+def test_streamed_batches_fit_the_same_concepts(data, nmf):
+    feats, atoms = data
+    seen = []
+    batches = list(feats.split(7))  # odd-sized batches, re-iterable: several passes
+    basis = fit_concepts(batches, 5, "nmf", seed=0, passes=60, batch_size=512,
+                         progress=lambda done, total: seen.append((done, total)))
+    assert matched_cosine(atoms, basis.atoms).min() > 0.95
+    assert seen[-1] == (60 * 120 * 16, None) and basis.stats["vectors"] == 120 * 16
+    with pytest.raises(ValueError, match="re-iterable"):
+        fit_concepts(iter(batches), 5, "nmf", passes=2)
+
+
+def test_removing_a_zero_code_concept_is_bit_identical(data, nmf):
+    feats = data[0][:6]
+    codes = nmf.encode(feats)
+    codes[:, 2] = 0
+    assert torch.equal(remove(feats, nmf, 2, codes), feats)
+    codes[0, 2, 1, 1] = 1.0  # one location gets the concept: only its entries along the atom change
+    out = remove(feats, nmf, 2, codes)
+    changed = out != feats
+    assert changed[0, :, 1, 1].any() and not changed[1:].any() and not changed[0, :, 0, 0].any()
+    assert torch.allclose(out[0, :, 1, 1], feats[0, :, 1, 1] - nmf.atoms[2])
+    kept = keep_only(nmf, codes, [0, 1, 3, 4]) + contribution(nmf, codes, 2)
+    assert torch.allclose(kept, nmf.decode(codes), atol=1e-5)
+
+
+def test_removal_lowers_the_concept_and_floor_keeps_relu_maps(data, nmf):
+    feats = data[0][:6]
+    out = remove(feats, nmf, [0, 1, 2, 3, 4], floor=0.0)
+    assert (out >= 0).all() and out.square().sum() < 0.2 * feats.square().sum()
+
+
+def test_save_and_load_encode_identically(data, nmf, tmp_path):
+    feats = data[0][:10]
+    path = nmf.save(tmp_path / "c.safetensors")
+    loaded = ConceptBasis.load(path)
+    assert loaded.method == "nmf" and loaded.source == "planted" and loaded.stats == nmf.stats
+    assert torch.equal(loaded.atoms, nmf.atoms) and torch.equal(loaded.encode(feats), nmf.encode(feats))
+
+
+def test_steer_heat_map_and_direction(data, nmf):
+    feats = data[0][:3]
+    d = concept_direction(nmf, 1)
+    assert d.norm().item() == pytest.approx(1.0)
+    out = steer_concept(feats, nmf, 1, [0.0, 1.0])
+    assert out.shape == (3, 2, 24, 4, 4) and torch.equal(out[:, 0], feats)
+    moved = ((out[:, 1] - feats) * d.view(1, -1, 1, 1)).sum(dim=1)
+    assert (moved > 0).all()
+    hm = heat_map(nmf.encode(feats), 1, 32)
+    assert hm.shape == (3, 32, 32) and (hm >= 0).all()
+
+
+def test_importance_matches_its_gradient_estimate_for_a_linear_head():
+    """The demo classifier's head is linear in the pooled map, so removal and gradient x code agree."""
+    ext = random_extractor()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        feats = ext(torch.rand(40, 3, 8, 8))
+    basis = fit_concepts(feats, 4, "nmf", seed=0)
+    labels = torch.arange(40) % 10
+    imp = concept_importance(basis, ext, feats, labels)
+    assert imp["removal"].shape == (4, 10) and imp["count"].tolist() == [4.0] * 10
+    assert torch.allclose(imp["removal"], imp["gradient"], atol=1e-4)
+    stats = completeness(basis, feats, ext)
+    assert 0 <= stats["agreement"] <= 1 and stats["variance_explained"] <= 1
+
+
+def test_bad_inputs_are_refused(data, nmf, tmp_path):
+    feats = data[0]
+    with pytest.raises(ValueError, match="k must be a positive"):
+        fit_concepts(feats, 0)
+    with pytest.raises(ValueError, match=r"k=2000 exceeds the 1920 feature-map locations"):
+        fit_concepts(feats, 2000)
+    with pytest.raises(ValueError, match="unknown concept method 'ica'.*nmf, dict, pca, kmeans"):
+        fit_concepts(feats, 3, "ica")
+    with pytest.raises(ValueError, match="NMF needs non-negative.*'dict'.*'pca'.*'kmeans'"):
+        fit_concepts(feats - 0.5, 3, "nmf")
+    with pytest.raises(ValueError, match="feature map has 7 channels but the concept basis was fitted on 24 "
+                                         r"channels \(planted\)"):
+        nmf.encode(torch.rand(1, 7, 2, 2))
+    with pytest.raises(ValueError, match="concept index 5 out of range"):
+        concept_direction(nmf, 5)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors' is not a concept basis file"):
+        ConceptBasis.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors' is not a concept basis file"):
+        ConceptBasis.load(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        ConceptBasis.load(tmp_path / "missing.safetensors")
+
+
+# ----- featinv concepts, and concept:<basis>:<i> in featinv steer, on the quick demo pair ---------------
+
+FAST_ARGS = ["--steps", "2", "--exemplars", "1", "--removals", "1", "--device", "cpu"]
+
+
+def test_concepts_command_writes_the_atlas_and_its_basis_steers(quick_demo_out, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from featinv import cli
+
+    demo = ["--demo-out", str(quick_demo_out)]
+    out = tmp_path / "concepts"
+    assert cli.main(["concepts", *demo, "-k", "3", "--method", "nmf", *FAST_ARGS, "--out", str(out)]) == 0
+    image = Image.open(out / "concepts.png")
+    assert image.width > 5 * 64 and image.height > 4 * 64  # a title, the plain row and 3 concept rows
+    table = json.loads((out / "table.json").read_text())
+    assert table["k"] == 3 and table["method"] == "nmf" and len(table["rows"]) == 3
+    assert len(table["importance_removal"]) == 3 and len(table["importance_removal"][0]) == 10
+    assert 0 <= table["completeness"]["agreement"] <= 1
+    assert (out / "table.md").read_text().count("\n|") >= 4
+    basis = ConceptBasis.load(out / "concepts.safetensors")
+    assert basis.k == 3 and basis.channels == 64
+    again = tmp_path / "again"
+    assert cli.main(["concepts", *demo, "--basis", str(out / "concepts.safetensors"), *FAST_ARGS,
+                     "--out", str(again)]) == 0
+    assert json.loads((again / "table.json").read_text())["rows"] == table["rows"]  # same basis, same atlas
+    steer_out = tmp_path / "steer"
+    assert cli.main(["steer", *demo, "--direction", f"concept:{out / 'concepts.safetensors'}:1", "--alphas", "0,1",
+                     "--steps", "2", "--out", str(steer_out)]) == 0
+    rows = json.loads((steer_out / "table.json").read_text())["rows"]
+    assert rows[1]["shift_features"] == pytest.approx(1.0, abs=1e-4)  # moved one feature norm along the atom
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-k", "0"], "-k: 0 concepts: must be between 1 and the 5748 feature-map locations"),
+    (["-k", "6000"], "-k: 6000 concepts: must be between 1 and the 5748"),
+    (["--method", "ica"], "--method: unknown concept method 'ica': choose one of nmf, dict, pca, kmeans"),
+    (["--basis", "JUNK"], "is not a concept basis file"),
+    (["--basis", "MISSING"], "--basis: concept basis"),
+    (["--basis", "JUNK", "-k", "3"], "--basis: give either a basis file or -k/--method"),
+])
+def test_concepts_bad_input_is_one_line(quick_demo_out, tmp_path, capsys, extra, message):
+    from featinv import cli
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    extra = [e.replace("JUNK", str(tmp_path / "junk.safetensors")).replace("MISSING", str(tmp_path / "no.st"))
+             for e in extra]
+    assert cli.main(["concepts", "--demo-out", str(quick_demo_out), *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("featinv concepts: error: ") and message in err[-1], err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["steer", "--demo-out", str(quick_demo_out), "--direction",
+                     f"concept:{tmp_path / 'junk.safetensors'}:0", "--out", str(tmp_path / "out")]) == 2
+    assert "featinv steer: error: --direction: " in capsys.readouterr().err
