@@ -320,6 +320,17 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mappings -> one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def from_dict(cls: type, data: dict | None) -> Any:
     """Build config dataclass ``cls`` from a (possibly partial) mapping; unknown keys fail."""
     return merge(cls(), data or {})

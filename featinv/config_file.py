@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from featinv.checkpoint.reference_yaml import config_from_reference_yaml
-from featinv.config import PRESETS, FeatInvConfig, SettingError, merge
+from featinv.config import PRESETS, FeatInvConfig, SettingError, flatten, merge, to_dict
 
 
 def load_config(path_or_preset: str, overrides: list[str] | None = None) -> FeatInvConfig:
@@ -71,16 +71,6 @@ def read_run_config(run_dir: str | Path) -> FeatInvConfig | None:
                            "or start a new {run_dir} (it is not rewritten)") from None
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _under(key: str, fields) -> bool:
     return any(key == f or key.startswith(f + ".") for f in fields)
 
@@ -89,9 +79,7 @@ def run_config_changes(recorded: FeatInvConfig, now: FeatInvConfig, accept=()) -
     """One phrase per pinned field (:data:`RUN_PINNED`) that differs between a run's recorded config and
     this session's, e.g. ``backbone.name: the run trained 'resnet18', now 'resnet34'``; fields under
     a name in ``accept`` (``train.lr``, or a section such as ``backbone``) are not reported."""
-    from featinv.config import to_dict
-
-    old, new = _flat(to_dict(recorded)), _flat(to_dict(now))
+    old, new = flatten(to_dict(recorded)), flatten(to_dict(now))
     changes = []
     for key, value in new.items():
         if not _under(key, RUN_PINNED) or key in _DERIVED or _under(key, accept) or old.get(key) == value:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from featinv.config import flatten
+
 SETTINGS = ("backbone", "sample", "per_class")  # compared key by key; the checkpoint by its content hash
 
 # The folder's layout, here only: <out>/<class>/<stem>.png (the original, cropped) and
@@ -65,16 +67,6 @@ def checkpoint_identity(path: str, previous: dict | None = None) -> dict:
     return ident
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def settings_diff(previous: dict, now: dict) -> list[str]:
     """One phrase per setting that differs between the folder's manifest and this job (settings the
     manifest does not record, from older versions, are not compared)."""
@@ -85,8 +77,8 @@ def settings_diff(previous: dict, now: dict) -> list[str]:
                      f"this one is {new_ck['path']} (sha256 {new_ck['sha256'][:12]})")
     elif not old_ck and previous.get("checkpoint") and previous["checkpoint"] != now.get("checkpoint"):
         diffs.append(f"checkpoint was {previous['checkpoint']!r}, now {now.get('checkpoint')!r}")
-    old = _flat({k: previous[k] for k in SETTINGS if k in previous})
-    new = _flat({k: now[k] for k in SETTINGS if k in previous})
+    old = flatten({k: previous[k] for k in SETTINGS if k in previous})
+    new = flatten({k: now[k] for k in SETTINGS if k in previous})
     diffs += [f"{key} was {old.get(key)!r}, now {value!r}" for key, value in new.items() if old.get(key) != value]
     return diffs
 
