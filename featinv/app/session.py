@@ -35,6 +35,8 @@ def number(value, label: str, lo: float, hi: float, whole: bool = False) -> floa
 
     ValueError naming the setting for no value, text, NaN/inf, a value out of range, or (``whole``)
     a fraction."""
+    if value is None or value == "":
+        raise ValueError(f"{label}: no value; give a number in [{lo}, {hi}]")
     try:
         x = float(value)
     except (TypeError, ValueError):
