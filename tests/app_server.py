@@ -92,8 +92,27 @@ def wait_count(page, selector: str, n: int, timeout_ms: int = 60_000) -> None:
 
 
 def captions(page, gallery: str) -> list[str]:
-    """The alt texts (= captions) of a gallery's images, in order."""
+    """The alt texts (= captions) of a gallery's images, in order (as the page has them: "91\xa0%")."""
     return page.eval_on_selector_all(f"{gallery} img", "els => els.map(e => e.alt)")
+
+
+def hidden_captions(page, gallery: str) -> list[str]:
+    """The gallery's caption labels a user cannot read whole: cut (ellipsis, overflow) or drawn outside
+    their picture's tile or the gallery's box (which clip them). [] when every caption is fully visible."""
+    return page.eval_on_selector_all(f"{gallery} .caption-label", """els => els.filter(e => {
+        const r = e.getBoundingClientRect(), tile = e.closest('.thumbnail-item').getBoundingClientRect();
+        const box = e.closest('.block').getBoundingClientRect();
+        const inside = (a, b) => a.left >= b.left - 1 && a.right <= b.right + 1 && a.top >= b.top - 1
+                                 && a.bottom <= b.bottom + 1;
+        return e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight || !inside(r, tile)
+               || !inside(r, box) || r.width == 0;
+    }).map(e => e.innerText)""")
+
+
+def width_ratio(page, selector: str, container: str) -> float:
+    """Width of ``selector`` over the width of ``container`` (both as laid out in the page)."""
+    return page.evaluate("([s, c]) => document.querySelector(s).getBoundingClientRect().width"
+                         " / document.querySelector(c).getBoundingClientRect().width", [selector, container])
 
 
 def run_reconstruct(page, k: int) -> float:

@@ -72,7 +72,7 @@ def test_reconstruct_returns_k_images_and_top5_table(cb, session):
 
 
 def test_steer_strip_starts_at_the_plain_reconstruction(cb, session):
-    strip, table = cb.steer(session.examples[3], "class", "7", 0, 2.0, "whole map", "", *sampler(session, k=1))
+    strip, table = cb.steer(session.examples[3], "class", "7", 0, 2.0, "none", "whole map", "", *sampler(session, k=1))
     assert [c.split(":")[0] for _, c in strip] == ["α +0.00", "α +0.50", "α +1.00", "α +1.50", "α +2.00"]
     assert len(table) == 5 and table.iloc[-1, 1].startswith("7 ")  # the head reads the steered map as a 7
     plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
@@ -144,9 +144,48 @@ def test_settings_out_of_range_are_messages(cb, session):
     with pytest.raises(gr.Error, match="K .* out of range"):
         cb.reconstruct(session.examples[0], *sampler(session, k=0))
     with pytest.raises(gr.Error, match="cell .* outside the 2x2 feature grid"):
-        cb.steer(session.examples[0], "class", "7", 0, 1.0, "cell", "2, 0", *sampler(session, k=1))
-    with pytest.raises(gr.Error, match="channel index 64 out of range"):
-        cb.steer(session.examples[0], "channel", "7", 64, 1.0, "whole map", "", *sampler(session, k=1))
+        cb.steer(session.examples[0], "class", "7", 0, 1.0, "none", "cell", "2, 0", *sampler(session, k=1))
+    with pytest.raises(gr.Error, match=r"channel = 64 is out of range \[0, 63\]"):
+        cb.steer(session.examples[0], "channel", "7", 64, 1.0, "none", "whole map", "", *sampler(session, k=1))
+    with pytest.raises(gr.Error, match="clamp 'sometimes': choose one of none, per channel"):
+        cb.steer(session.examples[0], "class", "7", 0, 1.0, "sometimes", "whole map", "", *sampler(session, k=1))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda cb, x, s: cb.reconstruct(x, NAN, *s[1:]), "steps = nan is not a finite number"),
+    (lambda cb, x, s: cb.reconstruct(x, s[0], INF, *s[2:]), "guidance scale = inf is not a finite number"),
+    (lambda cb, x, s: cb.reconstruct(x, *s[:3], NAN, s[4]), "seed = nan is not a finite number"),
+    (lambda cb, x, s: cb.reconstruct(x, *s[:4], "many"), "K \\(samples\\) = 'many' is not a number"),
+    (lambda cb, x, s: cb.reconstruct(x, 2.5, *s[1:]), "steps = 2.5: give a whole number"),
+    (lambda cb, x, s: cb.steer(x, "class", "7", 0, NAN, "none", "whole map", "", *s), "strength = nan is not a finite"),
+    (lambda cb, x, s: cb.steer(x, "class", "7", 0, -INF, "none", "whole map", "", *s), "strength = -inf is not a fin"),
+    (lambda cb, x, s: cb.steer(x, "channel", "7", NAN, 1.0, "none", "whole map", "", *s), "channel = nan is not a fin"),
+    (lambda cb, x, s: cb.steer(x, "class", "7", 0, 9.0, "none", "whole map", "", *s), "strength = 9.0 is out of range"),
+    (lambda cb, x, s: cb.compose(x, x, INF, "whole map", "", *s), "interpolation t = inf is not a finite number"),
+    (lambda cb, x, s: cb.perturb(x, "PGD attack", 1, NAN, 10, "untargeted", *s), "eps \\(/255\\) = nan is not a fin"),
+    (lambda cb, x, s: cb.perturb(x, "PGD attack", 1, 8, INF, "untargeted", *s), "PGD steps = inf is not a finite"),
+    (lambda cb, x, s: cb.perturb(x, "blur", NAN, 8, 10, "untargeted", *s), "corruption severity = nan is not a fin"),
+])
+def test_non_finite_numbers_are_messages(cb, session, call, message):
+    """NaN/inf from a slider, a number box or an API call: a message naming the setting, nothing sampled."""
+    with pytest.raises(gr.Error, match=message):
+        call(cb, session.examples[0], sampler(session, k=1))
+
+
+def test_steer_clamp_keeps_the_reconstructions_following_the_edit(cb, session):
+    """Clamping to the training digits' feature range: α = 0 untouched; at α = 2 along class 7 the
+    reconstruction of a 3 reads as a 7 (unclamped, the edit leaves the range the decoder was trained on)."""
+    args = (session.examples[3], "class", "7", 0, 2.0)
+    free, _ = cb.steer(*args, "none", "whole map", "", *sampler(session, k=1))
+    clamped, table = cb.steer(*args, "per channel", "whole map", "", *sampler(session, k=1))
+    assert np.abs(pixels(free[0][0]) - pixels(clamped[0][0])).max() == 0
+    assert np.abs(pixels(free[-1][0]) - pixels(clamped[-1][0])).max() > 10
+    assert table.iloc[-1, 1].startswith("7 ") and table.iloc[-1, 2].startswith("7 "), table
+    per_location, _ = cb.steer(*args, "per channel and location", "whole map", "", *sampler(session, k=1))
+    assert np.abs(pixels(per_location[-1][0]) - pixels(clamped[-1][0])).max() > 0
 
 
 def test_face_help_and_bad_checkpoint(capsys, tmp_path):

@@ -1,20 +1,25 @@
 """``featinv app`` in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Loads the page, uploads a digit, runs Reconstruct (K images + the top-5 table), steers and moves the
-strength slider (the strip changes), uploads a text file (a message, and the app keeps answering).
+Loads the page, uploads a digit (shown as the picture), runs Reconstruct (K images whose captions can be
+read whole + the top-5 table), steers, moves the strength slider (the strip changes) and switches the
+clamp off (the steered pictures change), composes (the table as wide as the panel), perturbs, uploads a
+file that is not an image (a message, no earlier result left under it), types a non-finite seed (a
+message), and the app keeps answering.
 Screenshots go to the test's tmp folder; FEATINV_APP_SCREENSHOT=1 also refreshes docs/app.png.
 In CI (CI=true) a missing browser or Playwright fails instead of skipping.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from app_server import ROOT, AppServer, captions, launch_chromium, run_reconstruct, wait_count
+from app_server import (ROOT, AppServer, captions, hidden_captions, launch_chromium, run_reconstruct,
+                        wait_count, width_ratio)
 
 pytestmark = pytest.mark.slow
 K = 4  # the Advanced section's default for the demo pair
@@ -69,8 +74,15 @@ def _examples(demo_out: Path) -> dict[str, Path]:
     return {p.stem: p for p in demo_out.glob("cache/*/app_examples/digit*.png")}
 
 
-def _upload(page, path: Path) -> None:
+def _upload(page, path: Path, text: str | None = None) -> None:
+    if text is not None:
+        path.write_text(text)
     page.set_input_files("#upload input[type=file]", str(path))
+
+
+def _sources(page, gallery: str) -> list[str]:
+    """The gallery images' URLs: Gradio names each file by its content, so equal pixels give equal URLs."""
+    return page.eval_on_selector_all(f"{gallery} img", "els => els.map(e => e.src)")
 
 
 def test_app_in_browser(server, page, quick_demo_out, tmp_path):
@@ -83,13 +95,18 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
         assert page.locator(f"button[role=tab]:has-text('{tab}')").count() == 1, tab
     load = time.perf_counter() - t0
 
-    # Reconstruct: K images in the gallery, a 5-row top-5 table, the uncertainty map
+    # The upload is shown as the picture (not a file name), next to the input as the classifier sees it
     _upload(page, digits["digit3"])
     page.wait_for_selector("#preview img")
+    assert "digit3" in page.get_attribute("#upload img", "src")
+
+    # Reconstruct: K images whose captions (top-1 and cosine) can be read whole, a 5-row top-5 table
     seconds = run_reconstruct(page, K)
     alts = captions(page, "#reconstruct-gallery")
     assert [a.split(":")[0] for a in alts] == [f"sample {i + 1}" for i in range(K)]
-    assert all("cos " in a for a in alts), alts
+    assert all("cos\xa0" in a for a in alts), alts  # a no-break space: "cos 0.927" is never split
+    assert hidden_captions(page, "#reconstruct-gallery") == []
+    assert page.inner_text("#reconstruct-gallery").count("cos") == K
     table = page.inner_text("#reconstruct-table")
     for column in ["rank", "original"] + [f"sample {i + 1}" for i in range(K)]:
         assert column in table, (column, table)
@@ -101,11 +118,13 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
 
     # Steer: a strip over strengths; moving the slider reruns it with other strengths
     page.click("button[role=tab]:has-text('Steer')")
+    assert page.is_checked("#steer-clamp input[value='per channel']")  # the clamp is on by default
     page.click("#steer-run")
     wait_count(page, "#steer-strip img", 5)
     page.wait_for_function("document.querySelectorAll('#steer-strip img').length == 5")
     before = captions(page, "#steer-strip")
     assert before[0].startswith("α +0.00") and before[-1].startswith("α +2.00"), before
+    assert hidden_captions(page, "#steer-strip") == []
     slider = page.locator("#steer-strength input[type=range]").bounding_box()
     page.mouse.click(slider["x"] + slider["width"] * 0.95, slider["y"] + slider["height"] / 2)  # ~ +3.5
     page.wait_for_function("([old]) => { const alts = [...document.querySelectorAll('#steer-strip img')]"
@@ -116,32 +135,58 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
     page.wait_for_function("([a]) => document.querySelector('#steer-table').innerText.includes(a)",
                            arg=[after[-1].split(":")[0][2:]])  # the table follows the strip
     page.screenshot(path=tmp_path / "steer.png", full_page=True)
+    # ... and the clamp control changes the steered pictures, never the unsteered one (alpha = 0)
+    clamped = _sources(page, "#steer-strip")
+    page.click("#steer-clamp label:has-text('none')")
+    page.click("#steer-run")
+    page.wait_for_function("([old]) => { const s = [...document.querySelectorAll('#steer-strip img')].map(e => e.src);"
+                           " return s.length == 5 && s[4] != old[4]; }", arg=[clamped])
+    free = _sources(page, "#steer-strip")
+    assert free[0] == clamped[0] and free[1:] != clamped[1:], (clamped, free)
 
-    # Compose (A = the shared input, B = another digit) and Perturb answer with their galleries
+    # Compose (A = the shared input, B = another digit): the table as wide as the panel
     page.click("button[role=tab]:has-text('Compose')")
     page.set_input_files("#upload-b input[type=file]", str(digits["digit8"]))
+    page.wait_for_selector("#upload-b img")
     page.click("#compose-run")
     wait_count(page, "#compose-gallery img", 2 + K)
     assert "cosine" in page.inner_text("#compose-cosine")
+    assert hidden_captions(page, "#compose-gallery") == []
+    assert width_ratio(page, "#compose-table", "#compose-gallery") > 0.95
+    page.screenshot(path=tmp_path / "compose.png", full_page=True)
     page.click("button[role=tab]:has-text('Perturb')")
     page.click("#perturb-run")
     wait_count(page, "#perturb-perturbed img", 1 + K)
     assert captions(page, "#perturb-clean")[0].startswith("clean: ")
+    assert hidden_captions(page, "#perturb-perturbed") == []
     page.screenshot(path=tmp_path / "perturb.png", full_page=True)
 
-    # A text file: a message in the page, no traceback; then the app still answers
+    # A file that is not an image: a message in the page, no traceback, no earlier result left
     page.click("button[role=tab]:has-text('Reconstruct')")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("this is not an image\n")
-    page.click("#upload button[aria-label='Clear']")
-    _upload(page, notes)
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image\n")
+    page.click("#upload button[aria-label='Remove Image']")
+    _upload(page, fake)
     page.get_by_text("is not an image this app can read").first.wait_for(timeout=30_000)
+    page.click("#reconstruct-run")
+    page.wait_for_function("document.querySelector('#reconstruct-cosine').innerText.trim() == ''")
+    assert page.locator("#reconstruct-gallery img").count() == 0  # emptied, not the 3's samples under a badge
     assert "Traceback" not in page.inner_text("body")
     page.screenshot(path=tmp_path / "error.png", full_page=True)
-    page.click("#upload button[aria-label='Clear']")
+    page.click("#upload button[aria-label='Remove Image']")
+    _upload(page, tmp_path.joinpath("notes.txt"), text="plain text\n")  # refused by the page itself
+    page.get_by_text("Invalid file type").first.wait_for(timeout=30_000)
+
+    # A number that is not finite (typed into the Advanced section): a message naming the setting
+    page.click("text=Advanced: sampler settings")
+    page.fill("#seed input", "1e999")
     _upload(page, digits["digit7"])
     page.wait_for_selector("#preview img")
+    page.click("#reconstruct-run")
+    page.get_by_text(re.compile(r"seed(:| =) .*number")).first.wait_for(timeout=30_000)
+    page.fill("#seed input", "0")
     run_reconstruct(page, K)
+    assert "mean" in page.inner_text("#reconstruct-cosine")
     assert page.outside_requests == [], page.outside_requests  # the page works offline
     assert server.proc.poll() is None, server.log()
     print(f"\napp start {server.start_seconds:.1f} s, page load {load:.2f} s, reconstruct K={K} round trip "

@@ -18,7 +18,7 @@ from PIL import Image
 
 from featinv.analysis import common, compose, perturb, steering
 from featinv.analysis import concepts as concepts_lib
-from featinv.app.session import Session
+from featinv.app.session import Session, number
 from featinv.config import SampleConfig
 from featinv.reconstruct import uncertainty
 from featinv.visualize import heatmap
@@ -26,6 +26,7 @@ from featinv.visualize import heatmap
 TOP_K = 5
 KEY = "featinv-app"  # every request seeds its noise from this key: reruns give the same pixels
 DISPLAY_PX = 160     # small images are shown enlarged (nearest) to at least this many pixels
+NBSP = "\u00a0"      # captions wrap between their parts, never inside "91 %" or "cos 0.927"
 
 
 def _no_progress(fraction: float, desc: str = "") -> None:
@@ -55,9 +56,9 @@ def classify(session: Session, images01: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def label(session: Session, probs: torch.Tensor) -> str:
-    """(classes,) probabilities -> "name (p %)" of the top-1 class."""
+    """(classes,) probabilities -> "name (p %)" of the top-1 class (a no-break space before the %)."""
     p, i = probs.max(dim=-1)
-    return f"{session.class_names[int(i)]} ({100 * float(p):.0f} %)"
+    return f"{session.class_names[int(i)]} ({100 * float(p):.0f}{NBSP}%)"
 
 
 def topk_table(session: Session, probs: torch.Tensor, columns: list[str]) -> pd.DataFrame:
@@ -95,7 +96,7 @@ def reconstruct(session: Session, path: str | None, cfg: SampleConfig, progress=
     _, probs = classify(session, image)
     cosine = compose.feature_cosine(rec_feats, feats.expand_as(rec_feats)).tolist()
     k = cfg.num_samples
-    gallery = [(tile(samples[0, i]), f"sample {i + 1}: {label(session, rec_probs[i])}, cos {cosine[i]:.3f}")
+    gallery = [(tile(samples[0, i]), f"sample {i + 1}: {label(session, rec_probs[i])}, cos{NBSP}{cosine[i]:.3f}")
                for i in range(k)]
     spread = uncertainty(samples)[0]
     table = topk_table(session, torch.cat([probs, rec_probs]),
@@ -141,7 +142,8 @@ def region_mask(session: Session, region: str, coords: str) -> torch.Tensor | No
 
 # ----- Steer --------------------------------------------------------------------------------------
 
-STRIP = 5  # tiles per strip: strengths 0, s/4, ..., s
+STRIP = 5            # tiles per strip: strengths 0, s/4, ..., s
+MAX_STRENGTH = 4.0   # |strength|, in units of the map's mean feature norm
 
 
 def direction(session: Session, kind: str, class_name: str, channel) -> tuple[torch.Tensor, str]:
@@ -152,10 +154,9 @@ def direction(session: Session, kind: str, class_name: str, channel) -> tuple[to
         cls = session.class_names.index(class_name)
         return steering.class_direction(session.extractor, cls).to(session.device), f"class {class_name}"
     if kind == "channel":
-        if channel is None or float(channel) != int(channel):
-            raise ValueError(f"channel {channel!r}: give a whole number")
         c = session.extractor.feature_shape[0]
-        return steering.channel_direction(c, int(channel)).to(session.device), f"channel {int(channel)}"
+        index = int(number(channel, "channel", 0, c - 1, whole=True))
+        return steering.channel_direction(c, index).to(session.device), f"channel {index}"
     raise ValueError(f"direction {kind!r}: choose class or channel")
 
 
@@ -166,21 +167,27 @@ class SteerOutput:
 
 
 def steer(session: Session, path: str | None, kind: str, class_name: str, channel, strength: float,
-          region: str, coords: str, cfg: SampleConfig, progress=_no_progress) -> SteerOutput:
+          clamp: str, region: str, coords: str, cfg: SampleConfig, progress=_no_progress) -> SteerOutput:
     """A strip over strengths 0..``strength`` (units of the map's mean feature norm, see
-    ``featinv.analysis.steering``), one sample each with the same noise, so only the steering differs."""
+    ``featinv.analysis.steering``), one sample each with the same noise, so only the steering differs.
+
+    clamp (a key of :data:`featinv.app.session.CLAMPS`): keep the edited entries inside the range of
+    features the backbone produces (:meth:`Session.feature_range`); without it a strong edit leaves that
+    range (negative values after a ReLU) and the reconstructions stop following it."""
     image = session.load_image(path)
     d, name = direction(session, kind, class_name, channel)
+    strength = number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
     mask = region_mask(session, region, coords)
-    alphas = torch.linspace(0, float(strength), STRIP).tolist()
+    alphas = torch.linspace(0, strength, STRIP).tolist()
     rec = session.reconstructor(dataclasses.replace(cfg, num_samples=1))  # one sample per strength
     feats = rec.features(image)
+    bounds = session.feature_range(clamp, feats)
     progress(0.1, f"steering along {name}: {STRIP} strengths")
-    samples = steering.steer_and_reconstruct(rec, feats, d, alphas, [KEY], mask=mask)  # (1, A, 1, 3, H, W)
-    progress(0.9, "classifying")
     with torch.no_grad():
-        steered = steering.steer(feats, d, alphas, mask=mask)[0]                   # (A, C, h, w)
-        map_probs = session.extractor.logits_from_features(steered).float().softmax(dim=-1)
+        steered = steering.steer(feats, d, alphas, mask=mask, clamp=bounds)        # (1, A, C, h, w)
+        map_probs = session.extractor.logits_from_features(steered[0]).float().softmax(dim=-1)
+    samples = steering.steer_and_reconstruct(rec, feats, d, alphas, [KEY], steered=steered)  # (1, A, 1, 3, H, W)
+    progress(0.9, "classifying")
     _, probs = classify(session, samples[0, :, 0])
     strip = [(tile(samples[0, a, 0]), f"α {alpha:+.2f}: {label(session, probs[a])}") for a, alpha in enumerate(alphas)]
     table = pd.DataFrame({"strength α": [f"{a:+.2f}" for a in alphas],
@@ -202,11 +209,10 @@ def compose_maps(session: Session, path_a: str | None, path_b: str | None, t: fl
                  coords: str, cfg: SampleConfig, progress=_no_progress) -> ComposeOutput:
     """(1 − t)·A + t·B, then B's feature cells pasted into the region -> K reconstructions of that map."""
     image_a, image_b = session.load_image(path_a, "image A"), session.load_image(path_b, "image B")
-    if not 0 <= float(t) <= 1:
-        raise ValueError(f"interpolation t = {t!r} is out of range [0, 1]")
+    t = number(t, "interpolation t", 0, 1)
     rec = session.reconstructor(cfg)
     fa, fb = rec.features(image_a), rec.features(image_b)
-    target = compose.interpolate(fa, fb, [float(t)])[:, 0]                           # (1, C, h, w)
+    target = compose.interpolate(fa, fb, [t])[:, 0]                           # (1, C, h, w)
     mask = region_mask(session, region, coords)
     if mask is not None:
         target = compose.paste(target, fb, mask.to(target))
@@ -220,7 +226,7 @@ def compose_maps(session: Session, path_a: str | None, path_b: str | None, t: fl
     _, input_probs = classify(session, torch.cat([image_a, image_b]))
     gallery = [(tile(image_a[0]), f"A: {label(session, input_probs[0])}"),
                (tile(image_b[0]), f"B: {label(session, input_probs[1])}")]
-    gallery += [(tile(s), f"composite sample {i + 1}: {label(session, p)}, cos {c:.3f}")
+    gallery += [(tile(s), f"sample {i + 1}: {label(session, p)}, cos{NBSP}{c:.3f}")
                 for i, (s, p, c) in enumerate(zip(samples, probs, cosine))]
     table = topk_table(session, torch.cat([target_probs, probs]),
                        ["composed map (head)"] + [f"sample {i + 1}" for i in range(len(samples))])
@@ -249,19 +255,19 @@ def perturb_image(session: Session, path: str | None, kind: str, severity, eps_2
     image = session.load_image(path)
     _, clean_probs = classify(session, image)
     if kind == PGD:
-        if not (0 < float(eps_255) <= MAX_EPS_255 and 1 <= int(steps) <= MAX_PGD_STEPS):
-            raise ValueError(f"PGD: eps = {eps_255}/255 must be in (0, {MAX_EPS_255}] and steps = {steps} "
-                             f"in [1, {MAX_PGD_STEPS}]")
-        eps = float(eps_255) / 255
+        eps_255 = number(eps_255, "PGD budget eps (/255)", 1, MAX_EPS_255)
+        steps = number(steps, "PGD steps", 1, MAX_PGD_STEPS, whole=True)
+        eps = eps_255 / 255
         goal = None
         if target and target != "untargeted":
             if target not in session.class_names:
                 raise ValueError(f"target class {target!r} is not one of the classifier's classes")
             goal = torch.tensor([session.class_names.index(target)], device=session.device)
-        progress(0.05, f"PGD: {int(steps)} steps, eps {eps_255}/255")
+        progress(0.05, f"PGD: {int(steps)} steps, eps {eps_255:g}/255")
         attacked = perturb.pgd(session.extractor, image, clean_probs.argmax(dim=-1), eps, int(steps), target=goal)
-        what = f"PGD eps {eps_255}/255" + (f" → {target}" if goal is not None else "")
+        what = f"PGD eps {eps_255:g}/255" + (f" → {target}" if goal is not None else "")
     else:
+        severity = number(severity, "corruption severity", 1, 3, whole=True)
         generator = torch.Generator().manual_seed(cfg.seed)
         attacked = perturb.corrupt(image, kind, int(severity), generator=generator)
         what = f"{kind} severity {int(severity)}"

@@ -8,6 +8,7 @@ pixel is decoded, so a text file or a decompression bomb becomes a one-line ``Va
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,27 @@ MAX_PIXELS = 40_000_000              # ... and images with more pixels than this
 MAX_SAMPLES = 8                      # K
 MAX_STEPS = 200                      # DDIM steps
 MAX_GUIDANCE = 30.0
+CLAMPS = {"none": None, "per channel": "channel", "per channel and location": "location"}  # Steer's clamp choices
+
+
+def number(value, label: str, lo: float, hi: float, whole: bool = False) -> float:
+    """A value from the page (slider, number box, or an API call) -> float in [lo, hi].
+
+    ValueError naming the setting for no value, text, NaN/inf, a value out of range, or (``whole``)
+    a fraction."""
+    if value is None or value == "":
+        raise ValueError(f"{label}: no value; give a number in [{lo}, {hi}]")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} = {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{label} = {value!r} is not a finite number")
+    if not lo <= x <= hi:
+        raise ValueError(f"{label} = {value!r} is out of range [{lo}, {hi}]")
+    if whole and x != int(x):
+        raise ValueError(f"{label} = {value!r}: give a whole number")
+    return x
 
 
 @dataclass
@@ -35,6 +57,7 @@ class Session:
 
     pair: Pair
     examples: list[str] = field(default_factory=list)  # image files offered as examples
+    _references: torch.Tensor | None = field(default=None, repr=False)  # feature maps of the clamp's references
 
     model = property(lambda self: self.pair.model)
     extractor = property(lambda self: self.pair.extractor)
@@ -78,15 +101,36 @@ class Session:
 
     def sample_config_from(self, steps, guidance, uncond, seed, samples) -> SampleConfig:
         """The Advanced section's values -> SampleConfig; ValueError naming the setting out of range."""
-        checks = [("steps", steps, 1, MAX_STEPS), ("guidance scale", guidance, 0.0, MAX_GUIDANCE),
-                  ("seed", seed, 0, 2**31 - 1), ("K (samples)", samples, 1, MAX_SAMPLES)]
-        for label, value, lo, hi in checks:
-            if value is None or not lo <= float(value) <= hi:
-                raise ValueError(f"{label} = {value!r} is out of range [{lo}, {hi}]")
+        steps = number(steps, "steps", 1, MAX_STEPS, whole=True)
+        guidance = number(guidance, "guidance scale", 0.0, MAX_GUIDANCE)
+        seed = number(seed, "seed", 0, 2**31 - 1, whole=True)
+        samples = number(samples, "K (samples)", 1, MAX_SAMPLES, whole=True)
         if uncond not in UNCOND_MODES:
             raise ValueError(f"unconditional mode {uncond!r}: choose one of {', '.join(UNCOND_MODES)}")
-        return dataclasses.replace(self.sample_config, steps=int(steps), guidance_scale=float(guidance),
+        return dataclasses.replace(self.sample_config, steps=int(steps), guidance_scale=guidance,
                                    uncond=uncond, seed=int(seed), num_samples=int(samples))
+
+    @torch.no_grad()
+    def feature_range(self, clamp: str, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Steer's clamp choice (a key of CLAMPS) -> (lo, hi) of :func:`featinv.analysis.steering.feature_range`
+        over reference features, or None for "none". References, as ``featinv steer --clamp`` takes them: the
+        demo's training digits, else the examples offered; always also ``feats`` (1, C, h, w), the input's map."""
+        if clamp not in CLAMPS:
+            raise ValueError(f"clamp {clamp!r}: choose one of {', '.join(CLAMPS)}")
+        if CLAMPS[clamp] is None:
+            return None
+        from featinv.analysis.steering import feature_range
+
+        if self._references is None:
+            data = self.pair.data
+            if data is not None:
+                images = list(data["x_train"].expand(-1, 3, -1, -1).split(256))
+            else:
+                images = [self.load_image(path, "example") for path in self.examples]
+            self._references = torch.cat([feats[:0].float()] +
+                                         [self.extractor(x.to(self.device)).float() for x in images])
+        refs = torch.cat([self._references, feats.float()])
+        return feature_range(refs, per_location=CLAMPS[clamp] == "location")
 
     def reconstructor(self, cfg: SampleConfig) -> Reconstructor:
         return self.pair.reconstructor(cfg)

@@ -11,14 +11,33 @@ import traceback
 
 import gradio as gr
 
-import featinv.app.panels as panels
-from featinv.app.session import MAX_GUIDANCE, MAX_SAMPLES, MAX_STEPS, Session
+from featinv.app import panels
+from featinv.app.session import CLAMPS, MAX_GUIDANCE, MAX_SAMPLES, MAX_STEPS, Session
 from featinv.config import UNCOND_MODES
 
+# Gallery captions sit under their picture and wrap (Gradio overlays them on it, cut to one line).
 CSS = """
 .pixelated img { image-rendering: pixelated; }
+.featinv-upload img { width: 100%; height: 100%; object-fit: contain; }
+#examples img, #examples-b img { image-rendering: pixelated; }
+.featinv-gallery, .featinv-gallery .grid-wrap { height: auto !important; min-height: 0 !important;
+                                               max-height: 560px; }
+.featinv-gallery .grid-container { padding-top: var(--size-8); }
+.featinv-gallery .thumbnail-item { aspect-ratio: auto; display: flex; flex-direction: column; }
+.featinv-gallery .thumbnail-item .caption-label { position: static; max-width: 100%; white-space: normal;
+                                                  overflow: visible; opacity: 1; }
 footer { display: none !important; }
 """
+
+
+def image_upload(label: str, elem_id: str) -> gr.Image:
+    """An image input that shows the uploaded picture but hands the callbacks the file's path unread:
+    :meth:`Session.load_image` checks the file (type, size, pixels) before anything decodes it; gr.Image's
+    own preprocessing would open it first. (Not a subclass: Gradio writes a .pyi beside any subclass.)"""
+    image = gr.Image(label=label, type="filepath", sources=["upload"], elem_id=elem_id, height=180,
+                     elem_classes=["pixelated", "featinv-upload"])
+    image.preprocess = lambda payload: None if payload is None else str(payload.path)
+    return image
 
 
 @contextlib.contextmanager
@@ -30,10 +49,17 @@ def user_errors():
     except gr.Error:
         raise
     except (ValueError, FileNotFoundError) as e:
-        raise gr.Error(str(e), print_exception=False) from None
+        raise gr.Error(str(e), duration=None, print_exception=False) from None
     except Exception as e:  # a bug, not the user's fault: log it, keep serving
         traceback.print_exc()
-        raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
+        raise gr.Error(f"internal error ({type(e).__name__}): {e}", duration=None, print_exception=False) from None
+
+
+def run_on(trigger, fn, inputs: list, outputs: list) -> None:
+    """``trigger(fn, inputs, outputs)``; when fn fails, its outputs are emptied (no earlier result stays
+    under the error) and the message stays in the page until closed."""
+    empty = None if len(outputs) == 1 else [None] * len(outputs)
+    trigger(fn, inputs, outputs).failure(lambda: empty, None, outputs, queue=False)
 
 
 class Callbacks:
@@ -60,11 +86,12 @@ class Callbacks:
                     f"{', '.join(f'{c:.3f}' for c in out.cosine)} (mean {mean:.3f}).")
             return out.gallery, out.uncertainty, out.table, note
 
-    def steer(self, path, kind, class_name, channel, strength, region, coords, *sampler, progress=gr.Progress()):
+    def steer(self, path, kind, class_name, channel, strength, clamp, region, coords, *sampler,
+              progress=gr.Progress()):
         with user_errors():
             cfg = self.session.sample_config_from(*sampler)
-            out = panels.steer(self.session, path, kind, class_name, channel, strength, region, coords, cfg,
-                               progress)
+            out = panels.steer(self.session, path, kind, class_name, channel, strength, clamp, region, coords,
+                               cfg, progress)
             return out.strip, out.table
 
     def compose(self, path_a, path_b, t, region, coords, *sampler, progress=gr.Progress()):
@@ -87,9 +114,10 @@ class Callbacks:
             return out.heat, out.strip, out.removed, out.table
 
 
-def _gallery(label: str, columns: int, elem_id: str, height: int = 230) -> gr.Gallery:
-    return gr.Gallery(label=label, columns=columns, height=height, format="png", object_fit="contain",
-                      elem_id=elem_id, elem_classes=["pixelated"], interactive=False)
+def _gallery(label: str, columns: int, elem_id: str) -> gr.Gallery:
+    """A gallery as tall as its pictures and their captions (CSS), up to two rows of four."""
+    return gr.Gallery(label=label, columns=columns, format="png", object_fit="contain",
+                      elem_id=elem_id, elem_classes=["pixelated", "featinv-gallery"], interactive=False)
 
 
 def _table(label: str, elem_id: str, columns: list[str]) -> gr.Dataframe:
@@ -133,7 +161,7 @@ def _reconstruct_tab(cb: Callbacks, upload, sampler) -> None:
                               elem_classes=["pixelated"], height=200, elem_id="reconstruct-uncertainty")
     table = _table("classifier top-5: original and each reconstruction", "reconstruct-table", ["original", "sample 1"])
     note = gr.Markdown(elem_id="reconstruct-cosine")
-    run.click(cb.reconstruct, [upload, *sampler], [gallery, spread, table, note])
+    run_on(run.click, cb.reconstruct, [upload, *sampler], [gallery, spread, table, note])
 
 
 def _steer_tab(cb: Callbacks, upload, sampler) -> None:
@@ -143,33 +171,36 @@ def _steer_tab(cb: Callbacks, upload, sampler) -> None:
         cls = gr.Dropdown(names, value=names[0], label="class (head weight)", elem_id="steer-class")
         channel = gr.Number(value=0, precision=0, minimum=0, maximum=session.extractor.feature_shape[0] - 1,
                             label="channel", elem_id="steer-channel")
-    strength = gr.Slider(-4, 4, value=2, step=0.25, elem_id="steer-strength",
+    strength = gr.Slider(-panels.MAX_STRENGTH, panels.MAX_STRENGTH, value=2, step=0.25, elem_id="steer-strength",
                          label="strength (units of the map's mean feature norm); the strip runs 0..strength")
+    clamp = gr.Radio(list(CLAMPS), value="per channel", elem_id="steer-clamp",
+                     label="clamp edited features to the backbone's range (min/max over reference images); "
+                           "without it strong edits leave that range and the reconstructions stop following them")
     region, coords = _region_inputs("steer", session)
     go = gr.Button("Steer", variant="primary", elem_id="steer-run")
     strip = _gallery("reconstructions over strengths 0..strength (caption: the classifier's top-1)", panels.STRIP,
                      "steer-strip")
     table = gr.Dataframe(headers=["strength α", "head on the steered map", "classifier on the reconstruction"],
                          label="top-1 per strength", interactive=False, elem_id="steer-table")
-    args = [upload, kind, cls, channel, strength, region, coords, *sampler]
-    go.click(cb.steer, args, [strip, table])
-    strength.release(cb.steer, args, [strip, table])  # moving the slider redraws the strip
+    args = [upload, kind, cls, channel, strength, clamp, region, coords, *sampler]
+    run_on(go.click, cb.steer, args, [strip, table])
+    run_on(strength.release, cb.steer, args, [strip, table])  # moving the slider redraws the strip
 
 
 def _compose_tab(cb: Callbacks, upload, sampler) -> None:
-    upload_b = gr.File(label="image B (A is the shared input)", type="filepath", elem_id="upload-b")
+    upload_b = image_upload("image B (A is the shared input)", "upload-b")
     if cb.session.examples:
-        gr.Examples(cb.session.examples, inputs=upload_b, label="examples for B", examples_per_page=10)
+        gr.Examples(cb.session.examples, inputs=upload_b, label="examples for B", examples_per_page=10,
+                    elem_id="examples-b")
     t = gr.Slider(0, 1, value=0.5, step=0.05, label="interpolation t: (1 - t) A + t B", elem_id="compose-t")
     region, coords = _region_inputs("compose", cb.session)
     gr.Markdown("The region (if any) is pasted from B's feature map into the interpolated map.")
     go = gr.Button("Compose", variant="primary", elem_id="compose-run")
     gallery = _gallery("A, B and reconstructions of the composed map", 6, "compose-gallery")
-    with gr.Row():
-        table = _table("top-5: the head on the composed map, the classifier on each reconstruction",
-                       "compose-table", ["composed map (head)", "sample 1"])
-        note = gr.Markdown(elem_id="compose-cosine")
-    go.click(cb.compose, [upload, upload_b, t, region, coords, *sampler], [gallery, table, note])
+    table = _table("top-5: the head on the composed map, the classifier on each reconstruction",
+                   "compose-table", ["composed map (head)", "sample 1"])
+    note = gr.Markdown(elem_id="compose-cosine")
+    run_on(go.click, cb.compose, [upload, upload_b, t, region, coords, *sampler], [gallery, table, note])
 
 
 def _perturb_tab(cb: Callbacks, upload, sampler) -> None:
@@ -184,7 +215,7 @@ def _perturb_tab(cb: Callbacks, upload, sampler) -> None:
     clean = _gallery("clean input and its reconstructions", 5, "perturb-clean")
     attacked = _gallery("perturbed input and its reconstructions", 5, "perturb-perturbed")
     table = _table("top-5", "perturb-table", ["clean", "clean sample 1", "perturbed", "perturbed sample 1"])
-    go.click(cb.perturb, [upload, method, severity, eps, steps, target, *sampler], [clean, attacked, table])
+    run_on(go.click, cb.perturb, [upload, method, severity, eps, steps, target, *sampler], [clean, attacked, table])
 
 
 def _concepts_tab(cb: Callbacks, upload, sampler) -> None:
@@ -217,11 +248,12 @@ def build(session: Session) -> gr.Blocks:
                     "reconstructs images from the classifier's feature map.")
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="image", type="filepath", elem_id="upload")
+                upload = image_upload("image", "upload")
                 preview = gr.Image(label="input as the classifier sees it", interactive=False, format="png",
                                    elem_id="preview", elem_classes=["pixelated"], height=180)
                 if session.examples:
-                    gr.Examples(session.examples, inputs=upload, label="examples", examples_per_page=10)
+                    gr.Examples(session.examples, inputs=upload, label="examples", examples_per_page=10,
+                                elem_id="examples")
                 sampler = _advanced(session)
             with gr.Column(scale=3), gr.Tabs():
                 for name, tab in [("Reconstruct", _reconstruct_tab), ("Steer", _steer_tab),
@@ -229,5 +261,5 @@ def build(session: Session) -> gr.Blocks:
                                   ("Concepts", _concepts_tab)]:
                     with gr.Tab(name, id=name.lower()):
                         tab(cb, upload, sampler)
-        upload.change(cb.preview, upload, preview)
+        run_on(upload.change, cb.preview, [upload], [preview])
     return page
