@@ -94,7 +94,7 @@ def test_compose_at_t0_reconstructs_a(cb, session):
 
 def test_concepts_panel_heat_strip_and_removal(cb, session, tmp_path):
     from featinv.analysis.concepts import fit_concepts
-    from featinv.demo import load_digits_split
+    from featinv.digits import load_digits_split
 
     with torch.no_grad():
         feats = session.extractor(load_digits_split(session.image_size)["x_train"][:300].expand(-1, 3, -1, -1))
@@ -105,7 +105,7 @@ def test_concepts_panel_heat_strip_and_removal(cb, session, tmp_path):
     plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
     assert np.abs(pixels(strip[0][0]) - pixels(plain[0][0])).max() <= 1  # α = 0: the plain reconstruction
     assert heat.size == strip[0][0].size
-    with pytest.raises(gr.Error, match="concept 9: give a whole number in 0..3"):
+    with pytest.raises(gr.Error, match=r"concept = 9 is out of range \[0, 3\]"):
         cb.concepts(session.examples[3], str(path), 9, 2.0, *sampler(session, k=1))
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(gr.Error, match="is not a concept basis file"):

@@ -305,9 +305,8 @@ def concepts(session: Session, path: str | None, basis_path: str | None, index, 
     if not basis_path:
         raise ValueError("no concept basis: upload a concepts.safetensors written by `featinv concepts`")
     basis = concepts_lib.ConceptBasis.load(basis_path)
-    if index is None or float(index) != int(index) or not 0 <= int(index) < basis.k:
-        raise ValueError(f"concept {index!r}: give a whole number in 0..{basis.k - 1}")
-    i = int(index)
+    i = int(number(index, "concept", 0, basis.k - 1, whole=True))
+    strength = number(strength, "strength", -MAX_STRENGTH, MAX_STRENGTH)
     rec = session.reconstructor(dataclasses.replace(cfg, num_samples=1))
     feats = rec.features(image)
     codes = basis.encode(feats)                                                   # (1, k, h, w)
