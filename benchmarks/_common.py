@@ -6,6 +6,7 @@ Not part of the library: benchmarks only measure, and every script imports these
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -91,3 +92,13 @@ def count_flops(fn: Callable) -> int:
 def random_backbone(cfg: BackboneConfig) -> FeatureExtractor:
     """The backbone of ``cfg`` with random weights (no download): throughput only."""
     return build_backbone(dataclasses.replace(cfg, pretrained=False, checkpoint=""))
+
+
+def write_results(out: str | Path, name: str, results: dict, md: str) -> Path:
+    """Print the Markdown table and write ``<out>/<name>.md`` and ``<out>/<name>.json``; returns ``out``."""
+    print(md)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    return out

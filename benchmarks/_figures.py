@@ -215,7 +215,6 @@ def train_figure(bench: Bench | None, kind: str, batch: int) -> dict:
     if bench is None:
         raise RuntimeError("setup failed")
     ref, compiled = kind == "reference", kind == "compiled"
-    flops = None if ref else step_flops(bench, batch)  # eager: compiled kernels bypass the counter
     with variant(bench, compiled=compiled, per_image=ref) as (module, _):
         module.train()
         opt = module.configure_optimizers()
@@ -225,6 +224,9 @@ def train_figure(bench: Bench | None, kind: str, batch: int) -> dict:
                                max_s=bench.plan.train_max_s)
         out = {"images_per_s": batch / seconds, "peak_gib": peak_gib(bench.device), "note": f"batch {batch}"}
         del opt, step
+    # Counted after the timing (a CPU run timed right after the counting step ran 2x slower); eager: compiled
+    # kernels bypass the counter.
+    flops = None if ref else step_flops(bench, batch)
     if flops is not None:
         out["mfu_pct"] = 100 * flops / seconds / bench.peak_flops
         out["note"] += f", {flops / batch / 1e9:.1f} GFLOP/image counted, {seconds * 1000:.1f} ms/step"

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import write_results
 
 from featinv.analysis.compose import interpolate
 from featinv.analysis.perturb import pgd
@@ -254,12 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         results["masked_fine"]["label_agreement"] = share(agree)
         results["masked_fine"]["classifier_accuracy"] = classifier_accuracy(fine.extractor, fine.data)
     results["seconds"] = time.time() - t0
-    md = markdown(results)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_analyses.md").write_text(md)
-    (out / "bench_analyses.json").write_text(json.dumps(results, indent=2))
+    out = write_results(args.out, "bench_analyses", results, markdown(results))
     print(f"{results['seconds']:.0f} s; written to {out}", file=sys.stderr)
     return 0
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import write_results
 
 from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion
 from featinv.checkpoint import load_featinv
@@ -232,12 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                "digits": n, "samples": k, "seed": args.seed,
                "classifier_accuracy": classifier_accuracy(pair.extractor, pair.data), "judge_accuracy": judge_acc, "guidance": args.guidance,
                "pixel_steps": args.pixel_steps, "threads": args.threads}
-    md = markdown(results)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_baselines.md").write_text(md)
-    (out / "bench_baselines.json").write_text(json.dumps(results, indent=2))
+    write_results(args.out, "bench_baselines", results, markdown(results))
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from scipy.optimize import linear_sum_assignment
+from _common import write_results
 
 from featinv.analysis.concept_scores import completeness, concept_importance
 from featinv.analysis.concepts import (METHODS, concept_direction, fit_concepts, remove)
@@ -235,12 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_rows:
         res["scale"] = bench_scale(args)
     res["seconds"] = time.time() - t0
-    md = markdown(res)
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_concepts.md").write_text(md)
-    (out / "bench_concepts.json").write_text(json.dumps(res, indent=2))
+    out = write_results(args.out, "bench_concepts", res, markdown(res))
     print(f"{res['seconds']:.0f} s; written to {out}", file=sys.stderr)
     return 0
 
