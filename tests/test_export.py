@@ -13,8 +13,7 @@ from conftest import make_tiny_model
 
 from featinv.checkpoint import load_featinv, resolve_featinv_source, save_featinv
 from featinv.commands.export import main
-from featinv.config import PRESETS
-from featinv.config import PairSource
+from featinv.config import PRESETS, PairSource
 from featinv.pair import resolve_source
 from featinv.export import front_matter
 
@@ -109,3 +108,19 @@ def test_hub_id_of_an_export_loads_offline_from_the_cache(run, tmp_path, offline
     assert resolve_featinv_source("someone/featinv-tiny")[1].name == "config.yaml"
     with pytest.raises(FileNotFoundError, match="someone/not-cached: .*not in the Hugging Face cache"):
         load_featinv("someone/not-cached")
+
+
+def test_the_pair_loader_reads_an_exported_folder(tmp_path):
+    """reconstruct, the analyses and the app load through load_pair: an export serves them like the run it came
+    from (the backbone from its config.yaml), the weights bit for bit."""
+    from featinv.pair import load_pair
+
+    run = tmp_path / "run"
+    model = make_tiny_model(512)  # resnet18's final stage: 512 channels
+    save_featinv(model, run / "featinv.safetensors")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(
+        dataclasses.replace(PRESETS["tiny"], model=model.cfg))))
+    assert main([str(run), str(tmp_path / "share")]) == 0
+    pair = load_pair(PairSource(checkpoint=str(tmp_path / "share")))
+    assert pair.extractor.feature_shape == (512, 2, 2) and pair.folder == tmp_path / "share"
+    assert all(torch.equal(a, b) for a, b in zip(pair.model.state_dict().values(), model.state_dict().values()))
