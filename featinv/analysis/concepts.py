@@ -18,8 +18,10 @@ and measure how much a class's logit needs it (:mod:`featinv.analysis.concept_sc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -238,7 +240,8 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
             if len(x) < k:
                 raise ValueError(f"k={k} exceeds the {len(x)} feature-map locations to fit on")
             # float64 for the dictionary: its lasso's duality-gap test cannot be met in float32 precision
-            est.partial_fit((x / scale).to(torch.float64 if method == "dict" else torch.float32).numpy())
+            with _no_convergence_warnings():
+                est.partial_fit((x / scale).to(torch.float64 if method == "dict" else torch.float32).numpy())
             done += len(x)
             seen += len(x) if p == 0 else 0
             if progress is not None:
@@ -248,6 +251,17 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     facts = facts or {"vectors": seen}
     stats = {**facts, "passes": passes, "batch_size": batch_size, "seed": seed, "k": k}
     return _basis_from(est, method, scale, alpha, source, stats)
+
+
+@contextlib.contextmanager
+def _no_convergence_warnings():
+    """scikit-learn's ConvergenceWarning off: a mini-batch step runs a few coordinate-descent iterations by
+    design, and a lasso per vector warns once per unconverged vector (tens of thousands of lines on a big fit)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
 
 
 def _basis_from(est, method: str, scale: float, alpha: float, source: str, stats: dict) -> ConceptBasis:
@@ -277,12 +291,14 @@ def _encode_vectors(basis: ConceptBasis, x: Tensor) -> Tensor:
     if basis.method == "nmf":
         from sklearn.decomposition import non_negative_factorization
 
-        codes, _, _ = non_negative_factorization(xs, H=atoms, n_components=basis.k, update_H=False, solver="cd",
-                                                 max_iter=400, tol=1e-6)
+        with _no_convergence_warnings():
+            codes, _, _ = non_negative_factorization(xs, H=atoms, n_components=basis.k, update_H=False, solver="cd",
+                                                     max_iter=400, tol=1e-6)
     else:
         from sklearn.decomposition import sparse_encode
 
-        codes = sparse_encode(xs, atoms, algorithm="lasso_cd", alpha=basis.alpha, positive=True, max_iter=1000)
+        with _no_convergence_warnings():
+            codes = sparse_encode(xs, atoms, algorithm="lasso_cd", alpha=basis.alpha, positive=True, max_iter=1000)
     return torch.from_numpy(codes).float() * basis.scale
 
 
