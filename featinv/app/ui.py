@@ -157,7 +157,7 @@ def _reconstruct_tab(cb: Callbacks, upload, sampler) -> None:
         with gr.Column(scale=3):
             gallery = _gallery("reconstructions (K samples)", 4, "reconstruct-gallery")
         with gr.Column(scale=1, min_width=160):
-            spread = gr.Image(label="uncertainty: per-pixel std over the K samples", format="png", interactive=False,
+            spread = gr.Image(label="spread (std)", format="png", interactive=False,
                               elem_classes=["pixelated"], height=200, elem_id="reconstruct-uncertainty")
     table = _table("classifier top-5: original and each reconstruction", "reconstruct-table", ["original", "sample 1"])
     note = gr.Markdown(elem_id="reconstruct-cosine")
