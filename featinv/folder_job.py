@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from featinv.backbone import FeatureExtractor
-from featinv.config import ReconstructJob, SettingError, to_dict
+from featinv.config import ReconstructJob, to_dict
 from featinv.data import ImageDataset, find_images
 from featinv.folder_state import (MANIFEST, check_same_settings, checkpoint_identity, clear_outputs,
                                   drop_undecodable, original_path, read_manifest, reconstruction_path)
-from featinv.io import atomic_write_text
+from featinv.io import atomic_write_text, check_writable
 from featinv.model import FeatInv
 from featinv.pair import check_channels, load_pair, resolve_source
 from featinv.reconstruct import Reconstructor
@@ -156,19 +154,6 @@ class ReconstructionPredictor(pl.LightningModule):
             self._bar.close()
 
 
-def check_writable(out: str | Path) -> Path:
-    """Create ``out`` and probe it with a temporary file; an error naming it if that fails."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".featinv-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SettingError(f"{{out}}: output folder {str(out)!r} is not writable ({type(e).__name__}: {e})") from None
-    return out
-
-
 def _write_manifest(out: Path, items: list[FolderItem], k: int, done_before: int, info: dict) -> dict:
     """Summarise the folder from what is on disk: an incomplete item after a finished run was unreadable.
 
@@ -219,7 +204,8 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
         raise ValueError("reconstruct_folder: a model object needs its extractor too")
     resolved = None if model is not None else resolve_source(job.source, need_backbone=extractor is None)
     items, class_names = plan_items(job.data, job.per_class)
-    out, k = check_writable(job.out), job.sample.num_samples
+    out, k = check_writable(job.out, "out"), job.sample.num_samples
+    out.mkdir(parents=True, exist_ok=True)
     rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from RANK / LOCAL_RANK / SLURM_PROCID
     previous = read_manifest(out)
     ckpt_name = str(resolved.weights) if resolved else None

@@ -67,7 +67,7 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", is_file: bool =
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".featinv-probe-"))
     except OSError as e:
         reason = e.strerror or str(e)
-        raise ValueError(f"{flag}: {str(path)!r} cannot be written ({reason}: {existing})") from None
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written: {existing} is not writable ({reason})") from None
     return path
 
 
