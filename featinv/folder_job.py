@@ -25,7 +25,7 @@ from featinv.folder_state import (MANIFEST, check_same_settings, checkpoint_iden
                                   drop_undecodable, original_path, read_manifest, reconstruction_path)
 from featinv.io import atomic_write_text, check_writable
 from featinv.model import FeatInv
-from featinv.pair import check_channels, load_pair, resolve_source
+from featinv.pair import check_channels, load_resolved, resolve_source
 from featinv.reconstruct import Reconstructor
 from featinv.runtime import resolve_precision
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
@@ -221,7 +221,7 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
         return _write_manifest(out, items, k, done_before, info) if rank == 0 else info
 
     if model is None:
-        pair = load_pair(job.source, extractor=extractor)  # checks the channels
+        pair = load_resolved(resolved, extractor=extractor)  # checks the channels
         model, extractor = pair.model, pair.extractor
     else:
         check_channels(extractor, model)

@@ -117,9 +117,15 @@ def load_pair(source: PairSource = PairSource(), device: str | torch.device = "c
     ``log``: progress lines (the demo pair trains its stages on first use; tqdm bars go to stderr)."""
     if source.checkpoint is None:
         return _demo_pair(source, device, log)
+    return load_resolved(resolve_source(source, need_backbone=extractor is None), device, extractor=extractor)
+
+
+def load_resolved(resolved: ResolvedSource, device: str | torch.device = "cpu", *,
+                  extractor: FeatureExtractor | None = None) -> Pair:
+    """The pair of a source :func:`resolve_source` already resolved (a job that resolved it to record its
+    settings does not resolve it twice); ``extractor`` as in :func:`load_pair`."""
     from featinv.checkpoint import load_featinv
 
-    resolved = resolve_source(source, need_backbone=extractor is None)
     model = load_featinv(resolved.weights, resolved.model_config, device=device).eval()
     extractor = extractor if extractor is not None else build_backbone(resolved.backbone)
     check_channels(extractor, model, resolved.weights.name)

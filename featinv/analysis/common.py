@@ -126,6 +126,13 @@ def to_backbone(images01: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def features_of(extractor, images01: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Images (N, 3, S, S) in [0, 1] -> the extractor's feature maps (N, C, h, w), fp32, in chunks."""
+    dev = extractor.mean.device
+    return torch.cat([extractor(c.to(dev)).float() for c in images01.split(chunk)])
+
+
+@torch.no_grad()
 def predict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (N, classes) -> (top-1 (N,), its probability (N,), all probabilities (N, classes))."""
     probs = logits.float().softmax(dim=1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featinv.analysis.common import TILE, grid, markdown_table, predict, tile
+from featinv.analysis.common import TILE, features_of, grid, markdown_table, predict, tile
 from featinv.analysis.concept_scores import completeness, concept_importance
 from featinv.analysis.concepts import ConceptBasis, heat_map, remove, steer_concept
 from featinv.analysis.reports import reconstructor
@@ -32,11 +32,6 @@ def overlay(image: torch.Tensor, heat: torch.Tensor, vmax: float) -> torch.Tenso
     x = F.interpolate(x, size=(TILE, TILE), mode=mode)[0]
     weight = (heat.cpu() / vmax).clamp(0, 1)[None] * 0.6 if vmax > 0 else torch.zeros(1, TILE, TILE)
     return x * (1 - weight) + heatmap(heat.cpu(), vmax=vmax) * weight
-
-
-@torch.no_grad()
-def _features(extractor, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([extractor(c.to(extractor.mean.device)).float() for c in images.split(256)])
 
 
 def _read(extractor, samples: torch.Tensor) -> torch.Tensor:
@@ -60,7 +55,7 @@ def concepts_report(pair: Pair, basis: ConceptBasis, fit_images: torch.Tensor, f
     the classifier's own top-1): importance, completeness and the removal columns; steer_images (B, 3, S, S):
     steered along every concept at ``alphas`` (α = 0, the plain reconstruction, is shown once on top)."""
     ext, rec = pair.extractor, reconstructor(pair)
-    f_fit, f_held = _features(ext, fit_images), _features(ext, held_images)
+    f_fit, f_held = features_of(ext, fit_images), features_of(ext, held_images)
     codes_fit, codes_held = basis.encode(f_fit), basis.encode(f_held)
     if held_labels is None:
         held_labels = torch.cat([ext.logits_from_features(c).argmax(1) for c in f_held.split(256)])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from featinv.analysis.common import image_set
+from featinv.analysis.common import features_of, image_set
 from featinv.analysis.concepts import ConceptBasis, concept_direction
 from featinv.analysis.steering import (channel_direction, class_direction, mean_difference_direction,
                                        probe_direction)
@@ -33,13 +33,6 @@ class Direction:
     target: int | None
     description: str
     reference_feats: list[Tensor] = field(default_factory=list)
-
-
-@torch.no_grad()
-def features_of(extractor, images01: Tensor, chunk: int = 256) -> Tensor:
-    """Images (N, 3, S, S) in [0, 1] -> the extractor's feature maps (N, C, h, w), fp32, in chunks."""
-    dev = extractor.mean.device
-    return torch.cat([extractor(c.to(dev)).float() for c in images01.split(chunk)])
 
 
 @torch.no_grad()

@@ -119,16 +119,18 @@ class Session:
             raise ValueError(f"clamp {clamp!r}: choose one of {', '.join(CLAMPS)}")
         if CLAMPS[clamp] is None:
             return None
+        from featinv.analysis.common import features_of
         from featinv.analysis.steering import feature_range
 
         if self._references is None:
             data = self.pair.data
             if data is not None:
-                images = list(data["x_train"].expand(-1, 3, -1, -1).split(256))
+                self._references = features_of(self.extractor, data["x_train"].expand(-1, 3, -1, -1))
+            elif self.examples:
+                examples = torch.cat([self.load_image(path, "example") for path in self.examples])
+                self._references = features_of(self.extractor, examples)
             else:
-                images = [self.load_image(path, "example") for path in self.examples]
-            self._references = torch.cat([feats[:0].float()] +
-                                         [self.extractor(x.to(self.device)).float() for x in images])
+                self._references = feats[:0].float()
         refs = torch.cat([self._references, feats.float()])
         return feature_range(refs, per_location=CLAMPS[clamp] == "location")
 

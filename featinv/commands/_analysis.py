@@ -10,7 +10,7 @@ import torch
 
 from featinv.analysis.common import demo_digits, load_images, write_outputs
 from featinv.backbone import BACKBONE_PRESETS
-from featinv.commands._common import MAX_SAMPLES, cleanup_on_failure, positive_int, sample_count
+from featinv.commands._common import MAX_SAMPLES, blame, cleanup_on_failure, positive_int, sample_count
 from featinv.config import PairSource
 from featinv.io import check_output_folder, check_writable, mark_output_folder
 from featinv.pair import Pair, load_pair
@@ -76,8 +76,6 @@ def parse_box(text: str, flag: str = "--mask") -> list[float]:
 def pair_from_args(args) -> Pair:
     check_writable(args.out)  # before any model loads or trains
     check_output_folder(args.out, args.command_name, args.overwrite)
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
     source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
@@ -94,10 +92,8 @@ def inputs_from_args(args, pair: Pair, minimum: int = 1, example_digits: str | N
 
     example_digits: the demo digits (one each) when neither --digits nor --count is given."""
     if args.images:
-        try:
+        with blame("--images"):
             images, names = load_images(args.images, pair.extractor.image_size)
-        except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"--images: {e}") from None
         labels = None
     elif pair.data is not None:
         text = args.digits if args.digits or args.count else example_digits

@@ -187,6 +187,17 @@ def command(name: str, resumes: bool = False):
 
 
 @contextlib.contextmanager
+def blame(flag_name: str):
+    """Prefix a user error raised in the block with the flag whose value caused it (unless it names it)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if str(e).startswith(flag_name):
+            raise
+        raise type(e)(f"{flag_name}: {e}") from None
+
+
+@contextlib.contextmanager
 def mock_attr(obj, name: str, value):
     """Set ``obj.name`` for the body, restore it after."""
     old = getattr(obj, name)

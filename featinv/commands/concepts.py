@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
 
-from featinv.analysis.common import demo_digits, load_images
+from featinv.analysis.common import demo_digits, features_of, load_images
 from featinv.analysis.concepts import METHODS, ConceptBasis, fit_concepts
 from featinv.analysis.concepts_report import concepts_report
 from featinv.commands._analysis import add_common_args, inputs_from_args, pair_from_args, parse_floats, write_report
-from featinv.commands._common import Parser, command
+from featinv.commands._common import Parser, blame, command
 
 DESCRIPTION = ("Fit a concept basis on the per-location channel vectors of the feature maps (or load one with "
                "--basis) and draw its atlas: per concept its most activating images with the heat map, held-out "
@@ -19,18 +18,11 @@ DESCRIPTION = ("Fit a concept basis on the per-location channel vectors of the f
                "concept:<file>:<i> in featinv steer), table.md and table.json.")
 
 
-def _prefixed(name: str, fn):
-    """fn() with a user error's message prefixed by the flag it came from."""
-    try:
-        return fn()
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"{name}: {e}") from None
-
-
 def fit_set(args, pair):
     """-> (images (N, 3, S, S), names, labels or None): the demo's training digits, else --images."""
     if args.images:
-        images, names = _prefixed("--images", lambda: load_images(args.images, pair.extractor.image_size))
+        with blame("--images"):
+            images, names = load_images(args.images, pair.extractor.image_size)
         return images, names, None
     if pair.data is None:
         raise ValueError("--images: give the images to find concepts in (files or folders) with --checkpoint")
@@ -67,7 +59,10 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--method: unknown concept method {args.method!r}: choose one of {', '.join(METHODS)}")
     if args.exemplars < 1 or args.removals < 1:
         raise ValueError("--exemplars and --removals must be >= 1")
-    basis = _prefixed("--basis", lambda: ConceptBasis.load(args.basis)) if args.basis else None
+    basis = None
+    if args.basis:
+        with blame("--basis"):
+            basis = ConceptBasis.load(args.basis)
     pair = pair_from_args(args)
     ext = pair.extractor
     fit_images, fit_names, fit_labels = fit_set(args, pair)
@@ -75,8 +70,7 @@ def main(argv: list[str]) -> int:
     steer_images, steer_names, _ = inputs_from_args(args, pair, example_digits="1,7")
     if args.images and not (args.count or args.digits):
         steer_images, steer_names = steer_images[:2], steer_names[:2]
-    with torch.no_grad():
-        feats = torch.cat([ext(c.to(ext.mean.device)).float() for c in fit_images.split(256)])
+    feats = features_of(ext, fit_images)
     if basis is None:
         k, locations = 10 if args.k is None else args.k, feats.shape[0] * feats.shape[2] * feats.shape[3]
         if not 0 < k <= locations:
@@ -91,10 +85,11 @@ def main(argv: list[str]) -> int:
             if pct // 10 != last[0]:
                 last[0] = pct // 10
                 print(f"  fit {pct} %", file=sys.stderr)
-        basis = _prefixed("--method", lambda: fit_concepts(feats, k, args.method, seed=args.fit_seed,
-                                                            progress=progress, source=pair.name))
+        with blame("--method"):
+            basis = fit_concepts(feats, k, args.method, seed=args.fit_seed, progress=progress, source=pair.name)
     else:
-        _prefixed("--basis", lambda: basis.check(feats))
+        with blame("--basis"):
+            basis.check(feats)
 
     def report():
         picture, table, md = concepts_report(pair, basis, fit_images, fit_names, held_images, held_labels,

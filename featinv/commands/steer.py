@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import numpy as np
 import torch
 from PIL import Image
 
 from featinv.analysis.reports import steer_report
-from featinv.analysis.directions import DIRECTION_SPECS, features_of, parse_direction
+from featinv.analysis.common import features_of
+from featinv.analysis.directions import DIRECTION_SPECS, parse_direction
 from featinv.analysis.steering import box_mask, feature_range, mask_from_image
 from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
                                         write_report)
-from featinv.commands._common import HelpFormatter, Parser, command
+from featinv.commands._common import HelpFormatter, Parser, blame, command
 
 DIRECTIONS = DIRECTION_SPECS + """
 alpha is in units of the input's mean per-location feature norm: alpha = 1 moves every location by
@@ -22,17 +22,6 @@ one typical feature vector's length along the direction."""
 
 class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
     """The project's help format, with the epilog's lines kept as written."""
-
-
-@contextlib.contextmanager
-def flag(name: str):
-    """Prefix a user error raised in the block with the flag it came from."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        if str(e).startswith(name):
-            raise
-        raise type(e)(f"{name}: {e}") from None
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
@@ -65,14 +54,14 @@ def main(argv: list[str]) -> int:
     pair = pair_from_args(args)
     images, names, _ = inputs_from_args(args, pair)
     ext = pair.extractor
-    with flag("--direction"):
+    with blame("--direction"):
         parsed = parse_direction(args.direction, pair)
     target = parsed.target if args.target is None else args.target
     size, grid_hw = ext.image_size, ext.feature_shape[1:]
-    with flag("--mask"):
+    with blame("--mask"):
         mask = box_mask(box, size, grid_hw) if box else None
     if args.mask_image:
-        with flag("--mask-image"):
+        with blame("--mask-image"):
             mask = mask_from_image(load_mask(args.mask_image, size), grid_hw)
     clamp = None
     if args.clamp:
