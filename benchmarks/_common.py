@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from featinv.backbone import FeatureExtractor, build_backbone
 from featinv.config import BackboneConfig
+from featinv.nets.backbone import FeatureExtractor, build_backbone
 
 GIB = 2 ** 30
 

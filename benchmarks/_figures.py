@@ -17,12 +17,12 @@ import torch
 from _common import GIB, count_flops, mean_seconds, peak_rss_gib, random_backbone, reset_peak_rss, sync, timed
 from _suite import cleanup, largest_batch
 
-from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor
-from featinv.build_control import random_featinv
 from featinv.config import PRESETS, BackboneConfig, SampleConfig
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor
-from featinv.training import FeatInvModule
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor
+from featinv.nets.model import FeatInv
+from featinv.testing import random_featinv
+from featinv.training.module import FeatInvModule
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendor data sheets; the first substring that the
 # card's name contains wins (so "H100 PCIe" is matched before "H100").

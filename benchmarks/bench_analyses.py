@@ -19,12 +19,11 @@ from _common import write_results
 
 from featinv.analysis.compose import interpolate
 from featinv.analysis.perturb import pgd
-from featinv.analysis.steering import (class_direction, feature_range, mean_difference_direction, probe_direction,
-                                       steer)
-from featinv.demo import load_demo_pair
-from featinv.demo_stages import QUICK, classifier_accuracy
-from featinv.digits import rgb
-from featinv.reconstruct import Reconstructor
+from featinv.analysis.steering import class_direction, feature_range, mean_difference_direction, probe_direction, steer
+from featinv.demo.digits import rgb
+from featinv.demo.pair import load_demo_pair
+from featinv.demo.stages import QUICK, classifier_accuracy
+from featinv.diffusion.reconstruct import Reconstructor
 
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 # A finer feature grid for masked steering: digits upsampled to 16 px give the classifier a 4x4 map

@@ -43,9 +43,8 @@ def in_process(demo_out: str, k: int, repeats: int) -> list[float]:
 
 
 def browser(demo_out: str, k: int, repeats: int) -> tuple[float, list[float]]:
-    from playwright.sync_api import sync_playwright
-
     from app_server import AppServer, launch_chromium, run_reconstruct
+    from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
         app = AppServer(Path(demo_out), Path(tmp))

@@ -29,14 +29,17 @@ import torch
 from _common import write_results
 
 from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion
-from featinv.checkpoint import load_featinv
+from featinv.checkpoint.load import load_featinv
 from featinv.config import FeatureGuidanceConfig
-from featinv.demo import load_demo_pair, metrics
-from featinv.demo_stages import QUICK, _stage_control, classifier_accuracy
-from featinv.digits import make_extractor, rgb, train_classifier
-from featinv.evaluate import backbone_outputs, compare_outputs
-from featinv.reconstruct import Reconstructor
-from featinv.sampling import ddim_timesteps, feature_guided_eps_fn, sample
+from featinv.demo.digits import make_extractor, rgb, train_classifier
+from featinv.demo.pair import load_demo_pair
+from featinv.demo.run import metrics
+from featinv.demo.stages import QUICK, _stage_control, classifier_accuracy
+from featinv.diffusion.guidance import feature_guided_eps_fn
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.diffusion.samplers import ddim_timesteps, sample
+from featinv.diffusion.schedule import alphas_cumprod
+from featinv.metrics import backbone_outputs, compare_outputs
 
 
 class Counter:
@@ -84,8 +87,8 @@ def plain_unet_guided(pair, feats, keys, guidance):
     eps_fn = lambda x, t: model(x, t, ctx)  # noqa: E731  (no feature map, no hint: the plain UNet)
     target = feats.repeat_interleave(sc.num_samples, dim=0)
     features = lambda images: ext((images + 1) / 2)  # noqa: E731  decoded [-1, 1] -> the classifier's [0, 1]
-    eps_fn = feature_guided_eps_fn(eps_fn, model.decode_latents, features, target, model.alphas_cumprod, guidance)
-    latents = sample(sc.sampler, eps_fn, x_T, model.alphas_cumprod, ddim_timesteps(sc.steps, spacing=sc.spacing))
+    eps_fn = feature_guided_eps_fn(eps_fn, model.decode_latents, features, target, alphas_cumprod(model.cfg.diffusion), guidance)
+    latents = sample(sc.sampler, eps_fn, x_T, alphas_cumprod(model.cfg.diffusion), ddim_timesteps(sc.steps, spacing=sc.spacing))
     with torch.no_grad():
         images = ((model.decode_latents(latents) + 1) / 2).clamp(0, 1)
     return images.view(len(keys), sc.num_samples, *images.shape[1:])

@@ -27,15 +27,15 @@ import time
 from pathlib import Path
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from _common import write_results
+from scipy.optimize import linear_sum_assignment
 
 from featinv.analysis.concept_scores import completeness, concept_importance
-from featinv.analysis.concepts import (METHODS, concept_direction, fit_concepts, remove)
+from featinv.analysis.concepts import METHODS, concept_direction, fit_concepts, remove
 from featinv.analysis.steering import feature_range, steer
-from featinv.demo import load_demo_pair
-from featinv.digits import rgb
-from featinv.reconstruct import Reconstructor
+from featinv.demo.digits import rgb
+from featinv.demo.pair import load_demo_pair
+from featinv.diffusion.reconstruct import Reconstructor
 
 STEER_ALPHAS = (1.0, 1.5, 2.0, 3.0)
 KS = (10, 20)
@@ -138,10 +138,9 @@ def bench_demo(args) -> dict:
 def scale_worker(method: str, rows: int, k: int, seed: int) -> dict:
     """One method's fit on random non-negative maps; run in its own process so that VmHWM is its own."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from _common import status_kib
-
     import sklearn.cluster  # noqa: F401 -- imported before the baseline: the peak counts the fit, not the imports
     import sklearn.decomposition  # noqa: F401
+    from _common import status_kib
 
     torch.set_num_threads(1)
     base = status_kib("VmRSS")

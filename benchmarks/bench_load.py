@@ -34,10 +34,10 @@ def _peak_rss() -> int:
 def write_random_safetensors(config: str, path: Path) -> int:
     """The full model's reference-layout state dict with random weights (real schedule buffers),
     written one tensor at a time, so the writer never holds the model; returns the weight bytes."""
-    from featinv.checkpoint import METADATA_KEY, to_reference
+    from featinv.checkpoint.config_file import load_config
+    from featinv.checkpoint.layout import METADATA_KEY, to_reference
     from featinv.config import to_dict
-    from featinv.config_file import load_config
-    from featinv.model import FeatInv
+    from featinv.nets.model import FeatInv
 
     cfg = load_config(config).model
     with torch.device("meta"):
@@ -62,7 +62,7 @@ def write_random_safetensors(config: str, path: Path) -> int:
 
 def write_ckpt(src: Path, dst: Path) -> None:
     """A Lightning-style checkpoint (zip archive) holding the tensors of ``src``."""
-    from featinv.tensor_files import read_safetensors
+    from featinv.checkpoint.tensor_files import read_safetensors
 
     sd, _ = read_safetensors(src)  # mapped: the pages are page cache, not this process's memory
     torch.save({"state_dict": sd, "epoch": 0, "global_step": 1, "pytorch-lightning_version": "1.4.2"}, dst)
@@ -70,9 +70,8 @@ def write_ckpt(src: Path, dst: Path) -> None:
 
 def measure(path: Path, config: str) -> dict:
     """In this (fresh) process: load once, report seconds and peak RSS before / after."""
-    from featinv.checkpoint import load_featinv
-    from featinv.config_file import load_config
-    from featinv.model import FeatInv  # noqa: F401  (imported here, not inside the timed load)
+    from featinv.checkpoint.config_file import load_config
+    from featinv.checkpoint.load import load_featinv
 
     cfg = load_config(config).model
     before = _peak_rss()

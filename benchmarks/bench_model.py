@@ -17,8 +17,8 @@ from contextlib import nullcontext
 import torch
 from _common import GIB, reset_peak_rss, status_kib
 
-from featinv.config_file import load_config
-from featinv.model import FeatInv
+from featinv.checkpoint.config_file import load_config
+from featinv.nets.model import FeatInv
 
 
 def _params(module: torch.nn.Module) -> int:

@@ -17,11 +17,12 @@ import time
 import torch
 from _common import timed
 
-from featinv.build_control import random_featinv
 from featinv.config import PRESETS, SampleConfig
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor, sample_seed
-from featinv.sampling import ddim_sample, ddim_timesteps
+from featinv.diffusion.reconstruct import Reconstructor, sample_seed
+from featinv.diffusion.samplers import ddim_sample, ddim_timesteps
+from featinv.diffusion.schedule import alphas_cumprod
+from featinv.nets.model import FeatInv
+from featinv.testing import random_featinv
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def reference_way(model: FeatInv, feats: torch.Tensor, keys: list[str], cfg: Sam
             return e_u + cfg.guidance_scale * (e_c - e_u)
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            latents = ddim_sample(eps_fn, x_T, model.alphas_cumprod, ts, cfg.eta, generator=[g])
+            latents = ddim_sample(eps_fn, x_T, alphas_cumprod(model.cfg.diffusion), ts, cfg.eta, generator=[g])
             images.append(((model.decode_latents(latents).float() + 1) / 2).clamp(0, 1))
     return torch.cat(images)
 

@@ -30,12 +30,12 @@ import time
 
 import torch
 
-from featinv.build_control import random_featinv
 from featinv.config import PRESETS, SampleConfig
-from featinv.diffusion import alphas_cumprod
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor
-from featinv.sampling import ddim_sample, ddim_timesteps, dpmpp_2m_sample
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.diffusion.samplers import ddim_sample, ddim_timesteps, dpmpp_2m_sample
+from featinv.diffusion.schedule import alphas_cumprod
+from featinv.nets.model import FeatInv
+from featinv.testing import random_featinv
 
 STEPS = (5, 8, 10, 15, 20, 50)
 # (label, sampler function(eps_fn, x_T, alphas_cumprod, timesteps), spacing, step counts)
@@ -85,7 +85,7 @@ def tiny_problem(n: int = 2) -> Problem:
 
 def load_demo(out: str) -> tuple[FeatInv, object, dict, SampleConfig]:
     """The cached quick demo pair (seed 0): model, extractor, digits data, the demo's sample settings."""
-    from featinv.demo import load_demo_pair
+    from featinv.demo.pair import load_demo_pair
 
     pair = load_demo_pair(out, seed=0, quick=True)
     return pair.model, pair.extractor, pair.data, pair.sample_config
@@ -93,7 +93,7 @@ def load_demo(out: str) -> tuple[FeatInv, object, dict, SampleConfig]:
 
 def demo_problem(pair, n: int = 10) -> Problem:
     """The demo pair with its sample settings, n held-out digits x 1 sample (its starting noise)."""
-    from featinv.digits import rgb
+    from featinv.demo.digits import rgb
 
     model, extractor, data, sc = pair
     rec = Reconstructor(model, extractor, dataclasses.replace(sc, num_samples=1))
@@ -104,8 +104,8 @@ def demo_problem(pair, n: int = 10) -> Problem:
 
 def demo_agreement(pair) -> list[dict]:
     """Label agreement of the demo's reconstructions (its digits, samples, seeds) per sampler setting."""
-    from featinv.demo_stages import QUICK
-    from featinv.digits import rgb
+    from featinv.demo.digits import rgb
+    from featinv.demo.stages import QUICK
 
     model, extractor, data, sc = pair
     originals = rgb(data["x_test"][:QUICK.eval_digits])
@@ -128,12 +128,12 @@ def demo_agreement(pair) -> list[dict]:
 def converged(p: Problem, top: int, ref_steps: int, solver=dpmpp_2m_sample) -> torch.Tensor:
     """The ODE solved on a fine grid from ``top`` down to ᾱ[0] (ref_steps timesteps, t >= 1)."""
     ts = torch.linspace(1, top, ref_steps).round().long().unique()
-    return solver(p.eps_fn, p.x_T, p.model.alphas_cumprod, ts)
+    return solver(p.eps_fn, p.x_T, alphas_cumprod(p.model.cfg.diffusion), ts)
 
 
 def run(p: Problem, ref_steps: int, variants: list) -> list[dict]:
     """Error to the converged solve of every (sampler, S) in VARIANTS, plus model calls and time."""
-    ac = p.model.alphas_cumprod
+    ac = alphas_cumprod(p.model.cfg.diffusion)
     start = time.perf_counter()
     refs = {999: converged(p, 999, ref_steps)}
     ref_time = time.perf_counter() - start

@@ -31,7 +31,7 @@ def worker(batch: int, calls: int) -> dict:
     import torch
 
     from featinv.config import PRESETS
-    from featinv.model import FeatInv
+    from featinv.nets.model import FeatInv
 
     torch.manual_seed(0)
     cfg = PRESETS["featinv_convnext"].model

@@ -50,8 +50,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from _figures import (GPU_PLAN, SMOKE_PLAN, Bench, Plan, build_bench, max_batch_figure, recon_figure,
-                      train_figure, train_max_figure)
+from _figures import (
+    GPU_PLAN,
+    SMOKE_PLAN,
+    Bench,
+    Plan,
+    build_bench,
+    max_batch_figure,
+    recon_figure,
+    train_figure,
+    train_max_figure,
+)
 from _suite import Suite, goal_row, largest_batch, markdown, write_outputs  # noqa: F401 (tests use largest_batch)
 
 GOALS = {"speedup": 4.0, "mfu_pct": 40.0, "peak_gib": 16.0, "time_10k_s": 540.0}

@@ -18,7 +18,7 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
     "concepts": ("featinv.commands.concepts", "find concepts in the feature map; see, remove and steer by each"),
     "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
-    "app": ("featinv.app.face", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
+    "app": ("featinv.commands.app", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
 }
 
 

@@ -5,7 +5,7 @@ LDM names where those exist (``model_channels``, ``attention_resolutions``, ...)
 
 A mapping is merged onto a preset with ``OmegaConf.structured``, so an unknown key is an
 error that names the key. This module imports nothing from featinv (every module may import it);
-reading YAML files, including reference-style ones, is :func:`featinv.config_file.load_config`.
+reading YAML files, including reference-style ones, is :func:`featinv.checkpoint.config_file.load_config`.
 """
 from __future__ import annotations
 
@@ -157,13 +157,13 @@ class DataConfig:
 PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
 INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
 UNCOND_MODES = ("prompt", "features")
-SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.sampling.SAMPLERS: each name's function is <name>_sample
+SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.diffusion.samplers.SAMPLERS: each name's function is <name>_sample
 STOCHASTIC_SAMPLERS = ("ddim",)          # the samplers that take eta > 0; the others solve the ODE
-SPACINGS = ("reference", "trailing")     # featinv.sampling.ddim_timesteps spacings
+SPACINGS = ("reference", "trailing")     # featinv.diffusion.samplers.ddim_timesteps spacings
 
 
 def check_eta(sampler: str, eta: float, name: str = "eta") -> None:
-    """The eta rule, for SampleConfig and featinv.sampling.sample alike: only DDIM is stochastic."""
+    """The eta rule, for SampleConfig and featinv.diffusion.samplers.sample alike: only DDIM is stochastic."""
     if eta != 0 and sampler not in STOCHASTIC_SAMPLERS:
         raise ValueError(f"{name}={eta} needs a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)}); "
                          f"{sampler!r} is deterministic")
@@ -194,7 +194,7 @@ class SampleConfig:
 
     steps: int = 50
     eta: float = 0.0            # DDIM only; the ODE solvers are deterministic
-    sampler: str = "ddim"       # "ddim" (reference) or "dpmpp_2m" (DPM-Solver++(2M)); see featinv.sampling
+    sampler: str = "ddim"       # "ddim" (reference) or "dpmpp_2m" (DPM-Solver++(2M)); see featinv.diffusion.samplers
     spacing: str = "reference"  # timesteps: "reference" (its list, S+1 steps if S does not divide 1000) or "trailing"
     guidance_scale: float = 1.75
     prompt: str = INFERENCE_PROMPT
@@ -240,7 +240,7 @@ class PairSource:
 
 @dataclass(frozen=True)
 class ReconstructJob:
-    """One ``reconstruct`` job over an ImageNet-style folder; see featinv.folder_job.reconstruct_folder."""
+    """One ``reconstruct`` job over an ImageNet-style folder; see featinv.jobs.reconstruct.reconstruct_folder."""
 
     source: PairSource
     data: str                              # <root>/<class>/<image>
@@ -264,7 +264,7 @@ class ReconstructJob:
 
 @dataclass(frozen=True)
 class FeatureGuidanceConfig:
-    """Training-free feature guidance (``featinv.sampling.feature_guided_eps_fn``): each guided step
+    """Training-free feature guidance (``featinv.diffusion.guidance.feature_guided_eps_fn``): each guided step
     decodes the predicted clean image and steers the latent down the gradient of the classifier's
     feature distance to the target map. Off by default; it needs no trained control branch."""
 

@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 
-from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
+from featinv.checkpoint.config_file import load_config
 from featinv.config import BackboneConfig, ModelConfig, PairSource, SampleConfig, SettingError, SettingNotFound
-from featinv.config_file import load_config
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
+from featinv.nets.model import FeatInv
+from featinv.registry import DEMO_PAIR
+
 
 @dataclass
 class Pair:
@@ -28,7 +30,7 @@ class Pair:
     extractor: FeatureExtractor      # eval mode, on the model's device
     sample_config: SampleConfig
     name: str                        # shown in reports and the app's header
-    data: dict | None = None         # the demo's digits splits (featinv.digits.load_digits_split), else None
+    data: dict | None = None         # the demo's digits splits (featinv.demo.digits.load_digits_split), else None
     folder: Path | None = None       # where the pair's files live (the demo's cache folder, a run folder)
     labels: list[str] | None = None  # class names, when the source knows them
 
@@ -58,8 +60,8 @@ class ResolvedSource:
 
 def weights_file(checkpoint: str | Path) -> Path:
     """A weights file, a folder holding ``featinv.safetensors`` (a run, an export) or the Hub id of an
-    exported folder -> the weights file (see :func:`featinv.checkpoint.resolve_featinv_source`)."""
-    from featinv.checkpoint import resolve_featinv_source
+    exported folder -> the weights file (see :func:`featinv.checkpoint.load.resolve_featinv_source`)."""
+    from featinv.checkpoint.load import resolve_featinv_source
 
     path = Path(checkpoint)
     if not path.exists() and path.suffix:  # a file name: say it is missing (not "no such Hub id")
@@ -116,7 +118,7 @@ def load_pair(source: PairSource = PairSource(), device: str | torch.device = "c
     ``extractor``: your own feature extractor instead of the source's backbone (a checkpoint source only).
     ``log``: progress lines (the demo pair trains its stages on first use; tqdm bars go to stderr)."""
     if source.checkpoint is None:
-        return _demo_pair(source, device, log)
+        return DEMO_PAIR.load()(source, device, log)
     return load_resolved(resolve_source(source, need_backbone=extractor is None), device, extractor=extractor)
 
 
@@ -124,7 +126,7 @@ def load_resolved(resolved: ResolvedSource, device: str | torch.device = "cpu", 
                   extractor: FeatureExtractor | None = None) -> Pair:
     """The pair of a source :func:`resolve_source` already resolved (a job that resolved it to record its
     settings does not resolve it twice); ``extractor`` as in :func:`load_pair`."""
-    from featinv.checkpoint import load_featinv
+    from featinv.checkpoint.load import load_featinv
 
     model = load_featinv(resolved.weights, resolved.model_config, device=device).eval()
     extractor = extractor if extractor is not None else build_backbone(resolved.backbone)
@@ -132,24 +134,6 @@ def load_resolved(resolved: ResolvedSource, device: str | torch.device = "cpu", 
     arch = getattr(extractor.model, "default_cfg", {}).get("architecture", "backbone")
     return Pair(model, extractor.to(device).eval(), SampleConfig(), f"{resolved.weights.name} + {arch}",
                 folder=resolved.weights.parent)
-
-
-def _demo_pair(source: PairSource, device, log) -> Pair:
-    from featinv.demo_stages import demo_parts
-
-    parts = demo_parts(source.demo_out, seed=source.demo_seed, quick=source.demo_quick, device=str(device), log=log)
-    return demo_pair(parts, device)
-
-
-def demo_pair(parts, device: str | torch.device = "cpu") -> Pair:
-    """The pair the demo's stages left (a :class:`featinv.demo_stages.DemoParts`)."""
-    from featinv.checkpoint import load_featinv
-
-    model = load_featinv(parts.checkpoint, device=device).eval()
-    check_channels(parts.extractor, model, parts.checkpoint.name)
-    return Pair(model, parts.extractor.to(device).eval(), parts.sample_config,
-                f"demo pair: digits CNN (feature map {tuple(parts.extractor.feature_shape)}) + tiny FeatInv",
-                data=parts.data, folder=parts.cache, labels=[str(d) for d in range(10)])
 
 
 def imagenet_class_names(extractor: FeatureExtractor) -> list[str]:

@@ -2,7 +2,7 @@
 
 Seeding: every random draw that must be reproducible comes from its own ``torch.Generator``
 seeded by a function of stable names, never from the global RNG:
-- reconstruction: :func:`featinv.reconstruct.sample_seed` (blake2b of ``seed, key, k``; keys are
+- reconstruction: :func:`featinv.diffusion.reconstruct.sample_seed` (blake2b of ``seed, key, k``; keys are
   strings, whose ``hash`` is salted per process, so a real hash function is needed);
 - training: ``hash((seed, step, rank)) % 2**63`` in ``FeatInvModule.step_generator``. The hash of a
   tuple of ints is NOT salted (PYTHONHASHSEED only salts str, bytes and datetime): an int hashes to

@@ -5,11 +5,11 @@ import dataclasses
 
 import torch
 
-from featinv.demo_stages import QUICK, model_config
-from featinv.digits import DigitsCNN, make_extractor
-from featinv.model import FeatInv
 from featinv.config import SampleConfig
-from featinv.reconstruct import Reconstructor
+from featinv.demo.digits import DigitsCNN, make_extractor
+from featinv.demo.stages import QUICK, model_config
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.nets.model import FeatInv
 
 FAST = SampleConfig(steps=2, num_samples=2, guidance_scale=2.0, seed=3)
 
@@ -33,12 +33,12 @@ def random_reconstructor(extractor, cfg: SampleConfig = FAST, fixed_batch: int |
 def tiny_checkpoint(tmp) -> dict:
     """A random tiny FeatInv checkpoint over a random resnet18 (64 px -> 512x2x2), the backbone's weights
     file (offline --backbone-checkpoint) and a folder of photos: the --checkpoint path of the commands."""
+    from helpers import sample_photos_folder
     from safetensors.torch import save_file
 
-    from featinv.backbone import build_backbone
-    from featinv.checkpoint import save_featinv
+    from featinv.checkpoint.load import save_featinv
     from featinv.config import PRESETS
-    from helpers import sample_photos_folder
+    from featinv.nets.backbone import build_backbone
 
     torch.manual_seed(1)
     backbone = build_backbone(PRESETS["tiny"].backbone)

@@ -57,9 +57,9 @@ def tiny_io() -> dict[str, torch.Tensor]:
 
 def write_tiny_minisd(path: Path, seed: int = 0) -> Path:
     """A miniSD-layout checkpoint (UNet, VAE, text encoder; no control branch) of the tiny model."""
-    from featinv.checkpoint import save_minisd
+    from featinv.checkpoint.load import save_minisd
     from featinv.config import PRESETS
-    from featinv.model import FeatInv
+    from featinv.nets.model import FeatInv
 
     torch.manual_seed(seed)
     return save_minisd(FeatInv(PRESETS["tiny"].model), path)
@@ -76,7 +76,7 @@ def quick_demo_out(tmp_path_factory) -> Path:
 
     Tests that need a trained classifier + FeatInv model call ``load_demo_pair(quick_demo_out)``,
     which then only reads the cache."""
-    from featinv.demo import load_demo_pair
+    from featinv.demo.pair import load_demo_pair
 
     out = tmp_path_factory.mktemp("demo")
     threads = torch.get_num_threads()
@@ -90,8 +90,8 @@ def quick_demo_out(tmp_path_factory) -> Path:
 def make_tiny_model(in_channels: int = 512):
     """The tiny preset with the backbone's channel count, a narrower adapter for speed, and every
     zero-initialised layer made random so that the feature map changes the output."""
-    from featinv.build_control import random_featinv
     from featinv.config import PRESETS
+    from featinv.testing import random_featinv
 
     cfg = PRESETS["tiny"].model
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, in_channels=in_channels, width=64))
@@ -102,12 +102,12 @@ def make_tiny_model(in_channels: int = 512):
 def tiny_job(tmp_path_factory):
     """Model, backbone, their files, and an ImageNet-style folder with one unreadable image
     (test_reconstruct, test_cli)."""
+    from helpers import sample_photos_folder
     from safetensors.torch import save_file
 
-    from featinv.backbone import build_backbone
-    from featinv.checkpoint import save_featinv
+    from featinv.checkpoint.load import save_featinv
     from featinv.config import PRESETS
-    from helpers import sample_photos_folder
+    from featinv.nets.backbone import build_backbone
 
     tmp = tmp_path_factory.mktemp("reconstruct")
     torch.manual_seed(1)

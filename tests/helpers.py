@@ -5,7 +5,6 @@ from pathlib import Path
 
 from PIL import Image
 
-
 # Photos bundled with scikit-image (no download needed), grouped into ImageNet-style classes.
 _SAMPLE_PHOTOS = {
     "animal": ("chelsea",),

@@ -8,11 +8,12 @@ import torch
 from conftest import make_tiny_model
 from safetensors import safe_open
 
-from featinv.adapter import FeatureAdapter
-from featinv.build_control import build_control
-from featinv.checkpoint import METADATA_KEY, CheckpointError, config_from_metadata, load_featinv, save_featinv
-from featinv.config import AdapterConfig, PRESETS, merge, to_dict
-from featinv.model import FeatInv
+from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.layout import METADATA_KEY, CheckpointError
+from featinv.checkpoint.load import config_from_metadata, load_featinv, save_featinv
+from featinv.config import PRESETS, AdapterConfig, merge, to_dict
+from featinv.nets.adapter import FeatureAdapter
+from featinv.nets.model import FeatInv
 
 
 def pooled_cfg(model_cfg, pooled: bool = True):
@@ -93,8 +94,8 @@ def test_pooled_training_with_the_config_field(tiny_minisd, tmp_path):
     resume with the other setting is refused by name."""
     from helpers import sample_photos_folder
 
-    from featinv.backbone import build_backbone
-    from featinv.training import train
+    from featinv.nets.backbone import build_backbone
+    from featinv.training.loop import train
 
     photos = sample_photos_folder(tmp_path / "photos", size=72)
     init = tmp_path / "init.safetensors"

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featinv.analysis.baselines import (PixelInversionConfig, pixel_inversion, relative_feature_distance,
-                                        total_variation)
-from featinv.digits import DigitsCNN, make_extractor
+from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion, relative_feature_distance, total_variation
+from featinv.demo.digits import DigitsCNN, make_extractor
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from analysis_helpers import tiny_checkpoint
 from PIL import Image
 
-from analysis_helpers import tiny_checkpoint
 from featinv import cli
 
 

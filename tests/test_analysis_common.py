@@ -8,8 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from featinv.analysis.common import (TILE, demo_digits, digit_classes, grid, heat_tiles, load_images, markdown_table,
-                                     tile, write_outputs)
+from featinv.analysis.common import (
+    TILE,
+    demo_digits,
+    digit_classes,
+    grid,
+    heat_tiles,
+    load_images,
+    markdown_table,
+    tile,
+    write_outputs,
+)
 
 
 def fake_digits() -> dict:

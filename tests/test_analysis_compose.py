@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from analysis_helpers import random_extractor, random_reconstructor
-from featinv.analysis.compose import (arithmetic, channel_contributions, feature_cosine, interpolate, keep_channels,
-                                      paste, remove_channels, top_channels)
+
+from featinv.analysis.compose import (
+    arithmetic,
+    channel_contributions,
+    feature_cosine,
+    interpolate,
+    keep_channels,
+    paste,
+    remove_channels,
+    top_channels,
+)
 
 
 def test_interpolate_endpoints_are_exact():

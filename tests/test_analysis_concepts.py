@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from analysis_helpers import random_extractor
 from scipy.optimize import linear_sum_assignment
 
-from analysis_helpers import random_extractor
 from featinv.analysis.concept_scores import completeness, concept_importance
-from featinv.analysis.concepts import (ConceptBasis, concept_direction, contribution, fit_concepts, heat_map,
-                                       keep_only, remove, steer_concept)
+from featinv.analysis.concepts import (
+    ConceptBasis,
+    concept_direction,
+    contribution,
+    fit_concepts,
+    heat_map,
+    keep_only,
+    remove,
+    steer_concept,
+)
 
 
 def planted(k: int = 5, c: int = 24, n: int = 120, grid: int = 4, seed: int = 0):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from analysis_helpers import random_extractor
+
 from featinv.analysis.perturb import CORRUPTIONS, corrupt, pgd
 
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from analysis_helpers import random_extractor, random_reconstructor
-from featinv.analysis.steering import (box_mask, channel_direction, class_direction, feature_range, feature_scale,
-                                       mask_from_image, mean_difference_direction, probe_direction, steer,
-                                       steer_and_reconstruct)
+
+from featinv.analysis.steering import (
+    box_mask,
+    channel_direction,
+    class_direction,
+    feature_range,
+    feature_scale,
+    mask_from_image,
+    mean_difference_direction,
+    probe_direction,
+    steer,
+    steer_and_reconstruct,
+)
 
 
 def planted(c: int = 32, n: int = 1000, seed: int = 0):

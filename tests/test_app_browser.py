@@ -17,9 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from app_server import (ROOT, AppServer, captions, hidden_captions, launch_chromium, run_reconstruct,
-                        wait_count, width_ratio)
+from app_server import (
+    ROOT,
+    AppServer,
+    captions,
+    hidden_captions,
+    launch_chromium,
+    run_reconstruct,
+    wait_count,
+    width_ratio,
+)
 
 pytestmark = pytest.mark.slow
 K = 4  # the Advanced section's default for the demo pair

@@ -1,10 +1,10 @@
 """AutoencoderKL: reference key layout, numeric parity on the tiny fixtures, shapes, bf16."""
 import pytest
 import torch
-
 from conftest import assert_close_rel, assert_matches_reference_keys, strip_prefix
-from featinv.autoencoder import AutoencoderKL
+
 from featinv.config import VAEConfig
+from featinv.nets.autoencoder import AutoencoderKL
 
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 PREFIX = "first_stage_model."

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from featinv.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
 from featinv.config import PRESETS, BackboneConfig
+from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -153,7 +153,7 @@ def test_logits_from_features_timm_final_stage(resnet18):
 
 
 def test_logits_from_features_head_fn():
-    from featinv.digits import DigitsCNN, make_extractor
+    from featinv.demo.digits import DigitsCNN, make_extractor
 
     torch.manual_seed(0)
     ext = make_extractor(DigitsCNN().eval(), 8)
@@ -183,7 +183,7 @@ OFFLINE_SCRIPT = r"""
 import sys, time
 import torch
 from safetensors.torch import save_file
-from featinv.backbone import build_backbone
+from featinv.nets.backbone import build_backbone
 from featinv.config import BackboneConfig
 
 cfg = BackboneConfig(name="resnet18.a1_in1k", pretrained=True, image_size=64)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Evil, write_ldm_checkpoint
 from safetensors.torch import load_file
 
-from conftest import Evil, write_ldm_checkpoint
-
-from featinv.build_control import build_control
-from featinv.checkpoint import CheckpointError, load_featinv
+from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.layout import CheckpointError
+from featinv.checkpoint.load import load_featinv
 from featinv.commands.build_control import main
 
 

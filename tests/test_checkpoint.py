@@ -12,12 +12,20 @@ import torch
 from conftest import FIXTURES, Evil, assert_close_rel, write_ldm_checkpoint
 from safetensors import safe_open
 
-import featinv.checkpoint as ckpt
-from featinv.checkpoint import (METADATA_KEY, CheckpointError, config_from_metadata, infer_model_config,
-                                load_featinv, load_into, read_checkpoint, read_state_dict, save_featinv, to_reference)
+import featinv.checkpoint.load as ckpt
 from featinv.checkpoint.convert import convert_to_safetensors
+from featinv.checkpoint.layout import METADATA_KEY, CheckpointError, to_reference
+from featinv.checkpoint.load import (
+    config_from_metadata,
+    infer_model_config,
+    load_featinv,
+    load_into,
+    read_checkpoint,
+    read_state_dict,
+    save_featinv,
+)
 from featinv.config import PRESETS, DiffusionConfig
-from featinv.model import FeatInv
+from featinv.nets.model import FeatInv
 
 TINY = PRESETS["tiny"].model
 FULL = PRESETS["featinv_convnext"].model
@@ -318,7 +326,7 @@ def test_non_finite_weights_are_refused_with_the_first_key(tiny_sd, tmp_path):
 
 
 def test_safetensors_are_mapped_and_assigned_not_copied(tiny_sd, tmp_path):
-    from featinv.tensor_files import read_safetensors
+    from featinv.checkpoint.tensor_files import read_safetensors
 
     odd = {"bf16": torch.randn(3, 5).bfloat16(), "mask": torch.rand(7) > 0.5, "ids": torch.arange(9),
            "empty": torch.zeros(0, 4), "half": torch.randn(3).half()}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from featinv.config import PRESETS
-from featinv.model import FeatInv
-from featinv.text import tokenize
+from featinv.nets.model import FeatInv
+from featinv.nets.text import tokenize
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,10 @@ import torch
 from conftest import FIXTURES
 from omegaconf import OmegaConf
 
+from featinv.checkpoint.config_file import load_config
 from featinv.config import PRESETS, AdapterConfig, SampleConfig
-from featinv.config_file import load_config
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.nets.model import FeatInv
 
 REPO = Path(__file__).resolve().parents[1]
 

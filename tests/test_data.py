@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import sample_photos_folder
 from torchvision.transforms.v2 import functional as TF
 
 from featinv.data import UNLABELED, ImageDataset, collate_skip, find_images, make_loader
-from helpers import sample_photos_folder
 
 S, IMG = 48, 32  # backbone crop and diffusion image size, small for speed
 

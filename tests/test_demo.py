@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from featinv import demo_stages as demo
+from featinv.demo import stages as demo
 from featinv.commands.demo import main as demo_main
 
 

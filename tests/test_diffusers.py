@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import assert_close_rel
+from safetensors.torch import load_file, save_file
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from featinv.build_control import build_control  # noqa: E402
-from featinv.checkpoint import load_featinv, load_into  # noqa: E402
+from featinv.checkpoint.build_control import build_control  # noqa: E402
 from featinv.checkpoint.diffusers import read_pipeline  # noqa: E402
+from featinv.checkpoint.load import load_featinv, load_into  # noqa: E402
 from featinv.config import DiffusionConfig  # noqa: E402
-from featinv.controlnet import ControlNet  # noqa: E402
-from featinv.diffusion import alphas_cumprod  # noqa: E402
-from featinv.model import FeatInv  # noqa: E402
-from featinv.sampling import ddim_sample, ddim_timesteps, dpmpp_2m_sample  # noqa: E402
+from featinv.diffusion.samplers import ddim_sample, ddim_timesteps, dpmpp_2m_sample  # noqa: E402
+from featinv.diffusion.schedule import alphas_cumprod  # noqa: E402
+from featinv.nets.controlnet import ControlNet  # noqa: E402
+from featinv.nets.model import FeatInv  # noqa: E402
 
 TOL = 1e-5
 SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

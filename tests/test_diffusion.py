@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from conftest import assert_close_rel
 
-from featinv import diffusion
-from featinv.checkpoint import load_into
+from featinv.diffusion import schedule as diffusion
+from featinv.checkpoint.load import load_into
 from featinv.config import PRESETS, DiffusionConfig
-from featinv.model import FeatInv
+from featinv.diffusion.schedule import alphas_cumprod
+from featinv.nets.model import FeatInv
 
 
 def test_schedule_matches_reference(tiny_io, tiny_sd):
@@ -41,7 +42,7 @@ def test_loss_and_gradients_match_reference(tiny_sd, tiny_io):
     model.requires_grad_(False)
     model.control.requires_grad_(True)
     loss = diffusion.eps_loss(lambda x, t: model(x, t, io["in_context"], io["in_hint"]),
-                              io["in_x_start"], io["in_t_train"], io["in_noise"], model.alphas_cumprod)
+                              io["in_x_start"], io["in_t_train"], io["in_noise"], alphas_cumprod(model.cfg.diffusion))
     assert_close_rel(loss, io["loss_simple"], name="loss")
     loss.backward()
     params = dict(model.named_parameters())

@@ -10,14 +10,22 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torchmetrics.image.fid
 from PIL import Image
 
-import torchmetrics.image.fid
-from featinv.backbone import build_backbone
-from featinv.config import PRESETS, to_dict
 from featinv.commands.evaluate import main
-from featinv.evaluate import (compare_outputs, cosine_similarity_pooled, cosine_similarity_spatial, evaluate_folder,
-                              frechet_distance, gaussian_stats, make_fid, read_layout, topk_correct)
+from featinv.config import PRESETS, to_dict
+from featinv.jobs.evaluate import evaluate_folder, read_layout
+from featinv.metrics import (
+    compare_outputs,
+    cosine_similarity_pooled,
+    cosine_similarity_spatial,
+    frechet_distance,
+    gaussian_stats,
+    make_fid,
+    topk_correct,
+)
+from featinv.nets.backbone import build_backbone
 
 
 def test_cosine_similarities_hand_computed():

@@ -7,15 +7,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
-from conftest import make_tiny_model
-
-from featinv.checkpoint import load_featinv, resolve_featinv_source, save_featinv
+from featinv.checkpoint.export import front_matter
+from featinv.checkpoint.load import load_featinv, resolve_featinv_source, save_featinv
 from featinv.commands.export import main
 from featinv.config import PRESETS, PairSource
 from featinv.pair import resolve_source
-from featinv.export import front_matter
 
 
 @pytest.fixture(autouse=True)

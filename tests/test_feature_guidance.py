@@ -7,9 +7,10 @@ from conftest import make_tiny_model
 from torch import nn
 
 from featinv.config import DiffusionConfig, FeatureGuidanceConfig, SampleConfig
-from featinv.diffusion import alphas_cumprod
-from featinv.reconstruct import Reconstructor
-from featinv.sampling import ddim_timesteps, feature_guided_eps_fn, sample
+from featinv.diffusion.guidance import feature_guided_eps_fn
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.diffusion.samplers import ddim_timesteps, sample
+from featinv.diffusion.schedule import alphas_cumprod
 
 AC = alphas_cumprod(DiffusionConfig())
 
@@ -111,7 +112,7 @@ def test_reconstructor_guides_a_featinv_model_and_its_unconditional_mode(tiny_jo
 
 
 def test_classifier_free_scale_zero_is_the_unconditional_branch_alone():
-    from featinv.sampling import guided_eps_fn
+    from featinv.diffusion.guidance import guided_eps_fn
 
     seen = []
     fn = guided_eps_fn(lambda x, t, c: (seen.append(x.shape[0]), x * c)[1], dict(c=torch.full((2, 1), 2.0)),

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from featinv.folder_lock import LOCK_NAME, FolderBusyError, folder_lock, owns_folder
+from featinv.jobs.lock import LOCK_NAME, FolderBusyError, folder_lock, owns_folder
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD = "import sys, time; from featinv.folder_lock import folder_lock\n" \
+HOLD = "import sys, time; from featinv.jobs.lock import folder_lock\n" \
        "with folder_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n"
 
 

@@ -8,11 +8,11 @@ import shutil
 import pytest
 from PIL import Image
 
-import featinv.folder_state as state
-from featinv.checkpoint import save_featinv
+import featinv.jobs.state as state
+from featinv.checkpoint.load import save_featinv
 from featinv.config import PairSource, ReconstructJob, SampleConfig
-from featinv.evaluate import evaluate_folder
-from featinv.folder_job import reconstruct_folder
+from featinv.jobs.evaluate import evaluate_folder
+from featinv.jobs.reconstruct import reconstruct_folder
 
 FAST = SampleConfig(steps=1)
 

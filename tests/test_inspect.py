@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import Evil, write_ldm_checkpoint
 from safetensors.torch import save_file
 
-from conftest import Evil, write_ldm_checkpoint
-
-from featinv.checkpoint import CheckpointError, load_into, save_featinv
+from featinv.checkpoint.inspect import describe, match_preset
+from featinv.checkpoint.layout import CheckpointError
+from featinv.checkpoint.load import load_into, save_featinv
 from featinv.cli import main as cli_main
-from featinv.config import PRESETS, AdapterConfig, to_dict
 from featinv.commands.inspect import main
-from featinv.inspect_checkpoint import describe, match_preset
-from featinv.model import FeatInv
+from featinv.config import PRESETS, AdapterConfig, to_dict
+from featinv.nets.model import FeatInv
 
 TINY = PRESETS["tiny"].model
 FULL = PRESETS["featinv_convnext"].model

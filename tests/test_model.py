@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import assert_close_rel
 
-from featinv.checkpoint import load_into
+from featinv.checkpoint.load import load_into
 from featinv.config import PRESETS
-from featinv.controlnet import ControlNet
-from featinv.model import FeatInv, guess_mode_scales
-from featinv.unet import timestep_embedding
+from featinv.nets.controlnet import ControlNet
+from featinv.nets.model import FeatInv, guess_mode_scales
+from featinv.nets.unet import timestep_embedding
 
 TINY = PRESETS["tiny"].model
 

@@ -8,15 +8,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from featinv.commands.reconstruct import build_parser, main
 from featinv.config import PairSource, ReconstructJob, SampleConfig
-from featinv.folder_job import RankStridedSampler, plan_items, reconstruct_folder
-from featinv.model import FeatInv
-from featinv.reconstruct import Reconstructor, sample_seed, uncertainty
+from featinv.diffusion.reconstruct import Reconstructor, sample_seed, uncertainty
+from featinv.jobs.reconstruct import RankStridedSampler, plan_items, reconstruct_folder
+from featinv.nets.model import FeatInv
 from featinv.visualize import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_one_batched_forward_per_step_and_hint_once(tiny_job, cfg, adapter_batch
 
 
 def test_sampler_and_spacing_settings_reach_the_sampler(tiny_job, monkeypatch):
-    import featinv.reconstruct as reconstruct
+    import featinv.diffusion.reconstruct as reconstruct
     seen = []
 
     def spy(sampler, eps_fn, x_T, alphas_cumprod, timesteps, eta, generator):
@@ -201,7 +201,7 @@ def test_missing_checkpoint_and_unwritable_folder_fail_at_once(tiny_job, tmp_pat
 
 WRITE_LOGGER = """
 import os, sys
-import featinv.folder_job as job
+import featinv.jobs.reconstruct as job
 from featinv.commands.reconstruct import build_parser, main
 save = job.save_png
 def logged(image, path):

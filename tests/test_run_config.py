@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from featinv.build_control import build_control
+from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.config_file import load_config
 from featinv.cli import main
 from featinv.commands._common import one_line
 from featinv.config import PRESETS
-from featinv.config_file import load_config
-from featinv.training import check_init_channels, effective_config
+from featinv.training.loop import check_init_channels, effective_config
 
 
 def error_line(capsys, name: str) -> str:
@@ -63,7 +63,7 @@ def _record(run_dir, cfg):
 
 def test_resuming_with_another_config_names_each_field_and_both_values(tmp_path):
     from featinv.config import merge
-    from featinv.config_file import check_resumed_config
+    from featinv.training.run_config import check_resumed_config
 
     run = tmp_path / "run"
     recorded = effective_config(PRESETS["tiny"], 512)
@@ -82,7 +82,7 @@ def test_resuming_with_another_config_names_each_field_and_both_values(tmp_path)
 
 
 def test_a_run_config_that_does_not_parse_is_named_and_kept(tmp_path):
-    from featinv.config_file import check_resumed_config
+    from featinv.training.run_config import check_resumed_config
 
     (tmp_path / "config.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'config.yaml'} does not parse .*not rewritten"):
@@ -91,7 +91,7 @@ def test_a_run_config_that_does_not_parse_is_named_and_kept(tmp_path):
 
 
 def test_fewer_images_than_the_batch_size_is_refused_before_training():
-    from featinv.training import check_enough_images
+    from featinv.training.loop import check_enough_images
 
     check_enough_images(8, 8, "photos")
     with pytest.raises(ValueError, match=r"--data photos: 3 images < data.batch_size 8, so no training batch"):

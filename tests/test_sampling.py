@@ -6,12 +6,20 @@ import pytest
 import torch
 from conftest import assert_close_rel
 
-from featinv.checkpoint import load_into
+from featinv.checkpoint.load import load_into
 from featinv.config import PRESETS, DiffusionConfig
-from featinv.diffusion import alphas_cumprod, betas, q_sample, sigma_from_alpha
-from featinv.model import FeatInv
-from featinv.sampling import (SAMPLERS, ddim_sample, ddim_schedule, ddim_timesteps, dpmpp_2m_sample, guided_eps_fn,
-                              randn_like, sample)
+from featinv.diffusion.guidance import guided_eps_fn
+from featinv.diffusion.samplers import (
+    SAMPLERS,
+    ddim_sample,
+    ddim_schedule,
+    ddim_timesteps,
+    dpmpp_2m_sample,
+    randn_like,
+    sample,
+)
+from featinv.diffusion.schedule import alphas_cumprod, betas, q_sample, sigma_from_alpha
+from featinv.nets.model import FeatInv
 
 AC = alphas_cumprod(DiffusionConfig())
 

@@ -1,10 +1,10 @@
 """CLIP text encoder and tokenizer: reference keys, token ids and contexts, bf16."""
 import pytest
 import torch
-
 from conftest import assert_close_rel, assert_matches_reference_keys, strip_prefix
+
 from featinv.config import TextConfig
-from featinv.text import BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, tokenize
+from featinv.nets.text import BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, tokenize
 
 TINY = TextConfig(width=32, layers=1, heads=2, mlp_width=64)
 PREFIX = "cond_stage_model.transformer.text_model."

@@ -10,17 +10,17 @@ import sys
 
 import pytest
 import torch
+from helpers import sample_photos_folder
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from featinv.backbone import build_backbone
-from featinv.build_control import build_control
-from featinv.checkpoint import load_featinv
+from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.load import load_featinv
 from featinv.config import PRESETS, merge
 from featinv.data import ImageDataset, collate_skip
-from featinv.diffusion import eps_loss
-from featinv.training import AtomicCheckpointIO, train
-from helpers import sample_photos_folder
+from featinv.diffusion.schedule import alphas_cumprod, eps_loss
+from featinv.nets.backbone import build_backbone
+from featinv.training.loop import AtomicCheckpointIO, train
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def fixed_loss(ckpt, backbone, photos):
         noise = torch.randn(latents.shape, generator=g)
         tt = torch.full((len(latents),), t)
         ctx = model.text_context([PRESETS["tiny"].train.prompt] * len(latents))
-        losses.append(eps_loss(lambda x, t_: model(x, t_, ctx, feats), latents, tt, noise, model.alphas_cumprod))
+        losses.append(eps_loss(lambda x, t_: model(x, t_, ctx, feats), latents, tt, noise, alphas_cumprod(model.cfg.diffusion)))
     return float(sum(losses) / len(losses))
 
 

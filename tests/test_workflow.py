@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import sample_photos_folder
 from safetensors.torch import load_file
 
-from featinv.build_control import write_random_minisd
 from featinv.io import current_umask
-from helpers import sample_photos_folder
+from featinv.testing import write_random_minisd
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

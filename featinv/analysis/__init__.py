@@ -1,3 +1,3 @@
 """Analyses built on reconstruction: steering (``steering``), composite features (``compose``),
 perturbed inputs (``perturb``) and the shared plumbing of their commands (``common``).
-Uncertainty is ``featinv.reconstruct.uncertainty``. Import the submodules directly."""
+Uncertainty is ``featinv.diffusion.reconstruct.uncertainty``. Import the submodules directly."""

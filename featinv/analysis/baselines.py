@@ -3,7 +3,7 @@
 Pixel optimisation is Mahendran & Vedaldi 2015 ("Understanding Deep Image Representations by
 Inverting Them", arXiv 1412.0035): find the image whose features match the target under a
 total-variation image prior. The other training-free baseline, guiding a frozen diffusion model with
-the classifier's gradient, is a sampler option (:func:`featinv.sampling.feature_guided_eps_fn`, used
+the classifier's gradient, is a sampler option (:func:`featinv.diffusion.guidance.feature_guided_eps_fn`, used
 through ``Reconstructor(..., guidance=...)``). ``benchmarks/bench_baselines.py`` compares both with
 FeatInv's spatial and pooled conditioning.
 """
@@ -59,7 +59,7 @@ def pixel_inversion(feature_fn: Callable[[Tensor], Tensor], target: Tensor, imag
     """Adam on the pixels from noise: minimise ||φ(x) - φ*||² / ||φ*||² + λ_TV·R_TV^β(x) over x in [0, 1].
 
     feature_fn: images (B, 3, S, S) in [0, 1] -> features (B, ...) like ``target``, differentiable
-    (e.g. a :class:`featinv.backbone.FeatureExtractor`); target: (B, ...) feature maps to match;
+    (e.g. a :class:`featinv.nets.backbone.FeatureExtractor`); target: (B, ...) feature maps to match;
     image_size: S. Rows are independent (their losses are summed). The noise comes from ``generator``
     (CPU; default: a fresh one seeded 0). Returns the images (B, 3, S, S) in [0, 1], detached, and the
     feature distance before each step, (steps, B) float32 on the CPU."""

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from featinv.data import IMAGE_EXTENSIONS, crop_transform
+from featinv.diffusion.reconstruct import uncertainty
 from featinv.io import atomic_write_text
 from featinv.pair import Pair
-from featinv.reconstruct import uncertainty
 from featinv.visualize import heatmap, save_png, to_uint8
 
 TILE = 64          # tile side in pixels

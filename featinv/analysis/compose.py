@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from featinv.backbone import check_index
-from featinv.evaluate import cosine_similarity_pooled, cosine_similarity_spatial
+from featinv.metrics import cosine_similarity_pooled, cosine_similarity_spatial
+from featinv.nets.backbone import check_index
 
 
 def interpolate(fa: Tensor, fb: Tensor, ts: Sequence[float]) -> Tensor:
@@ -95,5 +95,5 @@ def arithmetic(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 
 def feature_cosine(f1: Tensor, f2: Tensor, pooled: bool = False) -> Tensor:
-    """(B, C, h, w) twice -> (B,) cosine similarity (spatial by default; featinv.evaluate's metrics)."""
+    """(B, C, h, w) twice -> (B,) cosine similarity (spatial by default; featinv.jobs.evaluate's metrics)."""
     return cosine_similarity_pooled(f1, f2) if pooled else cosine_similarity_spatial(f1, f2)

@@ -10,9 +10,7 @@ from torch import Tensor
 
 from featinv.analysis.common import features_of, image_set
 from featinv.analysis.concepts import ConceptBasis, concept_direction
-from featinv.analysis.steering import (channel_direction, class_direction, mean_difference_direction,
-                                       probe_direction)
-
+from featinv.analysis.steering import channel_direction, class_direction, mean_difference_direction, probe_direction
 
 DIRECTION_SPECS = """directions (unit vectors in the feature map's channel space):
   class:<i>                    the classifier head's weight vector of class i

@@ -14,12 +14,19 @@ import torch
 from PIL import Image
 
 from featinv.analysis.common import grid, heat_tiles, markdown_table, predict, read_back, tile
-from featinv.analysis.compose import (arithmetic, feature_cosine, interpolate, keep_channels, paste,
-                                      remove_channels, top_channels)
+from featinv.analysis.compose import (
+    arithmetic,
+    feature_cosine,
+    interpolate,
+    keep_channels,
+    paste,
+    remove_channels,
+    top_channels,
+)
 from featinv.analysis.perturb import corrupt, default_step_size, pgd
 from featinv.analysis.steering import feature_scale, steer, steer_and_reconstruct
+from featinv.diffusion.reconstruct import Reconstructor
 from featinv.pair import Pair
-from featinv.reconstruct import Reconstructor
 
 FIXED_BATCH = 8
 ALPHA_UNIT = "α in units of the input's mean per-location feature norm"
@@ -44,7 +51,7 @@ def _label(logits: torch.Tensor) -> str:
 def sample_block(lead: Sequence[Image.Image | None], samples: torch.Tensor,
                  captions: Sequence[Sequence[Sequence[str]]]) -> list[list[Image.Image | None]]:
     """lead tiles + samples (N, K, 3, H, W) -> K rows (lead tiles on the first) and, for K > 1, a row of
-    per-pixel spread maps (featinv.reconstruct.uncertainty). captions[n][k]: the lines of tile (n, k)."""
+    per-pixel spread maps (featinv.diffusion.reconstruct.uncertainty). captions[n][k]: the lines of tile (n, k)."""
     n, k = samples.shape[:2]
     gap = [None] * len(lead)
     rows = [(list(lead) if i == 0 else gap) + [tile(samples[j, i], captions[j][i]) for j in range(n)]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from featinv.backbone import check_index
+from featinv.nets.backbone import check_index
 
 Clamp = tuple["Tensor | float", "Tensor | float"]
 

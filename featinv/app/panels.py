@@ -1,7 +1,7 @@
 """The panels' callbacks, without the web page: library calls in, pictures and tables out.
 
 Every function takes the :class:`~featinv.app.session.Session`, the panel's inputs and a
-SampleConfig, calls the library (``featinv.reconstruct``, ``featinv.analysis``) and formats the
+SampleConfig, calls the library (``featinv.diffusion.reconstruct``, ``featinv.analysis``) and formats the
 result: gallery items ``(PIL image, caption)`` and pandas tables. User mistakes raise a one-line
 ``ValueError``; :mod:`featinv.app.ui` turns those into messages in the page.
 ``progress(fraction, desc)`` reports coarse progress (the page's progress bar).
@@ -20,7 +20,7 @@ from featinv.analysis import common, compose, perturb, steering
 from featinv.analysis import concepts as concepts_lib
 from featinv.app.session import Session, number
 from featinv.config import SampleConfig
-from featinv.reconstruct import uncertainty
+from featinv.diffusion.reconstruct import uncertainty
 from featinv.visualize import heatmap
 
 TOP_K = 5

@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from featinv.config import UNCOND_MODES, PairSource, SampleConfig
 from featinv.data import crop_transform
+from featinv.diffusion.reconstruct import Reconstructor
 from featinv.pair import Pair, load_pair
-from featinv.reconstruct import Reconstructor
 from featinv.visualize import save_png
 
 MAX_FILE_BYTES = 20 * 1024 * 1024    # uploads larger than this are refused unread
@@ -140,7 +140,7 @@ class Session:
 
 def demo_session(out: str | Path, seed: int = 0, quick: bool = True, device: str = "cpu", log=print) -> Session:
     """The demo's digits pair (trained and cached on first use) with a few held-out digits as examples."""
-    from featinv.digits import rgb
+    from featinv.demo.digits import rgb
 
     pair = load_pair(PairSource(demo_out=str(out), demo_seed=seed, demo_quick=quick), device, log=log)
     folder = pair.folder / "app_examples"

@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from featinv.checkpoint import (METADATA_KEY, CheckpointError, read_source, read_state_dict, reference_key)
 from featinv.checkpoint.hub import looks_like_hub_id
+from featinv.checkpoint.layout import METADATA_KEY, CheckpointError, reference_key
+from featinv.checkpoint.load import read_source, read_state_dict
 from featinv.config import to_dict
-from featinv.diffusion import SCHEDULE_KEYS, schedule_buffers
+from featinv.diffusion.schedule import SCHEDULE_KEYS, schedule_buffers
 from featinv.io import atomic_save
+
 
 def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False) -> dict:
     """Write the state dict of ``src`` (any format :func:`read_state_dict` reads, or any folder or Hub id

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from featinv.checkpoint.reference_yaml import clip_text_config
+from featinv.checkpoint.tensor_files import read_safetensors
 from featinv.config import AdapterConfig, DiffusionConfig, ModelConfig, UNetConfig, VAEConfig
-from featinv.tensor_files import read_safetensors
 
 COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",

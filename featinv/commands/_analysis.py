@@ -9,11 +9,12 @@ import sys
 import torch
 
 from featinv.analysis.common import demo_digits, load_images, write_outputs
-from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import MAX_SAMPLES, blame, cleanup_on_failure, positive_int, sample_count
 from featinv.config import PairSource
 from featinv.io import check_output_folder, check_writable, mark_output_folder
+from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.pair import Pair, load_pair
+
 
 def add_common_args(p) -> None:
     """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""

@@ -21,8 +21,7 @@ from pathlib import Path
 from omegaconf.errors import OmegaConfBaseException
 
 from featinv.config import SettingError
-from featinv.folder_lock import LOCK_NAME
-
+from featinv.jobs.lock import LOCK_NAME
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
 # (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu

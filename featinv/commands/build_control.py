@@ -1,12 +1,12 @@
 """``featinv build-control MINISD OUT``: miniSD checkpoint -> the initial FeatInv checkpoint."""
 from __future__ import annotations
 
-from featinv.backbone import BACKBONE_PRESETS
-from featinv.build_control import backbone_channels, build_control
+from featinv.checkpoint.build_control import backbone_channels, build_control
+from featinv.checkpoint.config_file import load_config
 from featinv.commands._common import Parser, command
 from featinv.config import BackboneConfig
-from featinv.config_file import load_config
 from featinv.io import check_writable
+from featinv.nets.backbone import BACKBONE_PRESETS
 
 
 @command("build-control")

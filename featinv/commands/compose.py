@@ -3,10 +3,16 @@ from __future__ import annotations
 
 from featinv.analysis.reports import compose_report
 from featinv.analysis.steering import box_mask
-from featinv.backbone import check_index
-from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        write_report)
+from featinv.commands._analysis import (
+    add_common_args,
+    inputs_from_args,
+    pair_from_args,
+    parse_box,
+    parse_floats,
+    write_report,
+)
 from featinv.commands._common import Parser, command
+from featinv.nets.backbone import check_index
 
 OPS = ("interpolate", "paste", "channels", "arithmetic")
 

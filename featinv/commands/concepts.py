@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-
 from featinv.analysis.common import demo_digits, features_of, load_images
 from featinv.analysis.concepts import METHODS, ConceptBasis, fit_concepts
 from featinv.analysis.concepts_report import concepts_report

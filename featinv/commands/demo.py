@@ -1,6 +1,6 @@
 """``featinv demo``: the whole FeatInv recipe on scikit-learn's digits, on a CPU, in minutes.
 
-The stages and the cache are described in :mod:`featinv.demo`.
+The stages and the cache are described in :mod:`featinv.demo.run`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
-from featinv.demo import run
+from featinv.demo.run import run
 from featinv.io import check_output_folder, check_writable
 from featinv.runtime import configure_threads
 

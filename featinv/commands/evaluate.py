@@ -5,11 +5,11 @@ import argparse
 import json
 from pathlib import Path
 
-from featinv.backbone import resolve_backbone
 from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import BackboneConfig, from_dict, to_dict
-from featinv.evaluate import evaluate_folder, markdown
 from featinv.io import check_writable
+from featinv.jobs.evaluate import evaluate_folder, markdown
+from featinv.nets.backbone import resolve_backbone
 
 
 @command("evaluate")

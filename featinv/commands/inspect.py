@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
+from featinv.checkpoint.inspect import describe, format_report
 from featinv.commands._common import Parser, command
-from featinv.inspect_checkpoint import describe, format_report
 
 
 @command("inspect")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from featinv.analysis.perturb import CORRUPTIONS
-from featinv.backbone import check_index
 from featinv.analysis.reports import Attack, perturb_report
-from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_ints, write_report)
+from featinv.commands._analysis import add_common_args, inputs_from_args, pair_from_args, parse_ints, write_report
 from featinv.commands._common import Parser, command, finite_float, positive_int
+from featinv.nets.backbone import check_index
 
 
 @command("perturb")

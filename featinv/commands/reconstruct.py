@@ -5,12 +5,12 @@ import json
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, cleanup_on_failure, command, finite_float, positive_int, sample_count
 from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, PairSource, ReconstructJob, SampleConfig, to_dict
-from featinv.folder_job import reconstruct_folder
-from featinv.folder_lock import folder_lock
 from featinv.io import check_output_folder, check_writable
+from featinv.jobs.lock import folder_lock
+from featinv.jobs.reconstruct import reconstruct_folder
+from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.runtime import quiet_lightning
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP

@@ -7,12 +7,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featinv.analysis.reports import steer_report
 from featinv.analysis.common import features_of
 from featinv.analysis.directions import DIRECTION_SPECS, parse_direction
+from featinv.analysis.reports import steer_report
 from featinv.analysis.steering import box_mask, feature_range, mask_from_image
-from featinv.commands._analysis import (add_common_args, inputs_from_args, pair_from_args, parse_box, parse_floats,
-                                        write_report)
+from featinv.commands._analysis import (
+    add_common_args,
+    inputs_from_args,
+    pair_from_args,
+    parse_box,
+    parse_floats,
+    write_report,
+)
 from featinv.commands._common import HelpFormatter, Parser, blame, command
 
 DIRECTIONS = DIRECTION_SPECS + """

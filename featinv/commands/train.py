@@ -1,14 +1,14 @@
-"""``featinv train``: train the control branch (one CPU to many GPUs); see :mod:`featinv.training`."""
+"""``featinv train``: train the control branch (one CPU to many GPUs); see :mod:`featinv.training.module`."""
 from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from featinv.build_control import backbone_channels
+from featinv.checkpoint.build_control import backbone_channels
+from featinv.checkpoint.config_file import load_config
 from featinv.commands._common import Parser, cleanup_on_failure, command
-from featinv.config_file import load_config
-from featinv.folder_lock import folder_lock
 from featinv.io import check_output_folder, check_writable
-from featinv.training import effective_config, train
+from featinv.jobs.lock import folder_lock
+from featinv.training.loop import effective_config, train
 
 
 @command("train", resumes=True)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from featinv.attention import SpatialTransformer
 from featinv.config import UNetConfig
+from featinv.nets.attention import SpatialTransformer
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featinv.config import VAEConfig
-from featinv.unet import Upsample  # same layer and key (`conv`) as the UNet's
+from featinv.nets.unet import Upsample  # same layer and key (`conv`) as the UNet's
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -18,15 +18,23 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from featinv.backbone import FeatureExtractor
 from featinv.config import ReconstructJob, to_dict
 from featinv.data import ImageDataset, find_images
-from featinv.folder_state import (MANIFEST, check_same_settings, checkpoint_identity, clear_outputs,
-                                  drop_undecodable, original_path, read_manifest, reconstruction_path)
+from featinv.diffusion.reconstruct import Reconstructor
 from featinv.io import atomic_write_text, check_writable
-from featinv.model import FeatInv
+from featinv.jobs.state import (
+    MANIFEST,
+    check_same_settings,
+    checkpoint_identity,
+    clear_outputs,
+    drop_undecodable,
+    original_path,
+    read_manifest,
+    reconstruction_path,
+)
+from featinv.nets.backbone import FeatureExtractor
+from featinv.nets.model import FeatInv
 from featinv.pair import check_channels, load_resolved, resolve_source
-from featinv.reconstruct import Reconstructor
 from featinv.runtime import resolve_precision
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
 

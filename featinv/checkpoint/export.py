@@ -4,7 +4,7 @@
     OUT/config.yaml           the training run's config (model, backbone, data, train)
     OUT/README.md             the model card: YAML front matter the Hub reads, then a short text
 
-``load_featinv`` and :func:`featinv.checkpoint.resolve_featinv_source` accept such a folder, or its Hub id.
+``load_featinv`` and :func:`featinv.checkpoint.load.resolve_featinv_source` accept such a folder, or its Hub id.
 The folder is written beside OUT and renamed onto it at the end: a failure leaves no half-written export.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from featinv.checkpoint import (EXPORT_FILES, EXPORT_WEIGHTS, METADATA_KEY, read_checkpoint,
-                                resolve_featinv_source)
+from featinv.checkpoint.config_file import load_config
+from featinv.checkpoint.layout import EXPORT_FILES, EXPORT_WEIGHTS, METADATA_KEY
+from featinv.checkpoint.load import read_checkpoint, resolve_featinv_source
 from featinv.config import to_dict
-from featinv.config_file import load_config
 from featinv.io import atomic_save, atomic_write_text
 
 LIBRARY_NAME = "featinv"
@@ -67,7 +67,7 @@ def checkpoint_facts(weights: Path) -> tuple[int | None, bool]:
 
 def model_card(run: dict, steps: int | None, evaluation: dict | None, license: str, base_model: str | None) -> str:
     """README.md text: front matter (library, license, base model, tags, backbone, layer, steps), then prose."""
-    from featinv.evaluate import markdown
+    from featinv.jobs.evaluate import markdown
 
     backbone = run["backbone"]
     meta = {"library_name": LIBRARY_NAME, "license": license}
@@ -102,7 +102,7 @@ def export_featinv(source: str | Path, out: str | Path, evaluation: str | Path |
     config: the run's config.yaml (default: the one beside the checkpoint; required). evaluation: a
     reconstruct folder evaluated by ``featinv evaluate`` (its table goes into the card). Refuses a
     non-empty ``out`` that is not an earlier export (which is replaced)."""
-    from featinv.checkpoint import load_featinv, save_featinv
+    from featinv.checkpoint.load import load_featinv, save_featinv
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_export(out))):

@@ -2,7 +2,7 @@
 trained on the digits, the FeatInv checkpoint built from it, and its control branch trained with the
 project's trainer. Each stage is cached in ``<out>/cache/<quick|default>-seed<N>-<settings hash>/``.
 
-:func:`featinv.pair.load_pair` serves the result; :mod:`featinv.demo` evaluates it.
+:func:`featinv.pair.load_pair` serves the result; :mod:`featinv.demo.run` evaluates it.
 """
 from __future__ import annotations
 
@@ -18,15 +18,24 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from featinv.autoencoder import AutoencoderKL
-from featinv.backbone import FeatureExtractor
-from featinv.checkpoint import save_minisd
-from featinv.config import (PROMPT, AdapterConfig, FeatInvConfig, ModelConfig, SampleConfig, TextConfig,
-                            UNetConfig, VAEConfig, merge)
-from featinv.diffusion import eps_loss
-from featinv.digits import DigitsCNN, DigitsDataset, load_digits_split, make_extractor, rgb, train_classifier
+from featinv.checkpoint.load import save_minisd
+from featinv.config import (
+    PROMPT,
+    AdapterConfig,
+    FeatInvConfig,
+    ModelConfig,
+    SampleConfig,
+    TextConfig,
+    UNetConfig,
+    VAEConfig,
+    merge,
+)
+from featinv.demo.digits import DigitsCNN, DigitsDataset, load_digits_split, make_extractor, rgb, train_classifier
+from featinv.diffusion.schedule import alphas_cumprod, eps_loss
 from featinv.io import atomic_save, atomic_write_text
-from featinv.model import FeatInv
+from featinv.nets.autoencoder import AutoencoderKL
+from featinv.nets.backbone import FeatureExtractor
+from featinv.nets.model import FeatInv
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ def train_unet(model: FeatInv, data: dict, s: DemoSettings, seed: int, device: t
         latents = torch.cat([model.encode_images(rgb(c).to(device) * 2 - 1, sample=False)
                              for c in data["x_train"].split(256)])
     ctx = model.text_context(["", PROMPT]).to(device)
-    ac = model.alphas_cumprod.to(device)
+    ac = alphas_cumprod(model.cfg.diffusion).to(device)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=s.unet_lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.unet_lr, total_steps=s.unet_steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 2)
@@ -171,7 +180,7 @@ def _stage_minisd(cache: Path, data: dict, s: DemoSettings, seed: int, dev: torc
         del model
     cfg_model = model_config(s, channels, scale)
     if not init.exists():
-        from featinv.build_control import build_control
+        from featinv.checkpoint.build_control import build_control
 
         build_control(minisd, init, cfg_model, channels, seed=seed)
     log("   (the CLIP text encoder is randomly initialised and frozen: the prompt is a constant)")
@@ -186,7 +195,7 @@ def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: tor
     if final.exists():
         log(f"4/4 control branch: cached ({final})")
         return final
-    from featinv.training import train
+    from featinv.training.loop import train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -196,7 +205,7 @@ def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: tor
         "train": {"lr": s.control_lr, "max_steps": s.control_steps, "drop_prob": 0.15, "log_images_every": 0,
                   "checkpoint_every": s.control_steps, "seed": seed},
     })
-    log(f"4/4 control branch: featinv.training.train, {s.control_steps} steps")
+    log(f"4/4 control branch: featinv.training.loop.train, {s.control_steps} steps")
     train(cfg, cache / "featinv_init.safetensors", run_dir, backbone=extractor,
           dataset=DigitsDataset(data["x_train"], data["y_train"]),
           accelerator="cuda" if dev.type == "cuda" else "cpu", devices=1, progress=True)

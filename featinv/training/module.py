@@ -14,33 +14,22 @@ prompt, only the control branch trains. Differences from the reference, on purpo
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import random
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
-from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities import rank_zero_only
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from featinv.backbone import FeatureExtractor, build_backbone
-from featinv.checkpoint import config_from_metadata, load_featinv, save_featinv
-from featinv.io import atomic_save, atomic_write_text
-from featinv.config import FeatInvConfig, SampleConfig, TrainConfig, to_dict
-from featinv.config_file import check_resumed_config
-from featinv.data import ImageDataset, make_loader
-from featinv.diffusion import eps_loss
-from featinv.model import FeatInv
-from featinv.progress import progress_to_stderr
-from featinv.runtime import quiet_lightning, resolve_precision
+from featinv.config import SampleConfig, TrainConfig, to_dict
+from featinv.data import make_loader
+from featinv.diffusion.schedule import alphas_cumprod, eps_loss
+from featinv.io import atomic_write_text
+from featinv.nets.backbone import FeatureExtractor
+from featinv.nets.model import FeatInv
 
 
 class FeatInvModule(pl.LightningModule):
@@ -57,7 +46,7 @@ class FeatInvModule(pl.LightningModule):
         if cfg.unlock_decoder:  # reference sd_locked=False; the UNet encoder stays frozen either way
             model.unet.output_blocks.requires_grad_(True)
             model.unet.out.requires_grad_(True)
-        self.register_buffer("alphas_cumprod", model.alphas_cumprod, persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod(model.cfg.diffusion), persistent=False)
         self.strict_loading = False  # checkpoints hold only the trainable weights (checked on load)
         self.skipped_images = 0
 
@@ -102,7 +91,7 @@ class FeatInvModule(pl.LightningModule):
     @torch.no_grad()
     def log_images(self, batch: dict) -> Path | None:
         """Originals next to reconstructions (a few DDIM steps) as a PNG grid; small and on the CPU."""
-        from featinv.reconstruct import Reconstructor
+        from featinv.diffusion.reconstruct import Reconstructor
         from featinv.visualize import image_grid, save_png
 
         n = min(self.cfg.log_images_count, batch["index"].numel())
@@ -232,135 +221,3 @@ class _Loader(pl.LightningDataModule):
                            drop_last=True, sampler=_ResumeSampler(sampler, self))
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file beside the target, then renamed onto it.
-
-    Lightning's own writer stages the file in the system temp folder and *moves* it: across file
-    systems that is a copy, and a full disk during it leaves a truncated ``last.ckpt`` behind."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(lambda tmp: torch.save(checkpoint, tmp), path)
-
-
-def _loadable(path: Path) -> str | None:
-    """None if ``path`` is a Lightning checkpoint that loads, else why it does not (one line)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # any failure to read means: do not resume from it
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'file is empty or cut short'}"
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        return "not a Lightning training checkpoint (no state_dict / global_step)"
-    return None
-
-
-def latest_checkpoint(folder: str | Path, log=print) -> Path | None:
-    """The newest checkpoint in ``folder`` that loads (``last.ckpt`` first among equals); each one
-    skipped because it does not load (e.g. cut short by a full disk) is named in one ``log`` line."""
-    files = [p for p in Path(folder).glob("*.ckpt") if p.is_file()] if Path(folder).is_dir() else []
-    for path in sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
-        problem = _loadable(path)
-        if problem is None:
-            return path
-        log(f"note: not resuming from {path}: it does not load ({problem})")
-    return None
-
-
-def check_enough_images(n: int, batch_size: int, root: str = "", world_size: int = 1) -> None:
-    """ValueError unless every rank gets one full batch: batches are whole (``drop_last``, so that a
-    resumed run sees the same batches), and an epoch without one would train nothing and export the
-    initial weights."""
-    if n // world_size >= batch_size:
-        return
-    where = f"--data {root}" if root else "the training dataset"
-    ranks = f" per device ({n} over {world_size} devices)" if world_size > 1 else ""
-    raise ValueError(f"{where}: {n} images < data.batch_size {batch_size}{ranks}, so no training batch; "
-                     f"add images, or pass data.batch_size={max(1, n // world_size)}")
-
-
-def effective_config(cfg: FeatInvConfig, channels: int) -> FeatInvConfig:
-    """The config a run trains: ``model.adapter.in_channels`` is the backbone's feature channels
-    (whatever the YAML said); this is what ``<run_dir>/config.yaml`` records."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, adapter=dataclasses.replace(cfg.model.adapter, in_channels=channels)))
-
-
-def check_init_channels(init: str | Path, channels: int, backbone_name: str) -> None:
-    """ValueError naming build-control's ``--backbone`` if the initial checkpoint's adapter was built
-    for another number of feature channels than the training backbone gives (read from its metadata)."""
-    if Path(init).suffix != ".safetensors":
-        return
-    try:
-        with safe_open(str(init), framework="pt") as f:
-            model_cfg = config_from_metadata(dict(f.metadata() or {}))
-    except (SafetensorError, OSError):  # unreadable or missing: load_featinv says so
-        return
-    built = model_cfg.adapter.in_channels if model_cfg else None
-    if built is not None and built != channels:
-        raise ValueError(f"--init: {init} was built for a {built}-channel feature map, but the training backbone "
-                         f"{backbone_name!r} gives {channels} channels; rebuild it with "
-                         f"`featinv build-control MINISD OUT --backbone {backbone_name}` (the training backbone)")
-
-
-def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: FeatureExtractor) -> FeatInv:
-    """Load the initial FeatInv checkpoint; the adapter's input channels follow from the backbone."""
-    channels = backbone.feature_shape[0]
-    check_init_channels(init, channels, cfg.backbone.name)
-    return load_featinv(init, effective_config(cfg, channels).model)
-
-
-def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone: FeatureExtractor | None = None,
-          dataset: Dataset | None = None, devices="auto", num_nodes: int = 1, strategy: str = "auto",
-          accelerator: str = "auto", resume: str | Path | None = None, progress: bool = True,
-          accept_changes: tuple[str, ...] = ()) -> Path:
-    """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
-
-    backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
-    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any.
-    A resumed run must keep the run's recorded backbone, model, lr, batch size and data root
-    (:func:`~featinv.config_file.check_resumed_config`) but for the fields named in ``accept_changes``.
-    Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch."""
-    run_dir = Path(run_dir)
-    quiet_lightning()
-    if resume == "auto":  # the newest checkpoint of the run that loads
-        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
-    if resume:  # before anything loads: the same run, or a change the user accepted by name
-        check_resumed_config(run_dir, cfg, accept_changes)
-    backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
-    if dataset is None:
-        if not cfg.data.root:
-            raise ValueError("no training data: set data.root (an ImageNet-layout folder) or pass --data")
-        dataset = ImageDataset(cfg.data.root, backbone.image_size, cfg.model.image_size, train=True)
-    check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root)
-    model = build_training_model(cfg, init, backbone)
-    cfg = effective_config(cfg, backbone.feature_shape[0])  # what the run trains is what it records
-    module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir / "config.yaml")
-    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
-                                           auto_insert_metric_name=False, every_n_train_steps=cfg.train.checkpoint_every
-                                           or None, save_top_k=1, save_last=True)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=resolve_precision(cfg.train.precision, accelerator), max_steps=cfg.train.max_steps,
-                         default_root_dir=run_dir, callbacks=[ckpt_cb], plugins=[AtomicCheckpointIO()],
-                         use_distributed_sampler=False,
-                         logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
-                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
-    progress_to_stderr(trainer)
-    check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root, trainer.world_size)
-    data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
-    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
-    with warnings.catch_warnings():  # Lightning warnings about what is done here on purpose:
-        # _Loader resumes mid-epoch itself; Lightning cannot see that.
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
-        # The backbone, VAE, text encoder and frozen UNet stay in eval mode (BatchNorm statistics, no dropout).
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-        if resume:  # the run directory holds the checkpoints being resumed
-            warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    out = run_dir / "featinv.safetensors"
-    if trainer.is_global_zero:
-        save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
-        print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})", file=sys.stderr)
-    return out

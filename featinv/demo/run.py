@@ -1,7 +1,7 @@
 """The demo: the whole FeatInv recipe on scikit-learn's digits, on a CPU, in minutes.
 
 No miniSD, no ImageNet, no GPU needed. The demo runs the same code paths as a full-scale run,
-with tiny configs (the stages are :mod:`featinv.demo_stages`, the data and classifier :mod:`featinv.digits`):
+with tiny configs (the stages are :mod:`featinv.demo.stages`, the data and classifier :mod:`featinv.demo.digits`):
 
 1. trains a small CNN classifier on the 8x8 digits (at their native size, as 3-channel images) --
    the network whose spatial feature map (64 x 2 x 2) is inverted;
@@ -9,7 +9,7 @@ with tiny configs (the stages are :mod:`featinv.demo_stages`, the data and class
    epsilon loss -- the stand-in for miniSD (the CLIP text encoder stays randomly initialised
    and frozen; the prompt is constant, so it only has to be a fixed function);
 3. saves that as a miniSD checkpoint and builds the FeatInv checkpoint with ``build_control``;
-4. trains the control branch on the classifier's feature maps with ``featinv.training.train``;
+4. trains the control branch on the classifier's feature maps with ``featinv.training.loop.train``;
 5. reconstructs held-out digits from their feature maps with ``Reconstructor`` and compares the
    classifier's features / labels of reconstructions with those of the originals, for FeatInv and
    for the unconditional model (feature map dropped), as Markdown + JSON and a picture.
@@ -28,29 +28,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from featinv.backbone import FeatureExtractor
-from featinv.demo_stages import DemoSettings, classifier_accuracy, demo_parts, settings_for
-from featinv.digits import rgb
-from featinv.evaluate import backbone_outputs, compare_outputs
+from featinv.demo.digits import rgb
+from featinv.demo.pair import load_demo_pair
+from featinv.demo.stages import DemoSettings, classifier_accuracy, settings_for
 from featinv.io import atomic_save, atomic_write_text
-from featinv.pair import Pair, demo_pair
-
-
-def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool = True, device: str = "cpu",
-                   log=print, retrain: bool = False, settings: DemoSettings | None = None) -> Pair:
-    """The demo's classifier + FeatInv model, trained on first use and cached under ``<out>/cache/``.
-
-    ``load_pair(PairSource(demo_out=out, ...))`` serves the same pair; this adds ``retrain`` and other
-    ``settings`` (benchmarks). ``featinv demo`` adds the evaluation."""
-    parts = demo_parts(out, seed, quick, device, log=log, retrain=retrain, settings=settings)
-    return demo_pair(parts, device)
-
+from featinv.metrics import backbone_outputs, compare_outputs
+from featinv.nets.backbone import FeatureExtractor
+from featinv.pair import Pair
 
 # ----- evaluation ---------------------------------------------------------------------------------
 
 def metrics(extractor: FeatureExtractor, originals: torch.Tensor, recon: torch.Tensor) -> dict:
     """originals (B, 3, S, S), recon (B, K, 3, S, S) in [0, 1] -> feature cosine and label agreement
-    (means over the B·K reconstructions of :func:`featinv.evaluate.compare_outputs`)."""
+    (means over the B·K reconstructions of :func:`featinv.metrics.compare_outputs`)."""
     k = recon.shape[1]
     f0, l0 = backbone_outputs(extractor, originals)
     f1, l1 = backbone_outputs(extractor, recon.flatten(0, 1))
@@ -84,7 +74,7 @@ def _reconstruct_held_out(pair: Pair, originals: torch.Tensor) -> tuple[torch.Te
         rec = load_file(recon_file)
         print(f"reconstructions: cached ({recon_file})")
         return rec["featinv"], rec["unconditional"]
-    from featinv.reconstruct import Reconstructor
+    from featinv.diffusion.reconstruct import Reconstructor
 
     dev, sc, n = next(pair.model.parameters()).device, pair.sample_config, len(originals)
     keys = [f"test{i}" for i in range(n)]

@@ -2,7 +2,8 @@
 
 ``FeatInv.forward`` is the ε-prediction ``apply_model`` of the reference: the ControlNet turns
 (latents, t, context, feature map) into residuals that are scaled and added to the UNet's skips.
-Attribute names map to checkpoint prefixes in ``checkpoint.py`` only.
+Attribute names map to checkpoint prefixes in :mod:`featinv.checkpoint.layout` only. The diffusion
+schedule is not the network's: samplers and the loss take it from :func:`featinv.diffusion.schedule.alphas_cumprod`.
 """
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from featinv.autoencoder import AutoencoderKL
 from featinv.config import ModelConfig
-from featinv.controlnet import ControlNet
-from featinv.diffusion import alphas_cumprod
-from featinv.text import CLIPTextEncoder, tokenize
-from featinv.unet import UNet
+from featinv.nets.autoencoder import AutoencoderKL
+from featinv.nets.controlnet import ControlNet
+from featinv.nets.text import CLIPTextEncoder, tokenize
+from featinv.nets.unet import UNet
 
 ControlScales = Sequence[float] | torch.Tensor | None
 
@@ -59,11 +59,6 @@ class FeatInv(nn.Module):
         self.control = ControlNet(cfg.unet, cfg.adapter)
         self.text_context = PromptCache(self.text_encoder)
         self.register_load_state_dict_post_hook(lambda module, _: module.text_context.clear())
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """(T,) float32 ᾱ of the training schedule, on the CPU."""
-        return alphas_cumprod(self.cfg.diffusion)
 
     @property
     def num_control(self) -> int:

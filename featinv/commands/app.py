@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from featinv.backbone import BACKBONE_PRESETS
 from featinv.commands._common import Parser, command
 from featinv.config import PairSource
+from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.runtime import configure_threads
 
 DESCRIPTION = ("Serve the interactive explorer (Reconstruct, Steer, Compose, Perturb) on a local web page. "

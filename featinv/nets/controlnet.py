@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featinv.adapter import FeatureAdapter
 from featinv.config import AdapterConfig, UNetConfig
-from featinv.unet import UNet, build_encoder, run_block, timestep_embedding
+from featinv.nets.adapter import FeatureAdapter
+from featinv.nets.unet import UNet, build_encoder, run_block, timestep_embedding
 
 
 def zero_conv(channels: int) -> nn.Sequential:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from featinv.backbone import FeatureExtractor
+from featinv.nets.backbone import FeatureExtractor
 
 
 def load_digits_split(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def train_classifier(data: dict, epochs: int, seed: int, device: torch.device) -
 
 
 class DigitsDataset(Dataset):
-    """Items for ``featinv.training.train``: the same digit as backbone input and diffusion target."""
+    """Items for ``featinv.training.loop.train``: the same digit as backbone input and diffusion target."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.x, self.y = x, y

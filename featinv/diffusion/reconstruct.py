@@ -5,9 +5,9 @@ guidance branches in one batched forward, computes the adapter output (hint) and
 contexts once, and seeds each (key, k) with its own generator, so a sample's pixels do not depend
 on the batch it was generated in. Sampling is DDIM (Song et al. 2021, "Denoising Diffusion Implicit
 Models", eq. 12) with classifier-free guidance (Ho & Salimans 2022), as in FeatInv (arXiv 2505.21032).
-Optionally, training-free feature guidance (:func:`featinv.sampling.feature_guided_eps_fn`) steers the
+Optionally, training-free feature guidance (:func:`featinv.diffusion.guidance.feature_guided_eps_fn`) steers the
 samples towards the feature maps they are reconstructed from, through the backbone's gradient.
-The ImageNet-val folder job built on it is :mod:`featinv.folder_job`.
+The ImageNet-val folder job built on it is :mod:`featinv.jobs.reconstruct`.
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from featinv.backbone import FeatureExtractor
 from featinv.config import FeatureGuidanceConfig, SampleConfig
-from featinv.model import FeatInv, guess_mode_scales
-from featinv.sampling import EpsFn, ddim_timesteps, feature_guided_eps_fn, guided_eps_fn
-from featinv.sampling import sample as run_sampler
+from featinv.diffusion.guidance import feature_guided_eps_fn, guided_eps_fn
+from featinv.diffusion.samplers import EpsFn, ddim_timesteps
+from featinv.diffusion.samplers import sample as run_sampler
+from featinv.diffusion.schedule import alphas_cumprod
+from featinv.nets.backbone import FeatureExtractor
+from featinv.nets.model import FeatInv, guess_mode_scales
 
 RANGE_TOLERANCE = 1e-2  # resampling overshoot allowed outside [0, 1]
 
@@ -147,7 +149,7 @@ class Reconstructor:
             return eps_fn
         target = feats.float().repeat_interleave(self.cfg.num_samples, dim=0)  # (B·K, C, h, w)
         return feature_guided_eps_fn(eps_fn, self.model.decode_latents, self._guidance_features, target,
-                                     self.model.alphas_cumprod, self.guidance)
+                                     alphas_cumprod(self.model.cfg.diffusion), self.guidance)
 
     def _guidance_features(self, images: torch.Tensor) -> torch.Tensor:
         """Decoded images (N, 3, H, W) in [-1, 1] -> the backbone's features, differentiable (no clamp:
@@ -165,7 +167,7 @@ class Reconstructor:
         x_T, generators = self.start_noise(keys)
         timesteps = ddim_timesteps(cfg.steps, model.cfg.diffusion.timesteps, cfg.spacing)
         with self._autocast():
-            latents = run_sampler(cfg.sampler, self.eps_fn(feats), x_T, model.alphas_cumprod, timesteps, cfg.eta,
+            latents = run_sampler(cfg.sampler, self.eps_fn(feats), x_T, alphas_cumprod(model.cfg.diffusion), timesteps, cfg.eta,
                                   generators)
             images = model.decode_latents(latents)
         images = ((images.float() + 1) / 2).clamp(0, 1)

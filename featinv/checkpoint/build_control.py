@@ -1,7 +1,7 @@
 """Build the initial FeatInv checkpoint from a miniSD checkpoint (the reference's "tool_add_control").
 
 The miniSD source is a checkpoint file, a diffusers pipeline folder or a Hub id of one
-(:func:`featinv.checkpoint.read_source`).
+(:func:`featinv.checkpoint.load.read_source`).
 
 Every ``control_model.X`` whose name exists as ``model.diffusion_model.X`` (time embedding, input
 blocks, middle block) is copied from the UNet; the feature adapter and the 13 zero convs are new.
@@ -13,51 +13,21 @@ from pathlib import Path
 
 import torch
 
-from featinv.checkpoint import CheckpointError, infer_model_config, load_into, read_source, save_featinv
+from featinv.checkpoint.layout import CheckpointError
+from featinv.checkpoint.load import infer_model_config, load_into, read_source, save_featinv
 from featinv.config import BackboneConfig, ModelConfig
-from featinv.controlnet import ControlNet
-from featinv.model import FeatInv
+from featinv.nets.controlnet import ControlNet
+from featinv.nets.model import FeatInv
 
 ENCODER_PARTS = ("time_embed.", "input_blocks.", "middle_block.")
 
 
 def backbone_channels(cfg: BackboneConfig) -> int:
     """Feature-map channels of a backbone, found on the meta device (no weights, no download)."""
-    from featinv.backbone import build_backbone
+    from featinv.nets.backbone import build_backbone
 
     with torch.device("meta"):
         return build_backbone(dataclasses.replace(cfg, pretrained=False, checkpoint="")).feature_shape[0]
-
-
-def write_random_minisd(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """A miniSD-layout checkpoint (UNet, VAE, text encoder; random weights from ``seed``) of a preset's
-    model, e.g. the tiny one (34 MB) for trying every command on a CPU in minutes; refuses to overwrite."""
-    from featinv.checkpoint import save_minisd
-    from featinv.config import PRESETS
-
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
-        torch.manual_seed(seed)
-        return save_minisd(FeatInv(PRESETS[preset].model), path)
-
-
-def random_featinv(cfg: ModelConfig, seed: int = 0, std: float = 0.05, device: str | torch.device = "cpu") -> FeatInv:
-    """A FeatInv of ``cfg`` with random weights from ``seed`` whose zero-initialised layers (zero convs,
-    the adapter's and the UNet's output convs) are N(0, std) too, so that the feature map changes the
-    output: for tests, benchmarks and smoke runs (the weights mean nothing). The global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = FeatInv(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(0, std)
-    return model
 
 
 def build_control(minisd: str | Path, out: str | Path, cfg: ModelConfig | None = None,

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import torch
 
-from featinv.checkpoint import (COMPONENT_NAMES, HARMLESS, CheckpointError, check_schedule, check_state_dict,
-                                component_of, config_from_metadata, from_reference, infer_model_config,
-                                nonfinite_counts, read_checkpoint)
+from featinv.checkpoint.config_file import load_config
+from featinv.checkpoint.layout import COMPONENT_NAMES, HARMLESS, CheckpointError, component_of, from_reference
+from featinv.checkpoint.load import (
+    check_schedule,
+    check_state_dict,
+    config_from_metadata,
+    infer_model_config,
+    nonfinite_counts,
+    read_checkpoint,
+)
 from featinv.config import PRESETS, ModelConfig, from_dict, to_dict
-from featinv.config_file import load_config
-from featinv.model import FeatInv
+from featinv.nets.model import FeatInv
 
 WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")
 MINISD = ("unet", "vae", "text_encoder")

@@ -1,0 +1,38 @@
+"""The demo's pair: its digits classifier and tiny FeatInv model, trained on first use and cached
+(see :mod:`featinv.demo.stages`); :func:`featinv.pair.load_pair` serves it for a source without a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from featinv.config import PairSource
+from featinv.demo.stages import DemoSettings, demo_parts
+from featinv.pair import Pair, check_channels
+
+
+def pair_from_source(source: PairSource, device, log) -> Pair:
+    """The demo pair a :class:`~featinv.config.PairSource` without a checkpoint names (its demo_* fields)."""
+    parts = demo_parts(source.demo_out, seed=source.demo_seed, quick=source.demo_quick, device=str(device), log=log)
+    return demo_pair(parts, device)
+
+
+def demo_pair(parts, device: str | torch.device = "cpu") -> Pair:
+    """The pair the demo's stages left (a :class:`featinv.demo.stages.DemoParts`)."""
+    from featinv.checkpoint.load import load_featinv
+
+    model = load_featinv(parts.checkpoint, device=device).eval()
+    check_channels(parts.extractor, model, parts.checkpoint.name)
+    return Pair(model, parts.extractor.to(device).eval(), parts.sample_config,
+                f"demo pair: digits CNN (feature map {tuple(parts.extractor.feature_shape)}) + tiny FeatInv",
+                data=parts.data, folder=parts.cache, labels=[str(d) for d in range(10)])
+
+
+def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool = True, device: str = "cpu",
+                   log=print, retrain: bool = False, settings: DemoSettings | None = None) -> Pair:
+    """The demo's classifier + FeatInv model, trained on first use and cached under ``<out>/cache/``.
+
+    ``load_pair(PairSource(demo_out=out, ...))`` serves the same pair; this adds ``retrain`` and other
+    ``settings`` (benchmarks). ``featinv demo`` adds the evaluation."""
+    parts = demo_parts(out, seed, quick, device, log=log, retrain=retrain, settings=settings)
+    return demo_pair(parts, device)
