@@ -157,6 +157,13 @@ class DataConfig:
 PROMPT = "a high-quality, detailed, and professional image"  # the reference's training prompt
 INFERENCE_PROMPT = PROMPT + ", "  # the reference samples with the training prompt followed by ", "
 UNCOND_MODES = ("prompt", "features")
+# The names of what jobs write and read, one place each.
+WEIGHTS_FILE = "featinv.safetensors"  # a run's trained weights (also an exported folder's and the demo's)
+RUN_CONFIG = "config.yaml"            # a run's config as trained (also in an exported folder)
+MANIFEST = "manifest.json"            # a reconstruction folder's record of its job
+EVAL_DIR = "eval"                     # featinv evaluate's outputs inside a reconstruction folder
+DEMO_OUT = "featinv_demo"             # the demo's default folder (its cache/ holds the demo pair)
+MAX_SAMPLES = 64                      # reconstructions per input a command takes (each one multiplies the work)
 SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.diffusion.samplers.SAMPLERS: each name's function is <name>_sample
 STOCHASTIC_SAMPLERS = ("ddim",)          # the samplers that take eta > 0; the others solve the ODE
 SPACINGS = ("reference", "trailing")     # featinv.diffusion.samplers.ddim_timesteps spacings
@@ -233,7 +240,7 @@ class PairSource:
     backbone: str | None = None            # a backbone preset or timm name (pretrained)
     backbone_checkpoint: str | None = None  # local backbone weights (offline use)
     backbone_size: int | None = None       # backbone input size (default: the preset's)
-    demo_out: str = "featinv_demo"         # the demo pair's folder (its cache/ holds the pair)
+    demo_out: str = DEMO_OUT               # the demo pair's folder (its cache/ holds the pair)
     demo_seed: int = 0
     demo_quick: bool = True                # the quick demo pair (what the analyses and the app use)
 

@@ -15,7 +15,15 @@ from typing import Callable
 import torch
 
 from featinv.checkpoint.config_file import load_config
-from featinv.config import BackboneConfig, ModelConfig, PairSource, SampleConfig, SettingError, SettingNotFound
+from featinv.config import (
+    RUN_CONFIG,
+    BackboneConfig,
+    ModelConfig,
+    PairSource,
+    SampleConfig,
+    SettingError,
+    SettingNotFound,
+)
 from featinv.diffusion.reconstruct import Reconstructor
 from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
 from featinv.nets.model import FeatInv
@@ -86,7 +94,7 @@ def resolve_source(source: PairSource, need_backbone: bool = True) -> ResolvedSo
         full = load_config(source.config)
         model_cfg, base, desc = full.model, full.backbone, source.config
     else:
-        run_file = Path(source.run_dir or path.parent) / "config.yaml"
+        run_file = Path(source.run_dir or path.parent) / RUN_CONFIG
         model_cfg, desc = None, "model: the checkpoint's metadata"
         if run_file.is_file():
             base, desc = load_config(str(run_file)).backbone, f"{desc}; backbone: {run_file}"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from featinv.demo import stages as demo
 from featinv.commands.demo import main as demo_main
+from featinv.demo import stages as demo
 
 
 @pytest.fixture

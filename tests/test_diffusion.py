@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from conftest import assert_close_rel
 
-from featinv.diffusion import schedule as diffusion
 from featinv.checkpoint.load import load_into
 from featinv.config import PRESETS, DiffusionConfig
+from featinv.diffusion import schedule as diffusion
 from featinv.diffusion.schedule import alphas_cumprod
 from featinv.nets.model import FeatInv
 

@@ -10,10 +10,10 @@ import torch
 from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
-from featinv.checkpoint.export import front_matter
 from featinv.checkpoint.load import load_featinv, resolve_featinv_source, save_featinv
 from featinv.commands.export import main
 from featinv.config import PRESETS, PairSource
+from featinv.jobs.export import front_matter
 from featinv.pair import resolve_source
 
 

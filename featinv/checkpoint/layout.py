@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from featinv.config import DiffusionConfig
+from featinv.config import RUN_CONFIG, WEIGHTS_FILE, DiffusionConfig
 from featinv.diffusion.schedule import SCHEDULE_KEYS, schedule_buffers
 
 PREFIXES = {  # reference prefix -> our attribute prefix
@@ -36,10 +36,9 @@ HARMLESS = ("cond_stage_model.transformer.text_model.embeddings.position_ids", "
 METADATA_KEY = "featinv_config"
 
 
-EXPORT_WEIGHTS = "featinv.safetensors"  # the weights file of an exported FeatInv folder
 
 
-EXPORT_FILES = [EXPORT_WEIGHTS, "config.yaml", "README.md"]
+EXPORT_FILES = [WEIGHTS_FILE, RUN_CONFIG, "README.md"]  # an exported FeatInv folder
 
 
 class CheckpointError(ValueError):

@@ -23,7 +23,6 @@ from featinv.checkpoint.hub import DIFFUSERS_FILES, local_source
 from featinv.checkpoint.layout import (
     COMPONENT_NAMES,
     EXPORT_FILES,
-    EXPORT_WEIGHTS,
     METADATA_KEY,
     CheckpointError,
     component_of,
@@ -34,6 +33,8 @@ from featinv.checkpoint.layout import (
 from featinv.checkpoint.safe_unpickle import legacy_globals
 from featinv.checkpoint.tensor_files import read_safetensors
 from featinv.config import (
+    RUN_CONFIG,
+    WEIGHTS_FILE,
     AdapterConfig,
     DiffusionConfig,
     ModelConfig,
@@ -234,15 +235,15 @@ def resolve_featinv_source(source: str | os.PathLike) -> tuple[Path, Path | None
     config.yaml is the one beside it, if any), an exported FeatInv folder, or the Hub id of one."""
     path = local_source(source, EXPORT_FILES)
     if path.is_dir():
-        if (path / EXPORT_WEIGHTS).is_file():
-            path = path / EXPORT_WEIGHTS
+        if (path / WEIGHTS_FILE).is_file():
+            path = path / WEIGHTS_FILE
         elif (path / "model_index.json").is_file():
             raise ValueError(f"{source}: a diffusers pipeline (miniSD) holds no FeatInv branch; make the initial "
                              "FeatInv checkpoint from it with `featinv build-control`")
         else:
-            raise FileNotFoundError(f"{source}: a folder without {EXPORT_WEIGHTS} (an exported FeatInv model, "
+            raise FileNotFoundError(f"{source}: a folder without {WEIGHTS_FILE} (an exported FeatInv model, "
                                     "see `featinv export`)")
-    run_config = path.parent / "config.yaml"
+    run_config = path.parent / RUN_CONFIG
     return path, run_config if run_config.is_file() else None
 
 
@@ -255,9 +256,9 @@ def read_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mod
     path = local_source(source, DIFFUSERS_FILES + EXPORT_FILES)
     if path.is_dir() and is_pipeline_folder(path):
         return read_pipeline(path)
-    if path.is_dir() and not (path / EXPORT_WEIGHTS).is_file():
+    if path.is_dir() and not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{source}: a folder that is neither a diffusers pipeline (no model_index.json) "
-                                f"nor an exported FeatInv model (no {EXPORT_WEIGHTS})")
+                                f"nor an exported FeatInv model (no {WEIGHTS_FILE})")
     weights, _ = resolve_featinv_source(path)
     sd, metadata = read_state_dict(weights)
     return sd, config_from_metadata(metadata)

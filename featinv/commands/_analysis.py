@@ -9,8 +9,8 @@ import sys
 import torch
 
 from featinv.analysis.common import demo_digits, load_images, write_outputs
-from featinv.commands._common import MAX_SAMPLES, blame, cleanup_on_failure, positive_int, sample_count
-from featinv.config import PairSource
+from featinv.commands._common import blame, cleanup_on_failure, positive_int, sample_count
+from featinv.config import DEMO_OUT, MAX_SAMPLES, PairSource
 from featinv.io import check_output_folder, check_writable, mark_output_folder
 from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.pair import Pair, load_pair
@@ -28,7 +28,7 @@ def add_common_args(p) -> None:
                                       "(with --checkpoint; default: the training run's config.yaml beside it)")
     g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
     g.add_argument("--backbone-size", type=int, help="backbone input size (default: the preset's)")
-    g.add_argument("--demo-out", default="featinv_demo", help="the demo's folder (its cache/ holds the pair)")
+    g.add_argument("--demo-out", default=DEMO_OUT, help="the demo's folder (its cache/ holds the pair)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g = p.add_argument_group("inputs")
     g.add_argument("--images", nargs="+", help="image files and/or folders (any size; resized to the backbone's "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
-from featinv.config import SettingError
+from featinv.config import MAX_SAMPLES, SettingError
 from featinv.jobs.lock import LOCK_NAME
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
@@ -33,7 +33,6 @@ USER_ERROR_NAMES = ("MisconfigurationException",)
 
 # --samples K multiplies every reconstruction of a command (and its memory); above this a typo is likelier
 # than intent (README: "Numbers on the command line").
-MAX_SAMPLES = 64
 
 
 def finite_float(text: str) -> float:

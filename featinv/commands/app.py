@@ -7,7 +7,7 @@ import os
 import torch
 
 from featinv.commands._common import Parser, command
-from featinv.config import PairSource
+from featinv.config import DEMO_OUT, PairSource
 from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.runtime import configure_threads
 
@@ -20,7 +20,7 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860 on)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off unless asked)")
-    p.add_argument("--demo-out", default="featinv_demo", help="the demo's out folder (its cache/ holds the pair)")
+    p.add_argument("--demo-out", default=DEMO_OUT, help="the demo's out folder (its cache/ holds the pair)")
     p.add_argument("--demo-seed", type=int, default=0, help="seed of the demo pair")
     p.add_argument("--demo-full", action="store_true", help="the demo's default settings instead of --quick's")
     p.add_argument("--checkpoint", help="FeatInv weights (.safetensors) or a training run folder "

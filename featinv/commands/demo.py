@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.config import DEMO_OUT
 from featinv.demo.run import run
 from featinv.io import check_output_folder, check_writable
 from featinv.runtime import configure_threads
@@ -17,7 +18,7 @@ from featinv.runtime import configure_threads
 @command("demo", resumes=True)
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="featinv_demo", help="output folder (picture, table; cache/ for artefacts)")
+    p.add_argument("--out", default=DEMO_OUT, help="output folder (picture, table; cache/ for artefacts)")
     p.add_argument("--quick", action="store_true", help="smaller settings (about 1.5 minutes on a 2-core CPU; used by the tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from featinv.commands._common import Parser, cleanup_on_failure, command
-from featinv.config import BackboneConfig, from_dict, to_dict
+from featinv.config import EVAL_DIR, MANIFEST, BackboneConfig, from_dict, to_dict
 from featinv.io import check_writable
 from featinv.jobs.evaluate import evaluate_folder, markdown
 from featinv.nets.backbone import resolve_backbone
@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     if not out.is_dir():
         raise FileNotFoundError(f"--out: reconstruct folder {str(out)!r} not found")
-    check_writable(out / "eval")
-    manifest = out / "manifest.json"
+    check_writable(out / EVAL_DIR)
+    manifest = out / MANIFEST
     saved = json.loads(manifest.read_text()).get("backbone") if manifest.is_file() else None
     if not saved and not args.backbone:
         raise ValueError(f"no backbone known for {out} ({manifest} names none): pass --backbone "
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     base = from_dict(BackboneConfig, saved) if saved else BackboneConfig()
     backbone = resolve_backbone(args.backbone, args.backbone_checkpoint, args.backbone_size, base)
     print("featinv evaluate\n" + json.dumps({**vars(args), "backbone": to_dict(backbone)}, indent=2))
-    with cleanup_on_failure(out / "eval"):
+    with cleanup_on_failure(out / EVAL_DIR):
         summary = evaluate_folder(out, backbone, args.batch_size, args.fid, args.device, args.fid_weights)
     print(markdown(summary))
     return 0

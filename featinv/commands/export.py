@@ -6,8 +6,8 @@ or its Hub id once uploaded (e.g. ``huggingface-cli upload OWNER/NAME OUT``).
 """
 from __future__ import annotations
 
-from featinv.checkpoint.export import export_featinv
 from featinv.commands._common import Parser, command
+from featinv.jobs.export import export_featinv
 
 
 @command("export")

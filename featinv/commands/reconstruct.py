@@ -6,7 +6,16 @@ import json
 from pytorch_lightning.utilities import rank_zero_only
 
 from featinv.commands._common import Parser, cleanup_on_failure, command, finite_float, positive_int, sample_count
-from featinv.config import SAMPLER_NAMES, SPACINGS, UNCOND_MODES, PairSource, ReconstructJob, SampleConfig, to_dict
+from featinv.config import (
+    MANIFEST,
+    SAMPLER_NAMES,
+    SPACINGS,
+    UNCOND_MODES,
+    PairSource,
+    ReconstructJob,
+    SampleConfig,
+    to_dict,
+)
 from featinv.io import check_output_folder, check_writable
 from featinv.jobs.lock import folder_lock
 from featinv.jobs.reconstruct import reconstruct_folder
@@ -68,7 +77,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_writable(args.out)
     quiet_lightning()
-    check_output_folder(args.out, "reconstruct", args.overwrite, own=("manifest.json",))
+    check_output_folder(args.out, "reconstruct", args.overwrite, own=(MANIFEST,))
     source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
                         backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,

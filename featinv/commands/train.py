@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from featinv.checkpoint.build_control import backbone_channels
 from featinv.checkpoint.config_file import load_config
 from featinv.commands._common import Parser, cleanup_on_failure, command
+from featinv.config import RUN_CONFIG
 from featinv.io import check_output_folder, check_writable
 from featinv.jobs.lock import folder_lock
 from featinv.training.loop import effective_config, train
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     check_writable(args.run_dir, "--run-dir")
     # a run folder is recognised by its config.yaml / checkpoints; a run is continued, never overwritten
-    check_output_folder(args.run_dir, "train", None, "--run-dir", own=("config.yaml", "checkpoints"))
+    check_output_folder(args.run_dir, "train", None, "--run-dir", own=(RUN_CONFIG, "checkpoints"))
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     cfg = load_config(args.config, overrides)
     cfg = effective_config(cfg, backbone_channels(cfg.backbone))  # printed as run-dir/config.yaml records it

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from featinv.config import PairSource
+from featinv.config import DEMO_OUT, PairSource
 from featinv.demo.stages import DemoSettings, demo_parts
 from featinv.pair import Pair, check_channels
 
@@ -28,7 +28,7 @@ def demo_pair(parts, device: str | torch.device = "cpu") -> Pair:
                 data=parts.data, folder=parts.cache, labels=[str(d) for d in range(10)])
 
 
-def load_demo_pair(out: str | Path = "featinv_demo", seed: int = 0, quick: bool = True, device: str = "cpu",
+def load_demo_pair(out: str | Path = DEMO_OUT, seed: int = 0, quick: bool = True, device: str = "cpu",
                    log=print, retrain: bool = False, settings: DemoSettings | None = None) -> Pair:
     """The demo's classifier + FeatInv model, trained on first use and cached under ``<out>/cache/``.
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from featinv.config import DEMO_OUT
 from featinv.demo.digits import rgb
 from featinv.demo.pair import load_demo_pair
 from featinv.demo.stages import DemoSettings, classifier_accuracy, settings_for
@@ -113,7 +114,7 @@ def _write_report(out: Path, results: dict, pair: Pair, s: DemoSettings, origina
     return picture
 
 
-def run(out: str | Path = "featinv_demo", quick: bool = False, seed: int = 0, device: str = "cpu",
+def run(out: str | Path = DEMO_OUT, quick: bool = False, seed: int = 0, device: str = "cpu",
         retrain: bool = False, settings: DemoSettings | None = None) -> dict:
     """Run (or reuse) every stage; returns the results dict (also written to ``<out>/results.json``)."""
     t0 = time.time()

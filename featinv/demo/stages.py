@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from featinv.checkpoint.load import save_minisd
 from featinv.config import (
+    DEMO_OUT,
     PROMPT,
+    WEIGHTS_FILE,
     AdapterConfig,
     FeatInvConfig,
     ModelConfig,
@@ -191,7 +193,7 @@ def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: tor
                    extractor: FeatureExtractor, log) -> Path:
     """4. the control branch, trained with the project's trainer; returns the final checkpoint."""
     run_dir = cache / "featinv_run"
-    final = run_dir / "featinv.safetensors"
+    final = run_dir / WEIGHTS_FILE
     if final.exists():
         log(f"4/4 control branch: cached ({final})")
         return final
@@ -234,7 +236,7 @@ def settings_for(quick: bool, settings: DemoSettings | None = None) -> DemoSetti
     return settings or (QUICK if quick else DEFAULT)
 
 
-def demo_parts(out: str | Path = "featinv_demo", seed: int = 0, quick: bool = True, device: str = "cpu",
+def demo_parts(out: str | Path = DEMO_OUT, seed: int = 0, quick: bool = True, device: str = "cpu",
                log=print, retrain: bool = False, settings: DemoSettings | None = None) -> DemoParts:
     """Run (or reuse from the cache) the four stages; ``log`` gets progress lines (tqdm bars go to stderr)."""
     s = settings_for(quick, settings)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from featinv.config import BackboneConfig
+from featinv.config import EVAL_DIR, MANIFEST, BackboneConfig
 from featinv.diffusion.reconstruct import uncertainty
 from featinv.io import atomic_write_text
-from featinv.jobs.state import EVAL_DIR, MANIFEST, RECONSTRUCTION, original_path
+from featinv.jobs.state import RECONSTRUCTION, original_path
 from featinv.metrics import backbone_outputs, compare_outputs, frechet_distance, gaussian_stats, make_fid, topk_correct
 from featinv.nets.backbone import FeatureExtractor, build_backbone
 from featinv.visualize import heatmap, image_grid, save_png

@@ -18,12 +18,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from featinv.config import ReconstructJob, to_dict
+from featinv.config import MANIFEST, ReconstructJob, to_dict
 from featinv.data import ImageDataset, find_images
 from featinv.diffusion.reconstruct import Reconstructor
 from featinv.io import atomic_write_text, check_writable
 from featinv.jobs.state import (
-    MANIFEST,
     check_same_settings,
     checkpoint_identity,
     clear_outputs,

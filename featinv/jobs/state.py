@@ -16,14 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from featinv.config import flatten
+from featinv.config import EVAL_DIR, MANIFEST, flatten
 
 SETTINGS = ("backbone", "sample", "per_class")  # compared key by key; the checkpoint by its content hash
 
 # The folder's layout, here only: <out>/<class>/<stem>.png (the original, cropped) and
 # <out>/<class>/reconstructed_<stem>_<k>.png; <out>/manifest.json; evaluate writes <out>/eval/.
-MANIFEST = "manifest.json"
-EVAL_DIR = "eval"
 RECONSTRUCTION = re.compile(r"reconstructed_(.+)_(\d+)\.png")
 
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from featinv.checkpoint.load import config_from_metadata, load_featinv, save_featinv
-from featinv.config import FeatInvConfig
+from featinv.config import RUN_CONFIG, WEIGHTS_FILE, FeatInvConfig
 from featinv.data import ImageDataset
 from featinv.io import atomic_save, atomic_write_text
 from featinv.nets.backbone import FeatureExtractor, build_backbone
@@ -132,7 +132,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     cfg = effective_config(cfg, backbone.feature_shape[0])  # what the run trains is what it records
     module = FeatInvModule(model, backbone, cfg.train, run_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir / "config.yaml")
+    atomic_write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir / RUN_CONFIG)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
                                            auto_insert_metric_name=False, every_n_train_steps=cfg.train.checkpoint_every
                                            or None, save_top_k=1, save_last=True)
@@ -154,7 +154,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
         if resume:  # the run directory holds the checkpoints being resumed
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    out = run_dir / "featinv.safetensors"
+    out = run_dir / WEIGHTS_FILE
     if trainer.is_global_zero:
         save_featinv(model, out, {"featinv_train_steps": str(trainer.global_step)})
         print(f"exported the full inference checkpoint to {out} (step {trainer.global_step})", file=sys.stderr)

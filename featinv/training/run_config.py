@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from featinv.checkpoint.config_file import load_config
-from featinv.config import FeatInvConfig, SettingError, flatten, to_dict
+from featinv.config import RUN_CONFIG, FeatInvConfig, SettingError, flatten, to_dict
 
 # What changes the meaning of a run's trained weights or of its optimiser state: a resumed run must keep
 # these (checked against the run's config.yaml) unless a change is accepted by name. Others (max_steps,
@@ -19,7 +19,7 @@ _DERIVED = ("model.adapter.in_channels",)  # follows from the backbone, which is
 def read_run_config(run_dir: str | Path) -> FeatInvConfig | None:
     """A run's recorded ``config.yaml``, None without one; ValueError naming it when it does not parse
     (it is then left as it is, never rewritten)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         return None
     try:

@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from featinv.checkpoint.config_file import load_config
-from featinv.checkpoint.layout import EXPORT_FILES, EXPORT_WEIGHTS, METADATA_KEY
+from featinv.checkpoint.layout import EXPORT_FILES, METADATA_KEY
 from featinv.checkpoint.load import read_checkpoint, resolve_featinv_source
-from featinv.config import to_dict
+from featinv.config import EVAL_DIR, RUN_CONFIG, WEIGHTS_FILE, to_dict
 from featinv.io import atomic_save, atomic_write_text
 
 LIBRARY_NAME = "featinv"
@@ -47,7 +47,7 @@ def is_export(folder: str | Path) -> bool:
 def read_evaluation(path: str | Path) -> dict:
     """The ``featinv evaluate`` summary: a reconstruct folder, its ``eval/`` folder or ``summary.json``."""
     path = Path(path)
-    for candidate in (path / "eval" / "summary.json", path / "summary.json", path):
+    for candidate in (path / EVAL_DIR / "summary.json", path / "summary.json", path):
         if candidate.is_file():
             summary = json.loads(candidate.read_text())
             if not isinstance(summary, dict) or "top1" not in summary:
@@ -120,11 +120,11 @@ def export_featinv(source: str | Path, out: str | Path, evaluation: str | Path |
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         if as_is:
-            atomic_save(lambda t: shutil.copyfile(weights, t), tmp / EXPORT_WEIGHTS)  # the file as trained, bit for bit
+            atomic_save(lambda t: shutil.copyfile(weights, t), tmp / WEIGHTS_FILE)  # the file as trained, bit for bit
         else:
             steps_meta = {"featinv_train_steps": str(steps)} if steps is not None else None
-            save_featinv(model, tmp / EXPORT_WEIGHTS, steps_meta)
-        atomic_save(lambda t: shutil.copyfile(config, t), tmp / "config.yaml")
+            save_featinv(model, tmp / WEIGHTS_FILE, steps_meta)
+        atomic_save(lambda t: shutil.copyfile(config, t), tmp / RUN_CONFIG)
         atomic_write_text(card, tmp / "README.md")
         if out.exists():  # an earlier export, or empty: replaced as a whole
             old = out.rename(tmp.with_suffix(".old"))
