@@ -1,4 +1,5 @@
-"""The import graph of the package: no circle, and the library never imports the command faces.
+"""The import graph of the package: no circle, every arrow points down the floors, and the library never
+imports the command faces.
 
 Every ``featinv.*`` import is collected, module-level AND function-level (a lazy import still ties
 two modules together), by parsing each featinv/**/*.py with ``ast`` (nothing is imported). Package
@@ -12,6 +13,28 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featinv"
 FACES = ("featinv.commands", "featinv.app")  # command-line and app faces: the library must not import them
+# The floors of the house, lowest first: a module may import its own package and the packages on lower
+# floors, never one beside it or above it. The leaves (floor 0) import only leaves. A new top-level module
+# or package must be given its floor here.
+FLOORS = {
+    "featinv": 0, "featinv.registry": 0, "featinv.config": 0, "featinv.io": 0, "featinv.runtime": 0,
+    "featinv.data": 0, "featinv.visualize": 0,
+    "featinv.nets": 1,                                           # tensors in, tensors out
+    "featinv.metrics": 2,                                        # scores over a backbone's outputs
+    "featinv.diffusion": 3,                                      # schedule, samplers, guidance, reconstruction
+    "featinv.checkpoint": 4,                                     # the only place that knows foreign keys
+    "featinv.pair": 5, "featinv.testing": 5,                     # the one loader; random models for tests
+    "featinv.training": 6, "featinv.jobs": 6, "featinv.analysis": 6,
+    "featinv.demo": 7,                                           # uses training and the pair
+    "featinv.app": 8,                                            # the explorer (a face)
+    "featinv.commands": 9, "featinv.cli": 9,                     # the command line (commands/app.py serves the app)
+    "featinv.__main__": 10,
+}
+
+
+def group(module: str) -> str:
+    """featinv.a.b -> featinv.a (the top-level module or package a module belongs to)."""
+    return ".".join(module.split(".")[:2])
 
 
 def module_name(path: Path) -> str:
@@ -87,9 +110,25 @@ def test_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_config_is_a_leaf_and_library_does_not_import_faces():
+def test_every_arrow_points_down():
     graph = import_graph()
-    assert graph["featinv.config"] == set()
+    assert set(map(group, graph)) <= set(FLOORS), f"give these a floor: {sorted(set(map(group, graph)) - set(FLOORS))}"
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps
+              if group(a) != group(b) and FLOORS[group(b)] >= FLOORS[group(a)] and FLOORS[group(a)] > 0]
+    assert not upward, "imports that do not point down: " + "; ".join(sorted(upward))
+    sideways = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if FLOORS[group(a)] == 0 and FLOORS[group(b)] > 0]
+    assert not sideways, "leaves importing the house: " + "; ".join(sorted(sideways))
+
+
+def test_floor_check_sees_a_planted_upward_arrow():
+    graph = {"featinv.nets.model": {"featinv.diffusion.schedule"}}
+    assert [(a, b) for a, deps in graph.items() for b in deps if FLOORS[group(b)] >= FLOORS[group(a)]]
+
+
+def test_registry_and_config_sit_lowest_and_library_does_not_import_faces():
+    graph = import_graph()
+    assert graph["featinv.registry"] == set()
+    assert graph["featinv.config"] <= {"featinv.registry"}
     for name, deps in graph.items():
         if name.startswith(FACES) or name == "featinv.cli":
             continue
