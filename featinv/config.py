@@ -1,23 +1,21 @@
-"""Typed configuration: one frozen dataclass per component, named presets, YAML merge.
+"""Typed configuration: one frozen dataclass per component, the shared names, strict merging.
 
 Field names are permanent once written into a checkpoint's metadata, so they follow the
 LDM names where those exist (``model_channels``, ``attention_resolutions``, ...).
 
-A mapping is merged onto a preset with ``OmegaConf.structured``, so an unknown key is an
-error that names the key. This module imports nothing from featinv (every module may import it);
-reading YAML files, including reference-style ones, is :func:`featinv.checkpoint.config_file.load_config`.
+The named presets are written in code at the end (runs: :data:`PRESETS`; classifiers: :data:`BACKBONE_PRESETS`).
+This module imports only :mod:`featinv.registry` (torch-free, like this one), so every module may import it and
+``--help`` texts list presets without loading a network. Merging mappings onto a config (strictly: an unknown key
+is an error naming it) and reading YAML files, reference-style ones included, is :mod:`featinv.checkpoint.config_file`.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from featinv.registry import SAMPLERS, STOCHASTIC_SAMPLERS
 
 
 def _check_range(cfg: Any, **bounds: tuple[float | None, float | None]) -> None:
@@ -164,13 +162,13 @@ MANIFEST = "manifest.json"            # a reconstruction folder's record of its 
 EVAL_DIR = "eval"                     # featinv evaluate's outputs inside a reconstruction folder
 DEMO_OUT = "featinv_demo"             # the demo's default folder (its cache/ holds the demo pair)
 MAX_SAMPLES = 64                      # reconstructions per input a command takes (each one multiplies the work)
-SAMPLER_NAMES = ("ddim", "dpmpp_2m")   # featinv.diffusion.samplers.SAMPLERS: each name's function is <name>_sample
-STOCHASTIC_SAMPLERS = ("ddim",)          # the samplers that take eta > 0; the others solve the ODE
-SPACINGS = ("reference", "trailing")     # featinv.diffusion.samplers.ddim_timesteps spacings
+SAMPLER_NAMES = tuple(SAMPLERS)       # featinv.registry.SAMPLERS (its STOCHASTIC_SAMPLERS take eta != 0)
+SPACINGS = ("reference", "trailing")  # featinv.diffusion.samplers.ddim_timesteps spacings
 
 
 def check_eta(sampler: str, eta: float, name: str = "eta") -> None:
-    """The eta rule, for SampleConfig and featinv.diffusion.samplers.sample alike: only DDIM is stochastic."""
+    """The eta rule, for SampleConfig and the deterministic samplers alike: only the registry's
+    STOCHASTIC_SAMPLERS take eta != 0."""
     if eta != 0 and sampler not in STOCHASTIC_SAMPLERS:
         raise ValueError(f"{name}={eta} needs a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)}); "
                          f"{sampler!r} is deterministic")
@@ -200,8 +198,8 @@ class SampleConfig:
     """Sampling settings; defaults are the reference's inference settings."""
 
     steps: int = 50
-    eta: float = 0.0            # DDIM only; the ODE solvers are deterministic
-    sampler: str = "ddim"       # "ddim" (reference) or "dpmpp_2m" (DPM-Solver++(2M)); see featinv.diffusion.samplers
+    eta: float = 0.0            # stochastic samplers only (featinv.registry.STOCHASTIC_SAMPLERS)
+    sampler: str = "ddim"       # a name of featinv.registry.SAMPLERS; "ddim" is the reference's
     spacing: str = "reference"  # timesteps: "reference" (its list, S+1 steps if S does not divide 1000) or "trailing"
     guidance_scale: float = 1.75
     prompt: str = INFERENCE_PROMPT
@@ -297,64 +295,39 @@ class FeatInvConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _tiny_model(hint_channels: int = 16) -> ModelConfig:
-    """The tiny model of the reference fixtures (``shared/reference/tiny_config.yaml``)."""
-    return ModelConfig(
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(2,), num_heads=2, context_dim=32),
-        adapter=AdapterConfig(in_channels=hint_channels, width=512, grid=32),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-        text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
-        latent_size=32,
-    )
-
+# The tiny model of the reference fixtures (``shared/reference/tiny_config.yaml``): the tests' model, and
+# the one the demo varies (featinv.demo.stages.model_config).
+TINY_MODEL = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                    num_heads=2, context_dim=32),
+    adapter=AdapterConfig(in_channels=16, width=512, grid=32),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
+    latent_size=32,
+)
 
 PRESETS: dict[str, FeatInvConfig] = {
     # miniSD + ConvNeXt-base at 288 px (feature map 1024x9x9), the paper's main setting.
     "featinv_convnext": FeatInvConfig(),
     # The reference fixtures' tiny model: tests and CPU experiments.
     "tiny": FeatInvConfig(
-        model=_tiny_model(),
+        model=TINY_MODEL,
         backbone=BackboneConfig(name="resnet18", pretrained=False, image_size=64),
         data=DataConfig(batch_size=4, num_workers=0),
         train=TrainConfig(lr=1e-4, max_steps=100, log_images_every=0, checkpoint_every=50),
     ),
 }
 
-
-def to_dict(cfg: Any) -> dict:
-    """A plain dict (tuples become lists) of a config dataclass."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested mappings -> one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def from_dict(cls: type, data: dict | None) -> Any:
-    """Build config dataclass ``cls`` from a (possibly partial) mapping; unknown keys fail."""
-    return merge(cls(), data or {})
-
-
-def merge(base: Any, *overrides: Any) -> Any:
-    """Merge mappings / dotlists onto a config dataclass instance, strictly.
-
-    ``overrides`` are dicts or lists of ``"a.b=value"`` strings. Unknown keys and wrong types
-    raise ``ValueError`` naming the key.
-    """
-    conf = OmegaConf.structured(base)
-    try:
-        for ov in overrides:
-            if isinstance(ov, (list, tuple)):
-                ov = OmegaConf.from_dotlist(list(ov))
-            conf = OmegaConf.merge(conf, ov)
-        return OmegaConf.to_object(conf)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"invalid config for {type(base).__name__}: {e}") from None
+# The paper's backbones at their evaluation resolution: name -> (config, one line of help).
+_BACKBONES: dict[str, tuple[BackboneConfig, str]] = {
+    "convnext_base": (BackboneConfig(),  # the config's default
+                      "ConvNeXt-B (ImageNet-22k, fine-tuned on 1k) at 288 px: 1024x9x9, the paper's main setting"),
+    "resnet50": (BackboneConfig(name="resnet50.a1_in1k", image_size=224),
+                 "ResNet-50 (ImageNet-1k) at 224 px: 2048x7x7"),
+    "swinv2": (BackboneConfig(name="swinv2_base_window8_256.ms_in1k", image_size=256),
+               "SwinV2-B (window 8, ImageNet-1k) at 256 px: 1024x8x8"),
+    "vit": (BackboneConfig(name="vit_base_patch16_224.augreg2_in21k_ft_in1k", image_size=224),
+            "ViT-B/16 (ImageNet-21k, fine-tuned on 1k) at 224 px: 768x14x14 (prefix tokens dropped)"),
+}
+BACKBONE_PRESETS: dict[str, BackboneConfig] = {name: cfg for name, (cfg, _) in _BACKBONES.items()}
+BACKBONE_HELP: dict[str, str] = {name: text for name, (_, text) in _BACKBONES.items()}

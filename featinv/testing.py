@@ -12,7 +12,7 @@ from featinv.nets.model import FeatInv
 
 def write_random_minisd(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """A miniSD-layout checkpoint (UNet, VAE, text encoder; random weights from ``seed``) of a preset's
-    model, e.g. the tiny one (34 MB) for trying every command on a CPU in minutes; refuses to overwrite."""
+    model, e.g. the tiny one for trying every command on a CPU; refuses to overwrite."""
     from featinv.checkpoint.load import save_minisd
     from featinv.config import PRESETS
 

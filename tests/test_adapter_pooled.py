@@ -9,9 +9,10 @@ from conftest import make_tiny_model
 from safetensors import safe_open
 
 from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.config_file import merge, to_dict
 from featinv.checkpoint.layout import METADATA_KEY, CheckpointError
 from featinv.checkpoint.load import config_from_metadata, load_featinv, save_featinv
-from featinv.config import PRESETS, AdapterConfig, merge, to_dict
+from featinv.config import PRESETS, AdapterConfig
 from featinv.nets.adapter import FeatureAdapter
 from featinv.nets.model import FeatInv
 
@@ -95,7 +96,7 @@ def test_pooled_training_with_the_config_field(tiny_minisd, tmp_path):
     from helpers import sample_photos_folder
 
     from featinv.nets.backbone import build_backbone
-    from featinv.training.loop import train
+    from featinv.training.loop import TrainRun, train
 
     photos = sample_photos_folder(tmp_path / "photos", size=72)
     init = tmp_path / "init.safetensors"
@@ -105,15 +106,16 @@ def test_pooled_training_with_the_config_field(tiny_minisd, tmp_path):
     base = {"data": {"root": str(photos), "batch_size": 2, "num_workers": 0}, "model": {"adapter": {"width": 32}},
             "train": {"lr": 1e-3, "log_images_every": 0, "max_steps": 2, "checkpoint_every": 2}}
     cfg = merge(PRESETS["tiny"], base, ["model.adapter.pooled=true"])
-    out = train(cfg, init, tmp_path / "run", backbone=backbone, accelerator="cpu", devices=1, progress=False)
+    cpu = TrainRun(accelerator="cpu", devices=1, progress=False)
+    resumed = dataclasses.replace(cpu, resume="auto")
+    out = train(cfg, init, tmp_path / "run", cpu, backbone=backbone)
     model = load_featinv(out)
     assert model.cfg.adapter.pooled is True
     assert model.control.input_hint_block.block[-1].weight.any()  # it trained
     assert "pooled: true" in (tmp_path / "run" / "config.yaml").read_text()
     spatial = merge(cfg, ["model.adapter.pooled=false", "train.max_steps=4"])
     with pytest.raises(ValueError, match=r"model\.adapter\.pooled: the run trained True, now False"):
-        train(spatial, init, tmp_path / "run", backbone=backbone, accelerator="cpu", devices=1, progress=False,
-              resume="auto")  # the run's config.yaml refuses it first
+        train(spatial, init, tmp_path / "run", resumed, backbone=backbone)  # the run's config.yaml refuses it first
     with pytest.raises(ValueError, match=r"model\.adapter\.pooled=true.*model\.adapter\.pooled=false"):
-        train(spatial, init, tmp_path / "run", backbone=backbone, accelerator="cpu", devices=1, progress=False,
-              resume="auto", accept_changes=("model.adapter.pooled",))  # accepted there: the checkpoint refuses it
+        train(spatial, init, tmp_path / "run", dataclasses.replace(resumed, accept_changes=("model.adapter.pooled",)),
+              backbone=backbone)  # accepted there: the checkpoint refuses it

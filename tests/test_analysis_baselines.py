@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion, relative_feature_distance, total_variation
+from featinv.analysis.baselines import PixelInversionConfig, pixel_inversion, total_variation
 from featinv.demo.digits import DigitsCNN, make_extractor
+from featinv.diffusion.guidance import relative_feature_distance
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from featinv.config import PRESETS, BackboneConfig
-from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone
+from featinv.config import BACKBONE_HELP, BACKBONE_PRESETS, PRESETS, BackboneConfig
+from featinv.nets.backbone import FeatureExtractor, build_backbone
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -87,6 +87,7 @@ def test_paper_presets_feature_shapes(preset, shape):
     with torch.device("meta"):  # shapes only: no memory, no FLOPs
         fe = build_backbone(cfg)
     assert fe.feature_shape == shape
+    assert "x".join(map(str, shape)) in BACKBONE_HELP[preset] and f"{cfg.image_size} px" in BACKBONE_HELP[preset]
 
 
 def test_user_module_with_feature_fn():

@@ -131,7 +131,8 @@ def test_a_bad_value_in_the_yaml_names_the_file(tmp_path):
 def test_non_finite_numbers_are_refused_naming_the_field():
     import pytest as _pytest
 
-    from featinv.config import PRESETS, SampleConfig, merge
+    from featinv.checkpoint.config_file import merge
+    from featinv.config import PRESETS, SampleConfig
 
     with _pytest.raises(ValueError, match=r"TrainConfig.lr must be a finite number, got nan"):
         merge(PRESETS["tiny"], ["train.lr=nan"])

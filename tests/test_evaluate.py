@@ -10,19 +10,25 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 import torchmetrics.image.fid
+from analysis_helpers import random_extractor
 from PIL import Image
 
+from featinv.checkpoint.config_file import to_dict
 from featinv.commands.evaluate import main
-from featinv.config import PRESETS, to_dict
+from featinv.config import PRESETS
 from featinv.jobs.evaluate import evaluate_folder, read_layout
 from featinv.metrics import (
+    backbone_outputs,
     compare_outputs,
     cosine_similarity_pooled,
     cosine_similarity_spatial,
     frechet_distance,
     gaussian_stats,
     make_fid,
+    read_back,
+    to_backbone,
     topk_correct,
 )
 from featinv.nets.backbone import build_backbone
@@ -73,6 +79,37 @@ def test_frechet_distance_matches_scipy_sqrtm_for_full_covariances():
     covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy()).real
     expected = ((mu1 - mu2) ** 2).sum().item() + np.trace(s1.numpy() + s2.numpy() - 2 * covmean)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_to_backbone_is_every_sites_resize():
+    """One resize for evaluation, the analyses, the app and feature guidance: bilinear, antialiased; the
+    sites' former calls (with or without align_corners=False, which is bilinear's default) are the same."""
+    x = torch.rand(2, 3, 3, 12, 12) * 1.2 - 0.1                             # a little outside [0, 1]
+    flat = x.flatten(0, 1)
+    plain = F.interpolate(flat, size=(8, 8), mode="bilinear", antialias=True)
+    assert torch.equal(to_backbone(x, 8), plain)
+    assert torch.equal(to_backbone(x, 8), F.interpolate(flat, size=(8, 8), mode="bilinear", antialias=True,
+                                                         align_corners=False))
+    assert torch.equal(to_backbone(x, 8, clamp=True), plain.clamp(0, 1))
+    assert torch.equal(to_backbone(x, 12, clamp=True), flat)                # at the backbone's size: untouched
+    g = x.clone().requires_grad_(True)
+    to_backbone(g, 8).sum().backward()                                      # guidance differentiates through it
+    assert g.grad.abs().sum() > 0
+
+
+def test_read_back_keeps_leading_dims_and_chunks():
+    ext = random_extractor()
+    samples = torch.rand(2, 5, 3, 12, 12)
+    feats, logits = read_back(ext, samples, chunk=3)
+    assert feats.shape == (2, 5, *ext.feature_shape) and logits.shape == (2, 5, 10)
+    whole_f, whole_l = read_back(ext, samples, chunk=None)
+    assert torch.allclose(feats, whole_f, atol=1e-5) and torch.allclose(logits, whole_l, atol=1e-5)
+    x = to_backbone(samples, 8)
+    with torch.no_grad():
+        assert torch.equal(whole_f.flatten(0, 1), ext(x).float())
+        assert torch.equal(whole_l.flatten(0, 1), ext.classify(x))
+    f_cpu, l_cpu = backbone_outputs(ext, samples[0])
+    assert torch.equal(f_cpu, whole_f[0]) and torch.equal(l_cpu, whole_l[0])
 
 
 def _no_fidelity(*args, **kwargs):

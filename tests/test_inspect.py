@@ -9,12 +9,13 @@ import torch
 from conftest import Evil, write_ldm_checkpoint
 from safetensors.torch import save_file
 
+from featinv.checkpoint.config_file import to_dict
 from featinv.checkpoint.inspect import describe, match_preset
 from featinv.checkpoint.layout import CheckpointError
 from featinv.checkpoint.load import load_into, save_featinv
 from featinv.cli import main as cli_main
 from featinv.commands.inspect import main
-from featinv.config import PRESETS, AdapterConfig, to_dict
+from featinv.config import PRESETS, AdapterConfig
 from featinv.nets.model import FeatInv
 
 TINY = PRESETS["tiny"].model

@@ -62,7 +62,7 @@ def _record(run_dir, cfg):
 
 
 def test_resuming_with_another_config_names_each_field_and_both_values(tmp_path):
-    from featinv.config import merge
+    from featinv.checkpoint.config_file import merge
     from featinv.training.run_config import check_resumed_config
 
     run = tmp_path / "run"

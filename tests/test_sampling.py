@@ -9,17 +9,10 @@ from conftest import assert_close_rel
 from featinv.checkpoint.load import load_into
 from featinv.config import PRESETS, DiffusionConfig
 from featinv.diffusion.guidance import guided_eps_fn
-from featinv.diffusion.samplers import (
-    SAMPLERS,
-    ddim_sample,
-    ddim_schedule,
-    ddim_timesteps,
-    dpmpp_2m_sample,
-    randn_like,
-    sample,
-)
-from featinv.diffusion.schedule import alphas_cumprod, betas, q_sample, sigma_from_alpha
+from featinv.diffusion.samplers import ddim_sample, ddim_schedule, ddim_timesteps, dpmpp_2m_sample, randn_like, sample
+from featinv.diffusion.schedule import alphas_cumprod, betas, q_sample
 from featinv.nets.model import FeatInv
+from featinv.registry import SAMPLERS, STOCHASTIC_SAMPLERS
 
 AC = alphas_cumprod(DiffusionConfig())
 
@@ -70,10 +63,11 @@ def test_ddim_eta0_equals_euler_on_scaled_variable():
     x_T, ts = torch.randn(3, 4), ddim_timesteps(5)
     out = ddim_sample(eps_fn, x_T, AC, ts)
     alphas, alphas_prev, _ = ddim_schedule(AC, ts, 0.0)
+    sigma = lambda a: ((1.0 - a) / a).sqrt()  # noqa: E731  the VE noise level of x/√ᾱ (k-diffusion's)
     x = x_T
     for i in reversed(range(5)):
         t = torch.full((3,), int(ts[i]))
-        s, s_prev = sigma_from_alpha(alphas[i]), sigma_from_alpha(alphas_prev[i])
+        s, s_prev = sigma(alphas[i]), sigma(alphas_prev[i])
         x_tilde = x / alphas[i].sqrt() + (s_prev - s) * eps_fn(x, t)
         x = x_tilde * alphas_prev[i].sqrt()
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
@@ -208,8 +202,9 @@ def test_sample_dispatch():
     eps_fn = lambda x, t: 0.1 * x  # noqa: E731
     x_T, ts = torch.randn(3, 2, 4, 4), ddim_timesteps(4)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    assert torch.equal(sample("ddim", eps_fn, x_T, AC, ts, 1.0, gens),
-                       ddim_sample(eps_fn, x_T, AC, ts, 1.0, [torch.Generator().manual_seed(s) for s in (1, 2, 3)]))
+    assert torch.equal(sample("ddim", eps_fn, x_T, AC, ts, eta=1.0, generator=gens),
+                       ddim_sample(eps_fn, x_T, AC, ts, eta=1.0,
+                                   generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)]))
     batch = sample("dpmpp_2m", eps_fn, x_T, AC, ts)
     assert torch.equal(batch[1:2], sample("dpmpp_2m", eps_fn, x_T[1:2], AC, ts))  # per sample: x_T alone
     assert set(SAMPLERS) == {"ddim", "dpmpp_2m"}
@@ -217,3 +212,23 @@ def test_sample_dispatch():
         sample("euler", eps_fn, x_T, AC, ts)
     with pytest.raises(ValueError, match="deterministic"):
         sample("dpmpp_2m", eps_fn, x_T, AC, ts, eta=0.5)
+
+
+def test_every_registered_sampler_takes_the_one_signature():
+    """featinv.registry.SAMPLERS: each entry loads, runs as f(eps_fn, x_T, ᾱ, timesteps, *, eta, generator,
+    callback, **options), and refuses η != 0 unless it is listed stochastic; sample() passes options through."""
+    eps_fn = lambda x, t: 0.1 * x  # noqa: E731
+    x_T, ts = torch.randn(2, 3), ddim_timesteps(3)
+    for name, entry in SAMPLERS.items():
+        fn = entry.load()
+        seen = []
+        out = fn(eps_fn, x_T, AC, ts, eta=0.0, generator=None, callback=lambda i, x, x0: seen.append(i))
+        assert out.shape == x_T.shape and seen == list(range(len(ts))), name
+        if name in STOCHASTIC_SAMPLERS:
+            noisy = fn(eps_fn, x_T, AC, ts, eta=1.0, generator=torch.Generator().manual_seed(0))
+            assert not torch.equal(noisy, out), name
+        else:
+            with pytest.raises(ValueError, match="deterministic"):
+                fn(eps_fn, x_T, AC, ts, eta=0.5)
+    assert torch.equal(sample("dpmpp_2m", eps_fn, x_T, AC, ts, lower_order_final=True),
+                       dpmpp_2m_sample(eps_fn, x_T, AC, ts, lower_order_final=True))

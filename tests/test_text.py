@@ -3,10 +3,10 @@ import pytest
 import torch
 from conftest import assert_close_rel, assert_matches_reference_keys, strip_prefix
 
-from featinv.config import TextConfig
+from featinv.config import TINY_MODEL, TextConfig
 from featinv.nets.text import BOS_TOKEN, EOS_TOKEN, CLIPTextEncoder, tokenize
 
-TINY = TextConfig(width=32, layers=1, heads=2, mlp_width=64)
+TINY = TINY_MODEL.text
 PREFIX = "cond_stage_model.transformer.text_model."
 # The fixture prompts: inference-style (ends in ", ") and a plain caption.
 PROMPTS = ["a high-quality, detailed, and professional image, ", "a photo of a red fox in the snow"]

@@ -15,12 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from featinv.checkpoint.build_control import build_control
+from featinv.checkpoint.config_file import merge
 from featinv.checkpoint.load import load_featinv
-from featinv.config import PRESETS, merge
+from featinv.config import PRESETS
 from featinv.data import ImageDataset, collate_skip
 from featinv.diffusion.schedule import alphas_cumprod, eps_loss
 from featinv.nets.backbone import build_backbone
-from featinv.training.loop import AtomicCheckpointIO, train
+from featinv.training.loop import AtomicCheckpointIO, TrainRun, train
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def photos(tmp_path_factory):
 
 
 ADAPTER_WIDTH = 64  # the fixture's 512-wide adapter would dominate the CPU time of these tests
+QUIET = TrainRun(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_overfitting_photos_the_loss_falls(photos, init_ckpt, backbone, tmp_path
     cfg = tiny_cfg(photos, max_steps=60, checkpoint_every=0, drop_prob=0.0, log_images_every=30,
                    log_images_count=2, log_images_steps=2)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=4))
-    out = train(cfg, init_ckpt, tmp_path / "run", backbone=backbone, progress=False)
+    out = train(cfg, init_ckpt, tmp_path / "run", QUIET, backbone=backbone)
     with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 60 and all(torch.isfinite(torch.tensor(float(r["train/loss"]))) for r in rows)
@@ -103,15 +105,15 @@ def test_overfitting_photos_the_loss_falls(photos, init_ckpt, backbone, tmp_path
 
 @pytest.mark.parametrize("stop", [3, 2], ids=["epoch-end", "mid-epoch"])  # 3 batches an epoch
 def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, backbone, tmp_path, stop):
-    full = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "full", progress=False,
+    full = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "full", QUIET,
                  backbone=backbone)
-    train(tiny_cfg(photos, max_steps=stop, checkpoint_every=stop), init_ckpt, tmp_path / "part", progress=False,
+    train(tiny_cfg(photos, max_steps=stop, checkpoint_every=stop), init_ckpt, tmp_path / "part", QUIET,
           backbone=backbone)
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == stop
     assert all(k.startswith("model.control.") for k in ckpt["state_dict"])  # only what trains
-    resumed = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "part", progress=False,
-                    resume="auto", backbone=backbone)
+    resumed = train(tiny_cfg(photos, max_steps=5, checkpoint_every=0), init_ckpt, tmp_path / "part",
+                    TrainRun(resume="auto", progress=False), backbone=backbone)
     a, b = control_weights(full), control_weights(resumed)
     assert any(not torch.equal(a[k], load_file(init_ckpt)[k]) for k in a)
     for k in a:
@@ -120,7 +122,7 @@ def test_resume_reproduces_the_uninterrupted_run(photos, init_ckpt, backbone, tm
 
 def test_unlock_decoder_trains_unet_output_blocks_only(photos, init_ckpt, tmp_path):
     out = train(tiny_cfg(photos, max_steps=2, checkpoint_every=0, unlock_decoder=True), init_ckpt, tmp_path / "r",
-                progress=False)
+                QUIET)
     init, final = load_file(init_ckpt), load_file(out)
     changed = {".".join(k.split(".")[:3]) for k in init if not torch.equal(init[k], final[k])}
     assert {c for c in changed if not c.startswith("control_model.")} <= {
@@ -147,7 +149,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(photos, init_ckpt, t
 def test_raising_max_steps_continues_exactly(photos, init_ckpt, backbone, tmp_path):
     """README pattern: a run stopped by max_steps mid-epoch, continued with a larger max_steps."""
     run = lambda steps, name, **kw: train(tiny_cfg(photos, max_steps=steps, checkpoint_every=0), init_ckpt,
-                                          tmp_path / name, progress=False, backbone=backbone, **kw)
+                                          tmp_path / name, TrainRun(progress=False, **kw), backbone=backbone)
     full = run(5, "full")
     run(4, "part")  # 3 batches an epoch: stops after the first batch of epoch 1
     ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -161,7 +163,7 @@ def test_raising_max_steps_continues_exactly(photos, init_ckpt, backbone, tmp_pa
 def test_auto_resume_skips_checkpoints_that_do_not_load(photos, init_ckpt, backbone, tmp_path, capsys):
     """A full disk leaves a cut-short or empty checkpoint: resume from the newest one that loads."""
     cfg = lambda steps: tiny_cfg(photos, max_steps=steps, checkpoint_every=2)
-    train(cfg(4), init_ckpt, tmp_path / "run", progress=False, backbone=backbone)
+    train(cfg(4), init_ckpt, tmp_path / "run", QUIET, backbone=backbone)
     ckpts = tmp_path / "run" / "checkpoints"
     good = ckpts / "step00000004.ckpt"
     assert good.exists()
@@ -169,7 +171,7 @@ def test_auto_resume_skips_checkpoints_that_do_not_load(photos, init_ckpt, backb
     (ckpts / "step00000006.ckpt").write_bytes(data[:len(data) * 2 // 3])  # newer, truncated
     (ckpts / "last.ckpt").write_bytes(b"")  # newest, empty
     capsys.readouterr()
-    out = train(cfg(5), init_ckpt, tmp_path / "run", progress=False, backbone=backbone, resume="auto")
+    out = train(cfg(5), init_ckpt, tmp_path / "run", TrainRun(resume="auto", progress=False), backbone=backbone)
     notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: not resuming")]
     assert len(notes) == 2 and "last.ckpt" in notes[0] and "step00000006.ckpt" in notes[1], notes
     assert load_file(out) and safe_metadata(out)["featinv_train_steps"] == "5"

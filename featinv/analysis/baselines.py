@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from featinv.diffusion.guidance import relative_feature_distance
+
 
 @dataclass(frozen=True)
 class PixelInversionConfig:
@@ -47,16 +49,11 @@ def total_variation(images: Tensor, beta: float = 2.0) -> Tensor:
     return per_pixel.flatten(1).mean(1)
 
 
-def relative_feature_distance(feats: Tensor, target: Tensor) -> Tensor:
-    """||φ - φ*||² / ||φ*||² per row: (B, ...) and (B, ...) -> (B,) (Mahendran & Vedaldi 2015, Sec. 2:
-    the normalised Euclidean loss; the same distance feature guidance descends)."""
-    return (feats.float() - target.float()).flatten(1).square().sum(1) / target.float().flatten(1).square().sum(1).clamp_min(1e-12)
-
-
 def pixel_inversion(feature_fn: Callable[[Tensor], Tensor], target: Tensor, image_size: int,
                     cfg: PixelInversionConfig = PixelInversionConfig(),
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Adam on the pixels from noise: minimise ||φ(x) - φ*||² / ||φ*||² + λ_TV·R_TV^β(x) over x in [0, 1].
+    """Adam on the pixels from noise: minimise ||φ(x) - φ*||² / ||φ*||² + λ_TV·R_TV^β(x) over x in [0, 1]
+    (the distance: :func:`featinv.diffusion.guidance.relative_feature_distance`).
 
     feature_fn: images (B, 3, S, S) in [0, 1] -> features (B, ...) like ``target``, differentiable
     (e.g. a :class:`featinv.nets.backbone.FeatureExtractor`); target: (B, ...) feature maps to match;

@@ -1,16 +1,22 @@
-"""Config files: a preset name, a project YAML or a reference-style (``target:``/``params:``) YAML.
+"""Config files and config (de)serialisation: a preset name, a project YAML or a reference-style
+(``target:``/``params:``) YAML -> :class:`~featinv.config.FeatInvConfig`; strict merging of mappings and
+dotlists onto a config (``OmegaConf.structured``: an unknown key is an error naming it); plain dicts.
 
-Apart from config.py so that config stays a leaf: the reference YAML is translated by
+Apart from config.py so that config stays a plain leaf: the reference YAML is translated by
 :func:`featinv.checkpoint.reference_yaml.config_from_reference_yaml`, next to the checkpoint key table.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from featinv.checkpoint.reference_yaml import config_from_reference_yaml
-from featinv.config import PRESETS, FeatInvConfig, merge
+from featinv.config import PRESETS, FeatInvConfig
 
 
 def load_config(path_or_preset: str, overrides: list[str] | None = None) -> FeatInvConfig:
@@ -50,3 +56,39 @@ def load_config(path_or_preset: str, overrides: list[str] | None = None) -> Feat
         raise ValueError(f"{path}: {e}") from None
 
 
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples become lists) of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mappings -> one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def from_dict(cls: type, data: dict | None) -> Any:
+    """Build config dataclass ``cls`` from a (possibly partial) mapping; unknown keys fail."""
+    return merge(cls(), data or {})
+
+
+def merge(base: Any, *overrides: Any) -> Any:
+    """Merge mappings / dotlists onto a config dataclass instance, strictly.
+
+    ``overrides`` are dicts or lists of ``"a.b=value"`` strings. Unknown keys and wrong types
+    raise ``ValueError`` naming the key.
+    """
+    conf = OmegaConf.structured(base)
+    try:
+        for ov in overrides:
+            if isinstance(ov, (list, tuple)):
+                ov = OmegaConf.from_dotlist(list(ov))
+            conf = OmegaConf.merge(conf, ov)
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid config for {type(base).__name__}: {e}") from None

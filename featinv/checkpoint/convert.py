@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from featinv.checkpoint.config_file import to_dict
 from featinv.checkpoint.hub import looks_like_hub_id
 from featinv.checkpoint.layout import METADATA_KEY, CheckpointError, reference_key
-from featinv.checkpoint.load import read_source, read_state_dict
-from featinv.config import to_dict
+from featinv.checkpoint.load import read_source, read_state_dict, unwrap_state_dict
 from featinv.diffusion.schedule import SCHEDULE_KEYS, schedule_buffers
 from featinv.io import atomic_save
 
@@ -37,10 +37,7 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust
         if not src.is_file():
             raise FileNotFoundError(f"checkpoint not found: {src}")
         obj = torch.load(src, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(src))
-        sd = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict'), "
-                                  f"found {type(sd).__name__}")
+        sd, _ = unwrap_state_dict(obj, src, tensors_only=False)  # non-tensor entries are skipped below
     else:
         sd, metadata = read_state_dict(src)
     tensors, storages = {}, set()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from featinv.checkpoint.config_file import load_config
+from featinv.checkpoint.config_file import flatten, from_dict, load_config, to_dict
 from featinv.checkpoint.layout import COMPONENT_NAMES, HARMLESS, CheckpointError, component_of, from_reference
 from featinv.checkpoint.load import (
     check_schedule,
@@ -24,7 +24,7 @@ from featinv.checkpoint.load import (
     nonfinite_counts,
     read_checkpoint,
 )
-from featinv.config import PRESETS, ModelConfig, from_dict, to_dict
+from featinv.config import PRESETS, ModelConfig
 from featinv.nets.model import FeatInv
 
 WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")
@@ -76,19 +76,12 @@ def _kind(components: dict) -> str:
     return "unrecognised (no UNet, control branch, VAE or text encoder keys)"
 
 
-def _leaves(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def match_preset(cfg: ModelConfig, has_control: bool = True) -> str | None:
     """The preset ``cfg`` equals (gradient_checkpointing ignored), a preset plus adapter changes, or None.
 
     Without a control branch the adapter is unknown, so adapter fields are not compared."""
     def comparable(c: ModelConfig) -> dict:
-        leaves = _leaves(to_dict(c))
+        leaves = flatten(to_dict(c))
         return {k: v for k, v in leaves.items()
                 if k != "unet.gradient_checkpointing" and (has_control or not k.startswith("adapter."))}
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from featinv.checkpoint.config_file import from_dict, to_dict
 from featinv.checkpoint.hub import DIFFUSERS_FILES, local_source
 from featinv.checkpoint.layout import (
     COMPONENT_NAMES,
@@ -41,8 +42,6 @@ from featinv.config import (
     TextConfig,
     UNetConfig,
     VAEConfig,
-    from_dict,
-    to_dict,
 )
 from featinv.diffusion.schedule import schedule_buffers
 from featinv.io import atomic_save
@@ -91,11 +90,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 f"`featinv convert {path} OUT.safetensors --trust-pickle` (this unpickles it fully). "
                 f"Details: {detail}") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    sd, container = unwrap_state_dict(obj, path)
+    return sd, {}, container
+
+
+def unwrap_state_dict(obj, source: str | os.PathLike, tensors_only: bool = True) -> tuple[dict, dict | None]:
+    """(state dict, the torch.save dict that wraps it or None) of what ``torch.load`` returned: a plain
+    state dict, or a dict whose ``state_dict`` entry is one (a Lightning checkpoint). Anything else is a
+    CheckpointError naming ``source``; so is a non-tensor value, unless ``tensors_only`` is False."""
     container = obj if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
     sd = container["state_dict"] if container is not None else obj
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a state dict (or a dict with 'state_dict'), found {type(sd).__name__}")
-    return sd, {}, container
+    if not isinstance(sd, dict) or (tensors_only and not all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise CheckpointError(f"{source}: expected a state dict (or a dict with 'state_dict'), "
+                              f"found {type(sd).__name__}")
+    return sd, container
 
 
 def _examples(keys: list[str], n: int = 3) -> str:

@@ -9,7 +9,7 @@ from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import RUN_CONFIG
 from featinv.io import check_output_folder, check_writable
 from featinv.jobs.lock import folder_lock
-from featinv.training.loop import effective_config, train
+from featinv.training.loop import TrainRun, effective_config, train
 
 
 @command("train", resumes=True)
@@ -41,9 +41,9 @@ def main(argv: list[str]) -> int:
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     with cleanup_on_failure(args.run_dir), folder_lock(args.run_dir, "--run-dir"):  # one job per run
-        train(cfg, args.init, args.run_dir, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-              accelerator=args.accelerator, resume=None if args.resume == "none" else args.resume,
-              accept_changes=tuple(args.accept_change))
+        train(cfg, args.init, args.run_dir, TrainRun(
+            accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+            resume=None if args.resume == "none" else args.resume, accept_changes=tuple(args.accept_change)))
     return 0
 
 

@@ -18,19 +18,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from featinv.checkpoint.config_file import merge
 from featinv.checkpoint.load import save_minisd
 from featinv.config import (
     DEMO_OUT,
     PROMPT,
+    TINY_MODEL,
     WEIGHTS_FILE,
     AdapterConfig,
     FeatInvConfig,
     ModelConfig,
     SampleConfig,
-    TextConfig,
-    UNetConfig,
     VAEConfig,
-    merge,
 )
 from featinv.demo.digits import DigitsCNN, DigitsDataset, load_digits_split, make_extractor, rgb, train_classifier
 from featinv.diffusion.schedule import alphas_cumprod, eps_loss
@@ -57,7 +56,7 @@ class DemoSettings:
     control_lr: float = 1e-3      # 3e-3 diverged in calibration
     eval_digits: int = 180        # held-out digits reconstructed
     samples: int = 3              # K reconstructions per digit
-    sample_steps: int = 20        # DDIM steps
+    sample_steps: int = 20        # sampler steps
     guidance: float = 5.5         # classifier-free guidance (uncond: zero feature map + empty prompt)
 
 
@@ -71,14 +70,15 @@ QUICK = DemoSettings(vae_steps=120, unet_steps=600, unet_batch=32, control_steps
 # ----- the miniSD stand-in: VAE + UNet -----------------------------------------------------------------
 
 def model_config(s: DemoSettings, hint_channels: int, scale_factor: float = 1.0) -> ModelConfig:
-    """The tiny FeatInv model: a small VAE, the 'tiny' UNet, a random 1-layer CLIP."""
+    """The tiny FeatInv model (featinv.config.TINY_MODEL: a small VAE, the 'tiny' UNet, a random 1-layer
+    CLIP) at the demo's UNet width, attention levels, VAE levels and latent grid."""
     latent = s.image_size // 2 ** (len(s.vae_mult) - 1)
     return ModelConfig(
-        unet=UNetConfig(model_channels=s.model_channels, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=tuple(s.attention), num_heads=2, context_dim=32),
+        unet=dataclasses.replace(TINY_MODEL.unet, model_channels=s.model_channels,
+                                 attention_resolutions=tuple(s.attention)),
         adapter=AdapterConfig(in_channels=hint_channels, width=64, grid=latent),
-        vae=VAEConfig(ch=32, ch_mult=tuple(s.vae_mult), num_res_blocks=1, scale_factor=scale_factor),
-        text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
+        vae=dataclasses.replace(TINY_MODEL.vae, ch_mult=tuple(s.vae_mult), scale_factor=scale_factor),
+        text=TINY_MODEL.text,
         latent_size=latent,
     )
 
@@ -197,7 +197,7 @@ def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: tor
     if final.exists():
         log(f"4/4 control branch: cached ({final})")
         return final
-    from featinv.training.loop import train
+    from featinv.training.loop import TrainRun, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -208,9 +208,9 @@ def _stage_control(cache: Path, data: dict, s: DemoSettings, seed: int, dev: tor
                   "checkpoint_every": s.control_steps, "seed": seed},
     })
     log(f"4/4 control branch: featinv.training.loop.train, {s.control_steps} steps")
-    train(cfg, cache / "featinv_init.safetensors", run_dir, backbone=extractor,
-          dataset=DigitsDataset(data["x_train"], data["y_train"]),
-          accelerator="cuda" if dev.type == "cuda" else "cpu", devices=1, progress=True)
+    launch = TrainRun(accelerator="cuda" if dev.type == "cuda" else "cpu", devices=1)
+    train(cfg, cache / "featinv_init.safetensors", run_dir, launch, backbone=extractor,
+          dataset=DigitsDataset(data["x_train"], data["y_train"]))
     return final
 
 

@@ -12,6 +12,13 @@ from featinv.diffusion.samplers import EpsFn
 from featinv.diffusion.schedule import pred_x0
 
 
+def relative_feature_distance(feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||φ - φ*||² / ||φ*||² per row, in float32: (B, ...) and (B, ...) -> (B,). The normalised Euclidean
+    loss of Mahendran & Vedaldi 2015 (Sec. 2), which feature guidance and pixel inversion descend."""
+    target = target.float()
+    return (feats.float() - target).flatten(1).square().sum(1) / target.flatten(1).square().sum(1).clamp_min(1e-12)
+
+
 def guided_eps_fn(model_fn: Callable[..., torch.Tensor], cond: dict, uncond: dict, scale: float) -> EpsFn:
     """Classifier-free guidance as one ε-callable: ε = ε_u + s·(ε_c − ε_u).
 
@@ -58,7 +65,6 @@ def feature_guided_eps_fn(eps_fn: EpsFn, decode_fn: Callable[[torch.Tensor], tor
     if guidance.scale == 0:
         return eps_fn
     target = target.detach().float()
-    target_sq = target.flatten(1).square().sum(1).clamp_min(1e-12)  # (B,)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         on = (t >= guidance.t_min) & (t <= guidance.t_max)  # (B,)
@@ -75,7 +81,7 @@ def feature_guided_eps_fn(eps_fn: EpsFn, decode_fn: Callable[[torch.Tensor], tor
             if feats.shape != target.shape:
                 raise ValueError(f"feature guidance: features of shape {tuple(feats.shape)} for a target of shape "
                                  f"{tuple(target.shape)}")
-            dist = (feats.float() - target).flatten(1).square().sum(1) / target_sq  # (B,)
+            dist = relative_feature_distance(feats, target)  # (B,)
             (grad,) = torch.autograd.grad(dist.sum(), x_in)  # rows are independent: each its own gradient
         weight = guidance.scale * (1.0 - a_t).sqrt() * on.view(a_t.shape).to(a_t.dtype)
         return (eps.detach() + weight * grad.to(eps.dtype)).to(x.dtype)

@@ -1,10 +1,11 @@
-"""Reconstruction: classifier feature map -> K images through guided DDIM (a library; no I/O).
+"""Reconstruction: classifier feature map -> K images through a guided sampler (a library; no I/O).
 
 :class:`Reconstructor` runs every (image, sample) pair of a call through ONE sampler run with both
 guidance branches in one batched forward, computes the adapter output (hint) and the prompt
 contexts once, and seeds each (key, k) with its own generator, so a sample's pixels do not depend
-on the batch it was generated in. Sampling is DDIM (Song et al. 2021, "Denoising Diffusion Implicit
-Models", eq. 12) with classifier-free guidance (Ho & Salimans 2022), as in FeatInv (arXiv 2505.21032).
+on the batch it was generated in. Sampling is ``SampleConfig.sampler`` (by default DDIM, Song et al. 2021,
+"Denoising Diffusion Implicit Models", eq. 12) with classifier-free guidance (Ho & Salimans 2022), as in
+FeatInv (arXiv 2505.21032).
 Optionally, training-free feature guidance (:func:`featinv.diffusion.guidance.feature_guided_eps_fn`) steers the
 samples towards the feature maps they are reconstructed from, through the backbone's gradient.
 The ImageNet-val folder job built on it is :mod:`featinv.jobs.reconstruct`.
@@ -15,13 +16,13 @@ import hashlib
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from featinv.config import FeatureGuidanceConfig, SampleConfig
 from featinv.diffusion.guidance import feature_guided_eps_fn, guided_eps_fn
 from featinv.diffusion.samplers import EpsFn, ddim_timesteps
 from featinv.diffusion.samplers import sample as run_sampler
 from featinv.diffusion.schedule import alphas_cumprod
+from featinv.metrics import to_backbone
 from featinv.nets.backbone import FeatureExtractor
 from featinv.nets.model import FeatInv, guess_mode_scales
 
@@ -133,7 +134,7 @@ class Reconstructor:
 
     def start_noise(self, keys: list[str]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """x_T (B·K, C, h, w) float32 on the device, one CPU generator per (key, k) (the same noise on
-        every device), and those generators (they go on to draw DDIM's η noise)."""
+        every device), and those generators (they go on to draw a stochastic sampler's η noise)."""
         generators = [torch.Generator().manual_seed(sample_seed(self.cfg.seed, key, k))
                       for key in keys for k in range(self.cfg.num_samples)]
         size, channels = self.model.cfg.latent_size, self.model.cfg.unet.in_channels
@@ -154,11 +155,7 @@ class Reconstructor:
     def _guidance_features(self, images: torch.Tensor) -> torch.Tensor:
         """Decoded images (N, 3, H, W) in [-1, 1] -> the backbone's features, differentiable (no clamp:
         it would zero the gradient of pixels outside the range)."""
-        x = (images.float() + 1) / 2
-        size = self.backbone.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return self.backbone(x).float()
+        return self.backbone(to_backbone((images.float() + 1) / 2, self.backbone.image_size)).float()
 
     @torch.no_grad()
     def _sample(self, feats: torch.Tensor, keys: list[str]) -> torch.Tensor:
@@ -167,8 +164,8 @@ class Reconstructor:
         x_T, generators = self.start_noise(keys)
         timesteps = ddim_timesteps(cfg.steps, model.cfg.diffusion.timesteps, cfg.spacing)
         with self._autocast():
-            latents = run_sampler(cfg.sampler, self.eps_fn(feats), x_T, alphas_cumprod(model.cfg.diffusion), timesteps, cfg.eta,
-                                  generators)
+            latents = run_sampler(cfg.sampler, self.eps_fn(feats), x_T, alphas_cumprod(model.cfg.diffusion), timesteps,
+                                  eta=cfg.eta, generator=generators)
             images = model.decode_latents(latents)
         images = ((images.float() + 1) / 2).clamp(0, 1)
         return images.view(len(keys), cfg.num_samples, *images.shape[1:])

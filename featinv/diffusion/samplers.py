@@ -1,4 +1,6 @@
-"""Samplers (DDIM, DPM-Solver++(2M)), classifier-free and feature guidance as plain functions over an ε-callable.
+"""Samplers (DDIM, DPM-Solver++(2M)) as plain functions over an ε-callable, all with one signature:
+``f(eps_fn, x_T, alphas_cumprod, timesteps, *, eta=0.0, generator=None, callback=None, **options)``
+(k-diffusion's habit), registered by name in :data:`featinv.registry.SAMPLERS`.
 
 Conventions pinned by the reference fixtures (DDIM: Song et al. 2021, eq. 12; CFG: Ho & Salimans 2022): uniform spacing
 ``arange(0, T, T // S) + 1``; the last step's ᾱ_prev is ᾱ[0] (not 1); the sample returned is
@@ -11,8 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from featinv.config import SAMPLER_NAMES, SPACINGS, STOCHASTIC_SAMPLERS, check_eta
+from featinv.config import SPACINGS, check_eta
 from featinv.diffusion.schedule import log_snr, pred_x0
+from featinv.registry import SAMPLERS
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -67,9 +70,8 @@ def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
-                eta: float = 0.0, generator: Generators = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+                eta: float = 0.0, generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
     """Run DDIM from x_T down the given timesteps.
 
     eps_fn(x, t): x (B, ...) like x_T, t (B,) int64 -> ε (B, ...). Any callable works.
@@ -97,16 +99,19 @@ def ddim_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, 
 
 
 @torch.no_grad()
-def dpmpp_2m_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
-                    callback: Callback | None = None, lower_order_final: bool = False) -> torch.Tensor:
+def dpmpp_2m_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+                    eta: float = 0.0, generator: Generators = None, callback: Callback | None = None,
+                    lower_order_final: bool = False) -> torch.Tensor:
     """Run DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE in data
     prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2), for an ε-prediction model.
 
     Same arguments, grid and output as :func:`ddim_sample` with η = 0: the model runs once at each of
     the (n,) ascending ``timesteps``, from the largest down, and the last step lands on ᾱ[0].
-    Deterministic, so it takes no generator: per-sample reproducibility comes from x_T alone.
-    The first step is first order (it equals DDIM); ``lower_order_final`` makes the last one first
-    order too. callback(i, x, pred_x0) is called after each step. Returns the final latent."""
+    Deterministic: η != 0 is a ValueError and ``generator`` is not used (per-sample reproducibility
+    comes from x_T alone). The first step is first order (it equals DDIM); ``lower_order_final``
+    makes the last one first order too. callback(i, x, pred_x0) is called after each step. Returns
+    the final latent."""
+    check_eta("dpmpp_2m", eta)
     ac = alphas_cumprod.detach().cpu().double()
     ts = timesteps.cpu().flip(0)  # descending: the order the model is called in
     grid = torch.cat([ac[ts], ac[:1]])  # ᾱ at t_0 > t_1 > ... > t_n, the last being ᾱ[0] like DDIM's last ᾱ_prev
@@ -134,21 +139,13 @@ def dpmpp_2m_sample(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
     return x
 
 
-# The registry: config.SAMPLER_NAMES lists the names (so that configs validate them without importing
-# this module); each name's function is ``<name>_sample`` here. A sampler added is one name there.
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {name: globals()[f"{name}_sample"] for name in SAMPLER_NAMES}
-
-
-def sample(sampler: str, eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
-           eta: float = 0.0, generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
-    """Run the sampler named ``sampler`` (a key of :data:`SAMPLERS`); arguments as :func:`ddim_sample`.
-
-    η and the generator reach DDIM only; the ODE solvers are deterministic and refuse η > 0."""
+def sample(sampler: str, eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+           eta: float = 0.0, generator: Generators = None, callback: Callback | None = None,
+           **options) -> torch.Tensor:
+    """Run the sampler named ``sampler`` (a key of :data:`featinv.registry.SAMPLERS`); the other
+    arguments as :func:`ddim_sample`, ``options`` the sampler's own (e.g. dpmpp_2m's ``lower_order_final``).
+    A deterministic sampler refuses η != 0 itself."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    check_eta(sampler, eta)
-    if sampler in STOCHASTIC_SAMPLERS:
-        return SAMPLERS[sampler](eps_fn, x_T, alphas_cumprod, timesteps, eta, generator, callback)
-    return SAMPLERS[sampler](eps_fn, x_T, alphas_cumprod, timesteps, callback=callback)
-
-
+    return SAMPLERS[sampler].load()(eps_fn, x_T, alphas_cumprod, timesteps, eta=eta, generator=generator,
+                                    callback=callback, **options)

@@ -74,11 +74,6 @@ def pred_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor) -> torc
     return (x_t - (1.0 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
 
 
-def sigma_from_alpha(alpha_t: torch.Tensor) -> torch.Tensor:
-    """The VE noise level σ = √((1-ᾱ)/ᾱ) of x/√ᾱ (k-diffusion's parameterisation)."""
-    return ((1.0 - alpha_t) / alpha_t).sqrt()
-
-
 def log_snr(alpha_t: torch.Tensor) -> torch.Tensor:
     """λ = log(√ᾱ/√(1-ᾱ)), the half log-SNR that DPM-Solver steps in (Lu et al. 2022, arXiv 2206.00927)."""
     return 0.5 * (alpha_t.log() - torch.log1p(-alpha_t))

@@ -14,18 +14,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from featinv.config import BackboneConfig
+from featinv.config import BACKBONE_PRESETS, BackboneConfig
 
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
 HeadFn = Callable[[nn.Module, Tensor], Tensor]  # (model, feats (B, C, h, w)) -> logits (B, num_classes)
-
-# The paper's backbones at their evaluation resolution (feature map in the comment).
-BACKBONE_PRESETS: dict[str, BackboneConfig] = {
-    "convnext_base": BackboneConfig(),  # the config's default, the paper's main setting: 1024x9x9 at 288 px
-    "resnet50": BackboneConfig(name="resnet50.a1_in1k", image_size=224),                     # 2048x7x7
-    "swinv2": BackboneConfig(name="swinv2_base_window8_256.ms_in1k", image_size=256),        # 1024x8x8
-    "vit": BackboneConfig(name="vit_base_patch16_224.augreg2_in21k_ft_in1k", image_size=224),  # 768x14x14
-}
 
 
 def check_index(index: int, count: int, what: str, of: str) -> int:
@@ -249,8 +241,9 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
 
 def resolve_backbone(name: str | None, checkpoint: str | None, size: int | None,
                      base: BackboneConfig) -> BackboneConfig:
-    """A backbone named as users name it (a key of BACKBONE_PRESETS or a timm model name, pretrained), with an
-    optional local weights file and input size, onto ``base`` (what a run or config already says)."""
+    """A backbone named as users name it (a key of :data:`featinv.config.BACKBONE_PRESETS` or a timm model
+    name, pretrained), with an optional local weights file and input size, onto ``base`` (what a run or
+    config already says)."""
     cfg = base
     if name:
         preset = BACKBONE_PRESETS.get(name)

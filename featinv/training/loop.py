@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,6 +26,20 @@ from featinv.runtime import quiet_lightning, resolve_precision
 from featinv.training.module import FeatInvModule, _Loader
 from featinv.training.progress import progress_to_stderr
 from featinv.training.run_config import check_resumed_config
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """How :func:`train` runs (what it trains is the FeatInvConfig): Lightning's trainer settings, resume,
+    progress bar."""
+
+    accelerator: str = "auto"              # Lightning's
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    resume: str | Path | None = None       # a Lightning checkpoint; "auto": the newest of the run's that loads
+    accept_changes: tuple[str, ...] = ()   # config fields a resumed run may change (check_resumed_config)
+    progress: bool = True                  # Lightning's progress bar
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -105,23 +120,23 @@ def build_training_model(cfg: FeatInvConfig, init: str | Path, backbone: Feature
     return load_featinv(init, effective_config(cfg, channels).model)
 
 
-def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone: FeatureExtractor | None = None,
-          dataset: Dataset | None = None, devices="auto", num_nodes: int = 1, strategy: str = "auto",
-          accelerator: str = "auto", resume: str | Path | None = None, progress: bool = True,
-          accept_changes: tuple[str, ...] = ()) -> Path:
-    """Train, checkpoint every ``train.checkpoint_every`` steps, export ``<run_dir>/featinv.safetensors``.
+def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, run: TrainRun = TrainRun(), *,
+          backbone: FeatureExtractor | None = None, dataset: Dataset | None = None) -> Path:
+    """Train from the initial checkpoint ``init``, checkpoint every ``train.checkpoint_every`` steps into
+    ``<run_dir>/checkpoints``, export ``<run_dir>/featinv.safetensors``; returns the exported file.
 
     backbone / dataset default to ``build_backbone(cfg.backbone)`` and ``ImageDataset(cfg.data.root)``.
-    resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any.
+    run.resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any.
     A resumed run must keep the run's recorded backbone, model, lr, batch size and data root
-    (:func:`~featinv.training.run_config.check_resumed_config`) but for the fields named in ``accept_changes``.
+    (:func:`~featinv.training.run_config.check_resumed_config`) but for the fields named in ``run.accept_changes``.
     Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch."""
     run_dir = Path(run_dir)
     quiet_lightning()
+    resume = run.resume
     if resume == "auto":  # the newest checkpoint of the run that loads
         resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
     if resume:  # before anything loads: the same run, or a change the user accepted by name
-        check_resumed_config(run_dir, cfg, accept_changes)
+        check_resumed_config(run_dir, cfg, run.accept_changes)
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
     if dataset is None:
         if not cfg.data.root:
@@ -136,12 +151,12 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, *, backbone
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}",
                                            auto_insert_metric_name=False, every_n_train_steps=cfg.train.checkpoint_every
                                            or None, save_top_k=1, save_last=True)
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                         precision=resolve_precision(cfg.train.precision, accelerator), max_steps=cfg.train.max_steps,
-                         default_root_dir=run_dir, callbacks=[ckpt_cb], plugins=[AtomicCheckpointIO()],
-                         use_distributed_sampler=False,
+    trainer = pl.Trainer(accelerator=run.accelerator, devices=run.devices, num_nodes=run.num_nodes,
+                         strategy=run.strategy, precision=resolve_precision(cfg.train.precision, run.accelerator),
+                         max_steps=cfg.train.max_steps, default_root_dir=run_dir, callbacks=[ckpt_cb],
+                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                          logger=pl.loggers.CSVLogger(run_dir, name="logs"), log_every_n_steps=1,
-                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=run.progress, enable_model_summary=False, num_sanity_val_steps=0)
     progress_to_stderr(trainer)
     check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root, trainer.world_size)
     data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)

@@ -24,7 +24,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from featinv.config import SampleConfig, TrainConfig, to_dict
+from featinv.checkpoint.config_file import to_dict
+from featinv.config import SampleConfig, TrainConfig
 from featinv.data import make_loader
 from featinv.diffusion.schedule import alphas_cumprod, eps_loss
 from featinv.io import atomic_write_text
@@ -80,7 +81,7 @@ class FeatInvModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        # fused: one kernel for all parameters (CPU and CUDA); the per-tensor loop costs ~5 ms a step on the demo
+        # fused: one kernel for all parameters (CPU and CUDA) instead of a loop over the tensors
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr, fused=True)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -90,7 +91,7 @@ class FeatInvModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch: dict) -> Path | None:
-        """Originals next to reconstructions (a few DDIM steps) as a PNG grid; small and on the CPU."""
+        """Originals next to reconstructions (``log_images_steps`` sampler steps) as a PNG grid, on the CPU."""
         from featinv.diffusion.reconstruct import Reconstructor
         from featinv.visualize import image_grid, save_png
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featinv.checkpoint.config_file import load_config
-from featinv.config import RUN_CONFIG, FeatInvConfig, SettingError, flatten, to_dict
+from featinv.checkpoint.config_file import flatten, load_config, to_dict
+from featinv.config import RUN_CONFIG, FeatInvConfig, SettingError
 
 # What changes the meaning of a run's trained weights or of its optimiser state: a resumed run must keep
 # these (checked against the run's config.yaml) unless a change is accepted by name. Others (max_steps,
