@@ -17,9 +17,9 @@ import torch
 from _common import GIB, count_flops, mean_seconds, peak_rss_gib, random_backbone, reset_peak_rss, sync, timed
 from _suite import cleanup, largest_batch
 
-from featinv.config import PRESETS, BackboneConfig, SampleConfig
+from featinv.config import BACKBONE_PRESETS, PRESETS, BackboneConfig, SampleConfig
 from featinv.diffusion.reconstruct import Reconstructor
-from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor
+from featinv.nets.backbone import FeatureExtractor
 from featinv.nets.model import FeatInv
 from featinv.testing import random_featinv
 from featinv.training.module import FeatInvModule

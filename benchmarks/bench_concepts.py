@@ -30,8 +30,9 @@ import torch
 from _common import write_results
 from scipy.optimize import linear_sum_assignment
 
+from featinv.analysis.concept_edits import concept_direction, remove
 from featinv.analysis.concept_scores import completeness, concept_importance
-from featinv.analysis.concepts import METHODS, concept_direction, fit_concepts, remove
+from featinv.analysis.concepts import METHODS, fit_concepts
 from featinv.analysis.steering import feature_range, steer
 from featinv.demo.digits import rgb
 from featinv.demo.pair import load_demo_pair

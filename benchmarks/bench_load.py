@@ -34,9 +34,8 @@ def _peak_rss() -> int:
 def write_random_safetensors(config: str, path: Path) -> int:
     """The full model's reference-layout state dict with random weights (real schedule buffers),
     written one tensor at a time, so the writer never holds the model; returns the weight bytes."""
-    from featinv.checkpoint.config_file import load_config
+    from featinv.checkpoint.config_file import load_config, to_dict
     from featinv.checkpoint.layout import METADATA_KEY, to_reference
-    from featinv.config import to_dict
     from featinv.nets.model import FeatInv
 
     cfg = load_config(config).model

@@ -42,7 +42,7 @@ def reference_way(model: FeatInv, feats: torch.Tensor, keys: list[str], cfg: Sam
             return e_u + cfg.guidance_scale * (e_c - e_u)
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            latents = ddim_sample(eps_fn, x_T, alphas_cumprod(model.cfg.diffusion), ts, cfg.eta, generator=[g])
+            latents = ddim_sample(eps_fn, x_T, alphas_cumprod(model.cfg.diffusion), ts, eta=cfg.eta, generator=[g])
             images.append(((model.decode_latents(latents).float() + 1) / 2).clamp(0, 1))
     return torch.cat(images)
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 from _figures import GPU_PLAN, build_bench, train_figure
 
-from featinv.nets.backbone import BACKBONE_PRESETS
+from featinv.config import BACKBONE_PRESETS
 
 
 def main(argv=None) -> None:

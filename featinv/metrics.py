@@ -1,6 +1,7 @@
 """What reconstructions are scored by: feature cosine similarity (pooled, spatial), top-k agreement,
-the Fréchet distance (FID), and the backbone's features and logits of images. Used by the jobs,
-the analyses, the demo and the app alike."""
+the Fréchet distance (FID), and what the backbone reads in images (:func:`to_backbone` brings any image to its
+input size, :func:`read_back` returns its feature maps and logits). Used by feature guidance, the jobs, the
+analyses, the demo and the app alike."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -41,7 +42,8 @@ def compare_outputs(f_orig: torch.Tensor, l_orig: torch.Tensor, f_rec: torch.Ten
     "pred_original", "pred_reconstruction": (B,) int64 top-1 classes, "agree": (B,) bool, same top-1}."""
     pred_o, pred_r = l_orig.argmax(dim=1), l_rec.argmax(dim=1)
     return {"cos_pooled": cosine_similarity_pooled(f_orig, f_rec),
-            "cos_spatial": cosine_similarity_spatial(f_orig, f_rec), "pred_original": pred_o, "pred_reconstruction": pred_r, "agree": pred_o == pred_r}
+            "cos_spatial": cosine_similarity_spatial(f_orig, f_rec),
+            "pred_original": pred_o, "pred_reconstruction": pred_r, "agree": pred_o == pred_r}
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -80,14 +82,40 @@ def make_fid(device: torch.device | str = "cpu", weights: str | None = None):
         return None, f"FID unavailable: {FID_NEEDS}. Error: {type(e).__name__}: {e}"
 
 
-@torch.no_grad()
-def backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (N, 3, H, W) in [0, 1] -> feature maps (N, C, h, w) and logits (N, classes), float32 on CPU.
+def to_backbone(images01: torch.Tensor, size: int, clamp: bool = False) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> (N, 3, size, size) float32: the images at the backbone's input size.
 
-    Originals and reconstructions are both resized from the saved size to the backbone's, so they
-    are compared on equal terms."""
-    x = images.to(extractor.mean.device)
-    size = extractor.image_size
+    Bilinear and antialiased (a no-op at that size), so that reconstructions at the model's output size and
+    originals at the saved size are classified on equal terms. clamp: cut the resampling's overshoot back to
+    [0, 1]; off where gradients must pass (feature guidance), off in evaluation. Differentiable."""
+    x = images01.reshape(-1, *images01.shape[-3:]).float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return extractor(x).float().cpu(), extractor.classify(x).float().cpu()
+        if clamp:
+            x = x.clamp(0, 1)
+    return x
+
+
+@torch.no_grad()
+def read_back(extractor: FeatureExtractor, images01: torch.Tensor, clamp: bool = False,
+              chunk: int | None = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (..., 3, H, W) in [0, 1] -> what the classifier reads in them: feature maps (..., C, h, w) and
+    logits (..., classes), float32 on the extractor's device.
+
+    Resized by :func:`to_backbone` (``clamp`` as there); the backbone runs on ``chunk`` images at a time
+    (None: all at once)."""
+    lead = images01.shape[:-3]
+    x = to_backbone(images01.to(extractor.mean.device), extractor.image_size, clamp)
+    feats, logits = [], []
+    for part in x.split(chunk) if chunk else (x,):
+        feats.append(extractor(part).float())
+        logits.append(extractor.classify(part).float())
+    feats, logits = torch.cat(feats), torch.cat(logits)
+    return feats.view(*lead, *feats.shape[1:]), logits.view(*lead, -1)
+
+
+def backbone_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (N, 3, H, W) in [0, 1] -> feature maps (N, C, h, w) and logits (N, classes), float32 on CPU:
+    :func:`read_back` in one batch (the caller sizes its batches), unclamped, as evaluation scores."""
+    feats, logits = read_back(extractor, images, chunk=None)
+    return feats.cpu(), logits.cpu()

@@ -16,6 +16,7 @@ import torch
 
 from featinv.checkpoint.config_file import load_config
 from featinv.config import (
+    BACKBONE_PRESETS,
     RUN_CONFIG,
     BackboneConfig,
     ModelConfig,
@@ -25,7 +26,7 @@ from featinv.config import (
     SettingNotFound,
 )
 from featinv.diffusion.reconstruct import Reconstructor
-from featinv.nets.backbone import BACKBONE_PRESETS, FeatureExtractor, build_backbone, resolve_backbone
+from featinv.nets.backbone import FeatureExtractor, build_backbone, resolve_backbone
 from featinv.nets.model import FeatInv
 from featinv.registry import DEMO_PAIR
 

@@ -25,6 +25,13 @@ class Entry:
         return getattr(importlib.import_module(module), attr)
 
 
+@dataclass(frozen=True)
+class Spec(Entry):
+    """An Entry that users name with arguments: ``<name>:<syntax>``, e.g. ``class:<i>``."""
+
+    syntax: str = ""
+
+
 def describe(table: dict[str, Entry], indent: str = "  ") -> str:
     """A help block: one line per entry, ``name  help``, names aligned."""
     width = max(map(len, table))
@@ -37,8 +44,9 @@ def names(table: dict[str, Entry]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
 
 
-# Samplers: each is f(eps_fn, x_T, alphas_cumprod, timesteps, *, eta, generator, callback) -> x_0
-# (featinv.diffusion.samplers). A deterministic one refuses eta > 0 (STOCHASTIC_SAMPLERS take it).
+# Samplers: each is f(eps_fn, x_T, alphas_cumprod, timesteps, *, eta=0.0, generator=None, callback=None,
+# **options) -> the final latent (featinv.diffusion.samplers.sample calls it by name). A deterministic one
+# refuses eta != 0 itself; STOCHASTIC_SAMPLERS are those that take it (featinv.config.check_eta reads them).
 SAMPLERS: dict[str, Entry] = {
     "ddim": Entry("DDIM (Song et al. 2021), the reference's sampler; eta > 0 adds noise",
                   "featinv.diffusion.samplers:ddim_sample"),
@@ -47,20 +55,49 @@ SAMPLERS: dict[str, Entry] = {
 }
 STOCHASTIC_SAMPLERS = ("ddim",)
 
-# The app's panels, in the order of its tabs: each is a ``build(session, shared)`` in featinv.app.
+# The app's panels, in the order of its tabs (`featinv app`): each is the PANEL of a module of featinv.app.panels,
+# a featinv.app.widgets.Panel: ``run`` (the callback) and ``build`` (the tab's layout). The help is the tab's
+# first line, `featinv app --help`'s panel list; the names are the tabs' titles.
 PANELS: dict[str, Entry] = {
-    "Reconstruct": Entry("K reconstructions of an image from its feature map, their spread and read-back",
-                         "featinv.app.panels:reconstruct_panel"),
-    "Steer": Entry("move the feature map along a class or channel direction and watch the picture change",
-                   "featinv.app.panels:steer_panel"),
-    "Compose": Entry("interpolate two images' feature maps, or paste a region of one into the other",
-                     "featinv.app.panels:compose_panel"),
-    "Perturb": Entry("corruptions and a PGD attack, reconstructed beside the clean image",
-                     "featinv.app.panels:perturb_panel"),
-    "Concepts": Entry("remove, keep or steer by one concept of a basis written by featinv concepts",
-                      "featinv.app.panels:concepts_panel"),
+    "Reconstruct": Entry("K reconstructions of the input from its feature map, their spread and the classifier's "
+                         "top-5 on each", "featinv.app.panels.reconstruct:PANEL"),
+    "Steer": Entry("move the feature map along a class or channel direction (everywhere, a box or a cell) over a "
+                   "strip of strengths", "featinv.app.panels.steer:PANEL"),
+    "Compose": Entry("interpolate two images' feature maps and paste a region of B's into the result",
+                     "featinv.app.panels.compose:PANEL"),
+    "Perturb": Entry("a corruption or a PGD attack on the input, reconstructed beside the clean image",
+                     "featinv.app.panels.perturb:PANEL"),
+    "Concepts": Entry("one concept of a basis from featinv concepts: where it sits, steering along it, the image "
+                      "without it", "featinv.app.panels.concepts:PANEL"),
 }
 
 # Where a pair comes from when a source names no checkpoint: the demo's (trained on first use). The
 # generic loader (featinv.pair) finds it here, so that it does not import the demo, which sits above it.
 DEMO_PAIR = Entry("the demo's digits classifier and tiny FeatInv model", "featinv.demo.pair:pair_from_source")
+
+# Common corruptions (featinv perturb, the app's Perturb panel): each is f(images (B, 3, H, W) float32 in [0, 1],
+# value, generator) -> (B, 3, H, W) in featinv.analysis.perturb, where ``corrupt`` checks the arguments, looks up
+# the value of a severity (SEVERITIES) and clamps the result to [0, 1].
+CORRUPTIONS: dict[str, Entry] = {
+    "gaussian_noise": Entry("additive Gaussian noise; the value is its std", "featinv.analysis.perturb:gaussian_noise"),
+    "blur": Entry("Gaussian blur; the value is its std in pixels per 64 px of image side",
+                  "featinv.analysis.perturb:blur"),
+    "jpeg": Entry("JPEG compression and decompression; the value is the quality", "featinv.analysis.perturb:jpeg"),
+    "contrast": Entry("contrast scaled around each image's mean; the value is the factor",
+                      "featinv.analysis.perturb:contrast"),
+}
+
+
+# Direction specs (featinv steer --direction): each kind is f(spec, args, pair) -> Direction in
+# featinv.analysis.directions (args: the spec after '<kind>:'), which generates DIRECTION_SPECS from this table.
+DIRECTIONS: dict[str, Spec] = {
+    "class": Spec("the classifier head's weight vector of class i", "featinv.analysis.directions:class_spec",
+                  syntax="<i>"),
+    "channel": Spec("channel i alone", "featinv.analysis.directions:channel_spec", syntax="<i>"),
+    "mean-diff": Spec("mean feature of the concept images minus that of the others",
+                      "featinv.analysis.directions:mean_diff_spec", syntax="<concept>:<other>"),
+    "probe": Spec("a logistic-regression probe's weight (concept activation vector)",
+                  "featinv.analysis.directions:probe_spec", syntax="<concept>:<other>"),
+    "concept": Spec("atom i of a concept basis written by featinv concepts (concepts.safetensors)",
+                    "featinv.analysis.directions:concept_spec", syntax="<basis>:<i>"),
+}

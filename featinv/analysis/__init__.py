@@ -1,3 +1,16 @@
-"""Analyses built on reconstruction: steering (``steering``), composite features (``compose``),
-perturbed inputs (``perturb``) and the shared plumbing of their commands (``common``).
-Uncertainty is ``featinv.diffusion.reconstruct.uncertainty``. Import the submodules directly."""
+"""Analyses built on reconstruction: what a classifier's feature map holds, seen through its inversions.
+
+- ``steering``         directions in the channel space (class, channel, mean difference, probe) and steering along them
+- ``directions``       direction specs as users write them (``class:<i>``, ``mean-diff:<a>:<b>``, ...) -> a direction
+- ``compose``          composite feature maps: interpolation, pasting a region, keeping or removing channels
+- ``perturb``          common corruptions and a PGD attack
+- ``concepts``         a concept basis of the per-location channel vectors: fit, encode, decode, save, load
+- ``concept_edits``    edits by concept: its contribution, the map without it, its atom as a direction, its heat map
+- ``concept_scores``   each concept's importance per class and a basis's completeness
+- ``concepts_report``  the concept atlas that ``featinv concepts`` writes
+- ``reports``          the pictures and tables that ``featinv steer``, ``compose`` and ``perturb`` write
+- ``baselines``        the pixel-optimisation baseline
+- ``common``           what they share: input images, labelled tiles and grids, tables
+
+Uncertainty is ``featinv.diffusion.reconstruct.uncertainty``; what the classifier reads back in an image is
+``featinv.metrics.read_back``. This package imports nothing: import the submodules directly."""

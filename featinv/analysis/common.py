@@ -117,14 +117,6 @@ def image_set(spec: str, pair: Pair, exclude: str | None = None) -> tuple[torch.
     return digit_set(pair.data, classes), "digits " + "+".join(map(str, classes))
 
 
-def to_backbone(images01: torch.Tensor, size: int) -> torch.Tensor:
-    """(..., 3, H, W) -> (N, 3, size, size): reconstructions resized to the backbone's input."""
-    x = images01.reshape(-1, *images01.shape[-3:]).float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
-    return x
-
-
 @torch.no_grad()
 def features_of(extractor, images01: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Images (N, 3, S, S) in [0, 1] -> the extractor's feature maps (N, C, h, w), fp32, in chunks."""
@@ -138,18 +130,6 @@ def predict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     probs = logits.float().softmax(dim=1)
     p, top = probs.max(dim=1)
     return top, p, probs
-
-
-@torch.no_grad()
-def read_back(extractor, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstructions (..., 3, H, W) -> the classifier's (feature maps (..., C, h, w), logits (..., classes))."""
-    lead = samples.shape[:-3]
-    feats, logits = [], []
-    for chunk in to_backbone(samples, extractor.image_size).split(256):
-        feats.append(extractor(chunk).float())
-        logits.append(extractor.classify(chunk).float())
-    feats, logits = torch.cat(feats), torch.cat(logits)
-    return feats.view(*lead, *feats.shape[1:]), logits.view(*lead, -1)
 
 
 # ----- pictures ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from featinv.analysis.concepts import ConceptBasis, remove
+from featinv.analysis.concept_edits import remove
+from featinv.analysis.concepts import ConceptBasis
 
 
 def concept_importance(basis: ConceptBasis, extractor, feats: Tensor, labels: Tensor, codes: Tensor | None = None,

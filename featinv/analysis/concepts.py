@@ -11,10 +11,9 @@ spatial activations). scikit-learn does the factorisation, streamed through ``pa
 - ``kmeans`` one-hot codes: each location is its nearest cluster centre; MiniBatchKMeans.
 
 Atoms are unit vectors (k-means: the cluster centres), so a code is a length along its atom in feature
-units and concept i's contribution to a map is code_i (N, 1, h, w) times atom_i. With these one can
-remove a concept (subtract its contribution), keep only some, steer along an atom
-(:func:`featinv.analysis.steering.steer`), see where a concept sits (its code over the grid, upsampled),
-and measure how much a class's logit needs it (:mod:`featinv.analysis.concept_scores`).
+units and concept i's contribution to a map is code_i (N, 1, h, w) times atom_i. The edits by concept
+(remove one, steer along its atom, see where it sits) are :mod:`featinv.analysis.concept_edits`; how much a
+class's logit needs one is :mod:`featinv.analysis.concept_scores`.
 """
 from __future__ import annotations
 
@@ -24,14 +23,12 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from featinv.analysis.steering import steer
 
 METHODS = ("nmf", "dict", "pca", "kmeans")
 FORMAT = "featinv-concepts/1"   # metadata["format"] of a basis file
@@ -300,66 +297,3 @@ def _encode_vectors(basis: ConceptBasis, x: Tensor) -> Tensor:
         with _no_convergence_warnings():
             codes = sparse_encode(xs, atoms, algorithm="lasso_cd", alpha=basis.alpha, positive=True, max_iter=1000)
     return torch.from_numpy(codes).float() * basis.scale
-
-
-# ----- concept operations --------------------------------------------------------------------------
-
-def _concept_indices(basis: ConceptBasis, concepts: int | Sequence[int]) -> list[int]:
-    idx = [concepts] if isinstance(concepts, int) else list(concepts)
-    bad = [i for i in idx if not 0 <= i < basis.k]
-    if bad:
-        raise ValueError(f"concept index {bad[0]} out of range: the basis has {basis.k} concepts (0..{basis.k - 1})")
-    return idx
-
-
-def contribution(basis: ConceptBasis, codes: Tensor, concepts: int | Sequence[int]) -> Tensor:
-    """codes (N, k, h, w) -> the concepts' summed contribution code_i · atom_i to the map (N, C, h, w)."""
-    idx = _concept_indices(basis, concepts)
-    mask = torch.zeros(basis.k, device=codes.device)
-    mask[idx] = 1.0
-    return torch.einsum("nkhw,kc->nchw", codes.float() * mask.view(1, -1, 1, 1), basis.atoms.to(codes.device))
-
-
-def remove(feats: Tensor, basis: ConceptBasis, concepts: int | Sequence[int], codes: Tensor | None = None,
-           floor: float | None = None) -> Tensor:
-    """feats (N, C, h, w) minus the concepts' contribution -> (N, C, h, w); the encoding's residual stays.
-
-    Entries the concepts do not touch (zero code, zero atom entry) stay bit-identical. floor: clamp the
-    changed entries from below (0 keeps a ReLU map non-negative). codes: basis.encode(feats), if known."""
-    basis.check(feats)
-    codes = basis.encode(feats) if codes is None else codes
-    part = contribution(basis, codes, concepts).to(feats.dtype)
-    edited = feats - part
-    if floor is not None:
-        edited = edited.clamp(min=floor)
-    return torch.where(part != 0, edited, feats)
-
-
-def keep_only(basis: ConceptBasis, codes: Tensor, concepts: int | Sequence[int]) -> Tensor:
-    """The map the given concepts alone make: Σ_{i in concepts} code_i · atom_i + offset -> (N, C, h, w)."""
-    return contribution(basis, codes, concepts) + basis.offset.to(codes.device).view(1, -1, 1, 1)
-
-
-def concept_direction(basis: ConceptBasis, i: int) -> Tensor:
-    """Concept i's atom as a unit steering direction -> (C,)."""
-    (i,) = _concept_indices(basis, i)
-    atom = basis.atoms[i].float()
-    norm = atom.norm()
-    if norm == 0:
-        raise ValueError(f"concept {i} has a zero atom; it has no direction to steer along")
-    return atom / norm
-
-
-def steer_concept(feats: Tensor, basis: ConceptBasis, i: int, alphas: Sequence[float], mask: Tensor | None = None,
-                  clamp=None) -> Tensor:
-    """feats (B, C, h, w) steered along concept i's atom for each α -> (B, A, C, h, w) (see steering.steer)."""
-    basis.check(feats)
-    return steer(feats, concept_direction(basis, i).to(feats.device), alphas, mask, clamp)
-
-
-def heat_map(codes: Tensor, i: int, size: int | tuple[int, int]) -> Tensor:
-    """Concept i's code over the grid, bilinearly brought to image size -> (N, H, W) in feature units."""
-    if codes.ndim != 4 or not 0 <= i < codes.shape[1]:
-        raise ValueError(f"concept {i} out of range for codes of shape {tuple(codes.shape)}")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return F.interpolate(codes[:, i:i + 1].float(), size=size, mode="bilinear", align_corners=False)[:, 0]

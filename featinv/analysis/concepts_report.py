@@ -8,20 +8,74 @@ pixels never depend on what else is in the call.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 
 from featinv.analysis.common import TILE, features_of, grid, markdown_table, predict, tile
+from featinv.analysis.concept_edits import heat_map, remove, steer_concept
 from featinv.analysis.concept_scores import completeness, concept_importance
-from featinv.analysis.concepts import ConceptBasis, heat_map, remove, steer_concept
+from featinv.analysis.concepts import ConceptBasis
 from featinv.analysis.reports import reconstructor
+from featinv.diffusion.reconstruct import Reconstructor
+from featinv.metrics import read_back
+from featinv.nets.backbone import FeatureExtractor
 from featinv.pair import Pair
 from featinv.visualize import heatmap
 
 TOP_CLASSES = 3
+
+
+@dataclass(frozen=True)
+class AtlasImages:
+    """The atlas's three image sets, each (N, 3, S, S) in [0, 1] at the backbone's size.
+
+    fit: where the exemplars come from (the images the basis was fitted on); held (M images) with labels (M,)
+    (None: the classifier's own top-1): importance, completeness and the removal columns; steer (B images):
+    steered along every concept."""
+
+    fit: Tensor
+    fit_names: Sequence[str]
+    held: Tensor
+    held_labels: Tensor | None
+    steer: Tensor
+    steer_names: Sequence[str]
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """What each row shows: the steering strengths (α = 0, the plain reconstruction, is shown once on top),
+    the most activating images and the held-out images reconstructed without the concept; a title suffix."""
+
+    alphas: Sequence[float] = (1.0, 2.0)
+    exemplars: int = 3
+    removals: int = 2
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class _Atlas:
+    """What every row reads: the inputs, their feature maps and codes, the importance table."""
+
+    basis: ConceptBasis
+    rec: Reconstructor
+    ext: FeatureExtractor
+    images: AtlasImages
+    held_labels: Tensor          # (M,) given or the classifier's top-1
+    imp: dict                    # concept_importance
+    codes_fit: Tensor            # (N, k, h, w)
+    strength_fit: Tensor         # (N, k) the code's peak over the grid, CPU
+    f_held: Tensor               # (M, C, h, w)
+    codes_held: Tensor           # (M, k, h, w)
+    strength_held: Tensor        # (M, k)
+    f_steer: Tensor              # (B, C, h, w)
+    steer_keys: list[str]
+    alphas: list[float]          # without 0
+    cfg: AtlasConfig
 
 
 def overlay(image: torch.Tensor, heat: torch.Tensor, vmax: float) -> torch.Tensor:
@@ -35,52 +89,44 @@ def overlay(image: torch.Tensor, heat: torch.Tensor, vmax: float) -> torch.Tenso
 
 
 def _read(extractor, samples: torch.Tensor) -> torch.Tensor:
-    """Reconstructions (N, K, 3, H, W) -> the classifier's top-1 (N, K)."""
-    x = samples.flatten(0, 1)
-    if x.shape[-1] != extractor.image_size:
-        x = F.interpolate(x, size=(extractor.image_size,) * 2, mode="bilinear", antialias=True).clamp(0, 1)
-    with torch.no_grad():
-        top = torch.cat([extractor.classify(c.to(extractor.mean.device)).argmax(1).cpu() for c in x.split(256)])
-    return top.view(samples.shape[:2])
+    """Reconstructions (N, K, 3, H, W) -> the classifier's top-1 (N, K), on the CPU."""
+    return read_back(extractor, samples, clamp=True)[1].argmax(-1).cpu()
 
 
 @torch.no_grad()
-def concepts_report(pair: Pair, basis: ConceptBasis, fit_images: torch.Tensor, fit_names: Sequence[str],
-                    held_images: torch.Tensor, held_labels: torch.Tensor | None, steer_images: torch.Tensor,
-                    steer_names: Sequence[str], alphas: Sequence[float] = (1.0, 2.0), exemplars: int = 3,
-                    removals: int = 2, description: str = "") -> tuple[Image.Image, dict, str]:
-    """The atlas of ``basis`` -> (picture, table, markdown).
-
-    fit_images (N, 3, S, S): where the exemplars come from; held_images (M, 3, S, S) with labels (M,) (None:
-    the classifier's own top-1): importance, completeness and the removal columns; steer_images (B, 3, S, S):
-    steered along every concept at ``alphas`` (α = 0, the plain reconstruction, is shown once on top)."""
+def concepts_report(pair: Pair, basis: ConceptBasis, images: AtlasImages,
+                    cfg: AtlasConfig = AtlasConfig()) -> tuple[Image.Image, dict, str]:
+    """The atlas of ``basis`` on ``images`` -> (picture, table, markdown)."""
     ext, rec = pair.extractor, reconstructor(pair)
-    f_fit, f_held = features_of(ext, fit_images), features_of(ext, held_images)
+    exemplars = cfg.exemplars
+    f_fit, f_held = features_of(ext, images.fit), features_of(ext, images.held)
     codes_fit, codes_held = basis.encode(f_fit), basis.encode(f_held)
+    held_labels = images.held_labels
     if held_labels is None:
         held_labels = torch.cat([ext.logits_from_features(c).argmax(1) for c in f_held.split(256)])
     imp = concept_importance(basis, ext, f_held, held_labels, codes_held)
     comp = completeness(basis, f_held, ext, codes_held)
-    strength_fit, strength_held = codes_fit.amax(dim=(2, 3)).cpu(), codes_held.amax(dim=(2, 3)).cpu()
-    f_steer = rec.features(steer_images)
+    f_steer = rec.features(images.steer)
+    steer_names = images.steer_names
     steer_keys = [f"steer{j}:{n}" for j, n in enumerate(steer_names)]
     plain = rec.from_features(f_steer, steer_keys)                          # (B, K, 3, H, W)
-    alphas = [float(a) for a in alphas if float(a) != 0.0]
+    alphas = [float(a) for a in cfg.alphas if float(a) != 0.0]
+    atlas = _Atlas(basis, rec, ext, images, held_labels, imp, codes_fit, codes_fit.amax(dim=(2, 3)).cpu(), f_held,
+                   codes_held, codes_held.amax(dim=(2, 3)).cpu(), f_steer, steer_keys, alphas, cfg)
     rows, labels, table_rows = [], [], []
     head = [None] * exemplars + [tile(plain[j, 0], ["alpha=0", steer_names[j][:10]]) for j in range(len(plain))]
     rows.append(head)
     labels.append("plain")
     for i in range(basis.k):
-        row, entry = _concept_row(i, basis, pair, rec, ext, imp, fit_images, fit_names, codes_fit, strength_fit,
-                                  held_images, held_labels, f_held, codes_held, strength_held, f_steer, steer_keys,
-                                  alphas, exemplars, removals)
+        row, entry = _concept_row(atlas, i)
         rows.append(row)
         labels.append(f"concept {i}")
         table_rows.append(entry)
+    held_count = len(images.held)
     title = [f"featinv concepts: {basis.k} concepts ({basis.method}) of {basis.source or 'the feature map'}"
-             + (f"; {description}" if description else ""),
+             + (f"; {cfg.description}" if cfg.description else ""),
              f"variance explained {comp['variance_explained']:.1%}, decoded-map agreement {comp['agreement']:.1%} "
-             f"({len(held_images)} held-out images)",
+             f"({held_count} held-out images)",
              f"per row: {exemplars} most activating images (heat = the concept's code); held-out images steered "
              f"along the atom (alpha {', '.join(f'{a:g}' for a in alphas)}); held-out images it is most present in: "
              "reconstruction / with it removed",
@@ -90,40 +136,43 @@ def concepts_report(pair: Pair, basis: ConceptBasis, fit_images: torch.Tensor, f
                ("active_share", "locations where active"), ("exemplars", "most activating images")]
     md = (f"# featinv concepts\n\n{basis.k} concepts ({basis.method}) of {basis.source or 'the feature map'}; "
           f"variance explained {comp['variance_explained']:.1%}, decoded-map agreement {comp['agreement']:.1%} on "
-          f"{len(held_images)} held-out images. Logit drop: the class's logit minus its logit with the concept "
+          f"{held_count} held-out images. Logit drop: the class's logit minus its logit with the concept "
           "removed, mean over the class's held-out images.\n\n" + markdown_table(table_rows, columns))
     table = {"method": basis.method, "k": basis.k, "source": basis.source, "stats": basis.stats,
-             "completeness": comp, "alphas": alphas, "held_out": len(held_images), "class_counts": imp["count"],
+             "completeness": comp, "alphas": alphas, "held_out": held_count, "class_counts": imp["count"],
              "importance_removal": imp["removal"], "importance_gradient": imp["gradient"], "rows": table_rows}
     return grid(rows, title, labels), table, md
 
 
-def _concept_row(i, basis, pair, rec, ext, imp, fit_images, fit_names, codes_fit, strength_fit, held_images,
-                 held_labels, f_held, codes_held, strength_held, f_steer, steer_keys, alphas, exemplars, removals):
-    """One concept's tiles and table entry (see concepts_report)."""
-    order = strength_fit[:, i].argsort(descending=True)[:exemplars]
+def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
+    """Concept i's tiles and table entry (see concepts_report)."""
+    basis, rec, ext, images, cfg = atlas.basis, atlas.rec, atlas.ext, atlas.images, atlas.cfg
+    codes_fit, strength_fit, held_labels = atlas.codes_fit, atlas.strength_fit, atlas.held_labels
+    fit_names = images.fit_names
+    order = strength_fit[:, i].argsort(descending=True)[:cfg.exemplars]
     heats = heat_map(codes_fit[order], i, TILE)
     vmax = float(heats.max()) if len(heats) else 0.0
-    row = [tile(overlay(fit_images[n], heats[j], vmax), [fit_names[n][:10], f"code {strength_fit[n, i]:.2f}"])
+    row = [tile(overlay(images.fit[n], heats[j], vmax), [fit_names[n][:10], f"code {strength_fit[n, i]:.2f}"])
            for j, n in enumerate(order.tolist())]
-    steered = steer_concept(f_steer, basis, i, alphas)                                  # (B, A, C, h, w)
-    for a, alpha in enumerate(alphas):
-        samples = rec.from_features(steered[:, a], steer_keys)
+    steered = steer_concept(atlas.f_steer, basis, i, atlas.alphas)                     # (B, A, C, h, w)
+    for a, alpha in enumerate(atlas.alphas):
+        samples = rec.from_features(steered[:, a], atlas.steer_keys)
         top = _read(ext, samples)
         row += [tile(samples[j, 0], [f"alpha={alpha:g}", f"rec {int(top[j, 0])}"]) for j in range(len(samples))]
-    present = strength_held[:, i].argsort(descending=True)[:removals]
+    present = atlas.strength_held[:, i].argsort(descending=True)[:cfg.removals]
     keys = [f"held{n}" for n in present.tolist()]
-    f = f_held[present]
+    f = atlas.f_held[present]
     before = rec.from_features(f, keys)
-    after = rec.from_features(remove(f, basis, i, codes_held[present]), keys)
+    after = rec.from_features(remove(f, basis, i, atlas.codes_held[present]), keys)
     top_b, top_a = _read(ext, before), _read(ext, after)
     for j, n in enumerate(present.tolist()):
         y = int(held_labels[n])
         row += [tile(before[j, 0], [f"class {y}", f"rec {int(top_b[j, 0])}"]),
                 tile(after[j, 0], [f"without {i}", f"rec {int(top_a[j, 0])}"])]
+    imp = atlas.imp
     drops = imp["removal"][i]
     ranked = [c for c in drops.argsort(descending=True).tolist() if torch.isfinite(drops[c])][:TOP_CLASSES]
-    _, _, probs = predict(ext.logits_from_features(f_held[present]))
+    _, _, probs = predict(ext.logits_from_features(f))
     entry = {"concept": i, "top_classes": ", ".join(f"{c} ({drops[c]:+.2f})" for c in ranked),
              "classes": ranked, "removal_top": float(drops[ranked[0]]) if ranked else None,
              "gradient_top": float(imp["gradient"][i, ranked[0]]) if ranked else None,

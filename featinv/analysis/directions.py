@@ -1,6 +1,10 @@
 """Direction specs, as users write them (``featinv steer --direction``, the app): ``class:<i>``,
 ``channel:<i>``, ``mean-diff:<a>:<b>``, ``probe:<a>:<b>``, ``concept:<basis>:<i>`` -> a unit vector in the
-feature map's channel space (see :mod:`featinv.analysis.steering`)."""
+feature map's channel space (see :mod:`featinv.analysis.steering`).
+
+Each kind is one function here, ``f(spec, args, pair) -> Direction`` (args: the spec after ``<kind>:``), named
+with its syntax and a one-line help in ``featinv.registry.DIRECTIONS``; :data:`DIRECTION_SPECS` and the
+list of kinds in errors come from that table."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,17 +13,15 @@ import torch
 from torch import Tensor
 
 from featinv.analysis.common import features_of, image_set
-from featinv.analysis.concepts import ConceptBasis, concept_direction
+from featinv.analysis.concept_edits import concept_direction
+from featinv.analysis.concepts import ConceptBasis
 from featinv.analysis.steering import channel_direction, class_direction, mean_difference_direction, probe_direction
+from featinv.registry import DIRECTIONS, describe
 
-DIRECTION_SPECS = """directions (unit vectors in the feature map's channel space):
-  class:<i>                    the classifier head's weight vector of class i
-  channel:<i>                  channel i alone
-  mean-diff:<concept>:<other>  mean feature of the concept images minus that of the others
-  probe:<concept>:<other>      a logistic-regression probe's weight (concept activation vector)
-  concept:<basis>:<i>          atom i of a concept basis written by featinv concepts (concepts.safetensors)
+DIRECTION_SPECS = ("directions (unit vectors in the feature map's channel space):\n"
+                   + describe({f"{kind}:{entry.syntax}": entry for kind, entry in DIRECTIONS.items()}) + """
 <concept>/<other> are image folders; on the demo pair also digit classes of the training split:
-digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest."""
+digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest.""")
 
 
 @dataclass
@@ -37,34 +39,65 @@ class Direction:
 def parse_direction(spec: str, pair) -> Direction:
     """A direction spec (see :data:`DIRECTION_SPECS`) on ``pair`` (a featinv.pair.Pair) -> :class:`Direction`;
     ValueError naming the spec when it does not parse."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("class", "channel"):
-        try:
-            index = int(rest)
-        except ValueError:
-            raise ValueError(f"direction {spec!r}: {kind}:<index> needs an integer index") from None
-        if kind == "class":
-            return Direction(class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)")
-        return Direction(channel_direction(pair.extractor.feature_shape[0], index), None, f"direction channel:{index}")
-    if kind in ("mean-diff", "probe"):
-        concept, sep, other = rest.rpartition(":")
-        if not sep or not concept or not other:
-            raise ValueError(f"direction {spec!r}: use {kind}:<concept folder>:<other folder>")
-        x_c, desc_c = image_set(concept, pair)
-        x_o, desc_o = image_set(other, pair, exclude=concept)
-        f_c, f_o = features_of(pair.extractor, x_c), features_of(pair.extractor, x_o)
-        fn = mean_difference_direction if kind == "mean-diff" else probe_direction
-        target = None
-        if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
-            target = int(concept[5:])
-        return Direction(fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o])
-    if kind == "concept":
-        path, sep, index = rest.rpartition(":")
-        if not sep or not path or not index.isdigit():
-            raise ValueError(f"direction {spec!r}: use concept:<basis file>:<concept index>")
-        basis = ConceptBasis.load(path)
-        c = pair.extractor.feature_shape[0]
-        if basis.channels != c:
-            raise ValueError(f"concept basis {path!r} was fitted on {basis.channels} channels, the feature map has {c}")
-        return Direction(concept_direction(basis, int(index)), None, f"direction concept:{index} ({basis.method}, {path})")
-    raise ValueError(f"direction {spec!r}: unknown kind {kind!r} (class, channel, mean-diff, probe, concept)")
+    kind, _, args = spec.partition(":")
+    if kind not in DIRECTIONS:
+        raise ValueError(f"direction {spec!r}: unknown kind {kind!r} ({', '.join(DIRECTIONS)})")
+    return DIRECTIONS[kind].load()(spec, args, pair)
+
+
+def _index(spec: str, args: str) -> int:
+    try:
+        return int(args)
+    except ValueError:
+        kind = spec.partition(":")[0]
+        raise ValueError(f"direction {spec!r}: {kind}:<index> needs an integer index") from None
+
+
+def class_spec(spec: str, args: str, pair) -> Direction:
+    """``class:<i>``: the classifier head's weight vector of class i, pointing to class i."""
+    index = _index(spec, args)
+    return Direction(class_direction(pair.extractor, index), index, f"direction class:{index} (head weight)")
+
+
+def channel_spec(spec: str, args: str, pair) -> Direction:
+    """``channel:<i>``: the unit vector of channel i."""
+    index = _index(spec, args)
+    return Direction(channel_direction(pair.extractor.feature_shape[0], index), None, f"direction channel:{index}")
+
+
+def _image_sets(spec: str, args: str, pair, fn) -> Direction:
+    """``<kind>:<concept>:<other>``: fn(concept features, other features) -> the direction; on the demo pair
+    ``digit<d>`` as the concept points to class d."""
+    kind = spec.partition(":")[0]
+    concept, sep, other = args.rpartition(":")
+    if not sep or not concept or not other:
+        raise ValueError(f"direction {spec!r}: use {kind}:<concept folder>:<other folder>")
+    x_c, desc_c = image_set(concept, pair)
+    x_o, desc_o = image_set(other, pair, exclude=concept)
+    f_c, f_o = features_of(pair.extractor, x_c), features_of(pair.extractor, x_o)
+    target = None
+    if pair.data is not None and concept.startswith("digit") and concept[5:].isdigit():
+        target = int(concept[5:])
+    return Direction(fn(f_c, f_o), target, f"direction {kind}: {desc_c} vs. {desc_o}", [f_c, f_o])
+
+
+def mean_diff_spec(spec: str, args: str, pair) -> Direction:
+    """``mean-diff:<concept>:<other>``: the mean feature of the concept images minus that of the others."""
+    return _image_sets(spec, args, pair, mean_difference_direction)
+
+
+def probe_spec(spec: str, args: str, pair) -> Direction:
+    """``probe:<concept>:<other>``: a logistic-regression probe's weight (a concept activation vector)."""
+    return _image_sets(spec, args, pair, probe_direction)
+
+
+def concept_spec(spec: str, args: str, pair) -> Direction:
+    """``concept:<basis>:<i>``: atom i of a concept basis file written by ``featinv concepts``."""
+    path, sep, index = args.rpartition(":")
+    if not sep or not path or not index.isdigit():
+        raise ValueError(f"direction {spec!r}: use concept:<basis file>:<concept index>")
+    basis = ConceptBasis.load(path)
+    c = pair.extractor.feature_shape[0]
+    if basis.channels != c:
+        raise ValueError(f"concept basis {path!r} was fitted on {basis.channels} channels, the feature map has {c}")
+    return Direction(concept_direction(basis, int(index)), None, f"direction concept:{index} ({basis.method}, {path})")

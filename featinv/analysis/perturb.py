@@ -1,8 +1,10 @@
 """Perturbed inputs: common corruptions and a PGD attack, to see what a model perceives in them
 (paper: out-of-distribution, corrupted and adversarial inputs, reconstructed from their feature maps).
 
-Severities 1-3 follow the spirit of ImageNet-C (Hendrycks & Dietterich 2019), scaled so that they are
-visible on 8x8 digits as well as on 224 px photos; the values are in :data:`SEVERITIES`.
+The corruptions are one function each, named with a one-line help in ``featinv.registry.CORRUPTIONS``
+(adding one is a function here plus an entry there, and its SEVERITIES). Severities 1-3 follow the spirit of
+ImageNet-C (Hendrycks & Dietterich 2019), scaled so that they are visible on 8x8 digits as well as on 224 px
+photos; the values are in :data:`SEVERITIES`.
 PGD is Madry et al. 2018: L∞ steps of ``step_size · sign(∇)``, projected onto the ε-ball and [0, 1].
 """
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-CORRUPTIONS = ("gaussian_noise", "blur", "jpeg", "contrast")
+from featinv import registry
+
+CORRUPTIONS = tuple(registry.CORRUPTIONS)  # the names, in order
 SEVERITIES = {
     "gaussian_noise": (0.08, 0.16, 0.32),  # noise std (images in [0, 1])
     "blur": (0.5, 1.0, 1.5),               # Gaussian std in pixels per 64 px of image side (at least 1x)
@@ -41,16 +45,34 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def _jpeg(x: Tensor, quality: int) -> Tensor:
+def gaussian_noise(x: Tensor, std: float, generator: torch.Generator | None = None) -> Tensor:
+    """x (B, 3, H, W) plus Gaussian noise of ``std``, drawn on the CPU from ``generator``."""
+    noise = torch.randn(x.shape, generator=generator).to(x)
+    return x + std * noise
+
+
+def blur(x: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """x (B, 3, H, W) blurred by a Gaussian of std ``sigma`` pixels per 64 px of image side (at least 1x)."""
+    return _gaussian_blur(x, sigma * max(1.0, x.shape[-1] / 64))
+
+
+def jpeg(x: Tensor, quality: float, generator: torch.Generator | None = None) -> Tensor:
+    """x (B, 3, H, W) in [0, 1] through JPEG at ``quality`` (PIL, 8-bit RGB) and back."""
     out = []
     for img in x:
         array = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+        Image.fromarray(array).save(buf, format="JPEG", quality=int(quality))
         buf.seek(0)
         decoded = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255.0
         out.append(torch.from_numpy(decoded).permute(2, 0, 1))
     return torch.stack(out).to(x)
+
+
+def contrast(x: Tensor, factor: float, generator: torch.Generator | None = None) -> Tensor:
+    """x (B, 3, H, W) with its contrast scaled by ``factor`` around each image's mean."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * factor + mean
 
 
 def corrupt(images01: Tensor, kind: str, severity: int, generator: torch.Generator | None = None) -> Tensor:
@@ -63,18 +85,8 @@ def corrupt(images01: Tensor, kind: str, severity: int, generator: torch.Generat
         raise ValueError(f"corruption severity must be 1, 2 or 3, got {severity!r}")
     if images01.ndim != 4 or images01.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images01.shape)}")
-    value = SEVERITIES[kind][severity - 1]
-    x = images01.float()
-    if kind == "gaussian_noise":
-        noise = torch.randn(x.shape, generator=generator).to(x)
-        out = x + value * noise
-    elif kind == "blur":
-        out = _gaussian_blur(x, value * max(1.0, x.shape[-1] / 64))
-    elif kind == "jpeg":
-        out = _jpeg(x, int(value))
-    else:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        out = (x - mean) * value + mean
+    fn = registry.CORRUPTIONS[kind].load()
+    out = fn(images01.float(), SEVERITIES[kind][severity - 1], generator)
     return out.clamp(0, 1).to(images01.dtype)
 
 

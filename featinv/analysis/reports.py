@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from featinv.analysis.common import grid, heat_tiles, markdown_table, predict, read_back, tile
+from featinv.analysis.common import grid, heat_tiles, markdown_table, predict, tile
 from featinv.analysis.compose import (
     arithmetic,
     feature_cosine,
@@ -26,6 +26,7 @@ from featinv.analysis.compose import (
 from featinv.analysis.perturb import corrupt, default_step_size, pgd
 from featinv.analysis.steering import feature_scale, steer, steer_and_reconstruct
 from featinv.diffusion.reconstruct import Reconstructor
+from featinv.metrics import read_back
 from featinv.pair import Pair
 
 FIXED_BATCH = 8
@@ -87,7 +88,7 @@ def steer_report(pair: Pair, images: torch.Tensor, names: Sequence[str], directi
     samples = steer_and_reconstruct(rec, feats, direction, alphas, keys, steered=steered)  # (B, A, K, 3, H, W)
     b, a, k = samples.shape[:3]
     logits_s = ext.logits_from_features(steered.flatten(0, 1)).view(b, a, -1)
-    feats_r, logits_r = read_back(ext, samples)
+    feats_r, logits_r = read_back(ext, samples, clamp=True)
     d = direction.to(feats).view(1, -1, 1, 1)
     scale = feature_scale(feats)
     proj = lambda f: (f * d).sum(dim=-3).mean(dim=(-2, -1))  # noqa: E731 -- (..., C, h, w) -> (...)
@@ -178,7 +179,7 @@ def compose_report(pair: Pair, images: torch.Tensor, names: Sequence[str], ts: S
     comps = composites(ext, feats, names, ts, mask, k_channels, cls, ops)
     target = torch.cat([c.feats for c in comps])
     samples = rec.from_features(target, ["compose"] * len(comps))          # one seed for every composite
-    feats_r, logits_r = read_back(ext, samples)                            # (N, K, C, h, w), (N, K, classes)
+    feats_r, logits_r = read_back(ext, samples, clamp=True)               # (N, K, C, h, w), (N, K, classes)
     logits_t = ext.logits_from_features(target)
     logits_in = ext.classify(images)
     rows, picture_rows, labels = [], [], []
@@ -261,7 +262,7 @@ def perturb_report(pair: Pair, images: torch.Tensor, names: Sequence[str], label
     variants = [("clean", images)] + perturbations(ext, images, labels, corruptions, severities, attack)
     samples = torch.stack([rec(x, keys) for _, x in variants], dim=1)     # (B, V, K, 3, H, W)
     logits_x = torch.stack([ext.classify(x) for _, x in variants], dim=1)  # (B, V, classes)
-    _, logits_r = read_back(ext, samples)                                  # (B, V, K, classes)
+    _, logits_r = read_back(ext, samples, clamp=True)                     # (B, V, K, classes)
     pred_x, pred_r = logits_x.argmax(-1), logits_r.argmax(-1)
     rows = []
     for v, (name, _) in enumerate(variants):

@@ -14,8 +14,8 @@ with tiny configs (the stages are :mod:`featinv.demo.stages`, the data and class
    classifier's features / labels of reconstructions with those of the originals, for FeatInv and
    for the unconditional model (feature map dropped), as Markdown + JSON and a picture.
 
-Artefacts are cached in ``<out>/cache/<quick|default>-seed<N>-<settings hash>/``: a second run takes
-seconds (``--retrain`` starts over).
+Artefacts are cached in ``<out>/cache/<quick|default>-seed<N>-<settings hash>/``: a second run loads
+them instead of training (``--retrain`` starts over).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Evaluation of a reconstruction folder with FeatInv's metrics (arXiv 2505.21032): feature cosine similarity, the
 classifier's accuracy on reconstructions, agreement with its predictions on the originals, FID.
 
-Reads the layout that :func:`featinv.jobs.reconstruct.reconstruct_folder` writes. Metric functions are
-pure; FID comes from torchmetrics (an established implementation) or is reported as unavailable.
+Reads the layout that :func:`featinv.jobs.reconstruct.reconstruct_folder` writes. The metrics are
+:mod:`featinv.metrics` (pure functions); FID comes from torchmetrics (an established implementation) or is
+reported as unavailable.
 """
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from featinv.jobs.state import RECONSTRUCTION, original_path
 from featinv.metrics import backbone_outputs, compare_outputs, frechet_distance, gaussian_stats, make_fid, topk_correct
 from featinv.nets.backbone import FeatureExtractor, build_backbone
 from featinv.visualize import heatmap, image_grid, save_png
-
-# ----- metrics (pure) ---------------------------------------------------------------------------------
-
 
 # ----- reading the reconstruct layout -------------------------------------------------------------------
 

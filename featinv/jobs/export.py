@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from featinv.checkpoint.config_file import load_config
+from featinv.checkpoint.config_file import load_config, to_dict
 from featinv.checkpoint.layout import EXPORT_FILES, METADATA_KEY
 from featinv.checkpoint.load import read_checkpoint, resolve_featinv_source
-from featinv.config import EVAL_DIR, RUN_CONFIG, WEIGHTS_FILE, to_dict
+from featinv.config import EVAL_DIR, RUN_CONFIG, WEIGHTS_FILE
 from featinv.io import atomic_save, atomic_write_text
 
 LIBRARY_NAME = "featinv"

@@ -18,7 +18,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from featinv.config import MANIFEST, ReconstructJob, to_dict
+from featinv.checkpoint.config_file import to_dict
+from featinv.config import MANIFEST, ReconstructJob
 from featinv.data import ImageDataset, find_images
 from featinv.diffusion.reconstruct import Reconstructor
 from featinv.io import atomic_write_text, check_writable

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from featinv.config import EVAL_DIR, MANIFEST, flatten
+from featinv.checkpoint.config_file import flatten
+from featinv.config import EVAL_DIR, MANIFEST
 
 SETTINGS = ("backbone", "sample", "per_class")  # compared key by key; the checkpoint by its content hash
 
@@ -49,8 +50,8 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def checkpoint_identity(path: str, previous: dict | None = None) -> dict:
-    """{path, size, mtime_ns, sha256} of a checkpoint file. The SHA-256 of the contents (about a second
-    per GB) is computed once: a file at the same path with the size and mtime the manifest recorded
+    """{path, size, mtime_ns, sha256} of a checkpoint file. The SHA-256 of the contents (it reads the whole
+    file) is computed once: a file at the same path with the size and mtime the manifest recorded
     keeps the recorded hash (a copied or touched file is hashed again and still matches)."""
     st = os.stat(path)
     ident = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
