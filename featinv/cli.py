@@ -1,9 +1,16 @@
 """The ``featinv`` command: ``featinv [--debug] <command> [options]``; each command is the ``main`` of a
-module in :mod:`featinv.commands` (0 on success, 2 on a user error printed as one line)."""
+module in :mod:`featinv.commands` (0 on success, 2 on a user error printed as one line).
+
+Also ``featinv --version``, ``featinv help [<command>]`` and ``python -m featinv`` (:mod:`featinv.__main__`).
+This module and the table below import no torch: the command list, ``--version`` and ``help`` print at once.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+
+from featinv import __version__
+from featinv.registry import PANELS, names
 
 COMMANDS = {  # name -> (module, one-line help); modules are imported only when their command runs
     "demo": ("featinv.commands.demo", "run the whole recipe on scikit-learn's digits, on a CPU, in minutes"),
@@ -18,8 +25,17 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
     "concepts": ("featinv.commands.concepts", "find concepts in the feature map; see, remove and steer by each"),
     "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
-    "app": ("featinv.commands.app", "interactive explorer in the browser: reconstruct, steer, compose, perturb"),
+    "app": ("featinv.commands.app", f"interactive explorer in the browser: {names(PANELS).lower()}"),
 }
+
+
+def usage() -> str:
+    """The command list (``featinv``, ``featinv --help``, ``featinv help``)."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return ("usage: featinv [--debug] <command> [options]\n       featinv --version | help [<command>]\n\n"
+            "commands:\n" + "\n".join(lines) + "\n\n'featinv help <command>' (or 'featinv <command> --help') "
+            "describes a command; --debug shows tracebacks of errors.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(argv) and argv[0] == "--debug"  # global form; `featinv <command> --debug` works too
     if debug:
         argv = argv[1:]
+    if argv[:1] == ["--version"]:
+        print(f"featinv {__version__}")
+        return 0
+    if argv[:1] == ["help"]:  # `featinv help <command>` is `featinv <command> --help`
+        if len(argv) > 2:
+            print(f"featinv: error: help takes one command name, got {' '.join(argv[1:])!r}", file=sys.stderr)
+            return 2
+        argv = argv[1:] + ["--help"] if len(argv) == 2 else ["--help"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-        print("usage: featinv [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines)
-              + "\n\n'featinv <command> --help' describes each command; --debug shows tracebacks of errors.")
+        print(usage())
         if argv and argv[0] not in ("-h", "--help"):
             print(f"featinv: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

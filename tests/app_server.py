@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 class AppServer:
-    """``python -m featinv.cli app --demo-out <out> --port <free>``; ``url`` once it serves."""
+    """``python -m featinv app --demo-out <out> --port <free>``; ``url`` once it serves."""
 
     def __init__(self, demo_out: Path, temp_dir: Path, timeout: float = 180.0, threads: int = 1):
         env = {**os.environ, "GRADIO_TEMP_DIR": str(temp_dir), "GRADIO_ANALYTICS_ENABLED": "False",
@@ -32,7 +32,7 @@ class AppServer:
         self.port = free_port()
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "featinv.cli", "app", "--demo-out", str(demo_out), "--port", str(self.port),
+            [sys.executable, "-m", "featinv", "app", "--demo-out", str(demo_out), "--port", str(self.port),
              "--threads", str(threads)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         lines: queue.Queue = queue.Queue()

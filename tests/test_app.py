@@ -196,6 +196,23 @@ def test_face_help_and_bad_checkpoint(capsys, tmp_path):
     assert "featinv app: error:" in capsys.readouterr().err
 
 
+def test_page_has_a_tab_per_registered_panel_and_one_error_path(session):
+    """The tabs are featinv.registry.PANELS in order; every panel's event is its registered run, and when it
+    fails its outputs are emptied (the message stays; no earlier result under it)."""
+    from featinv.app.ui import build
+    from featinv.registry import PANELS
+
+    page = build(session)
+    assert [b.label for b in page.blocks.values() if isinstance(b, gr.Tab)] == list(PANELS)
+    fns = list(page.fns.values())
+    for name in PANELS:
+        runs = [f for f in fns if f.name == name.lower()]
+        assert runs, name
+        for run in runs:
+            [cleanup] = [f for f in fns if f.trigger_after == run._id and f.trigger_only_on_failure]
+            assert [o._id for o in cleanup.outputs] == [o._id for o in run.outputs], name
+
+
 def test_library_never_imports_the_app():
     root = Path(__file__).resolve().parents[1] / "featinv"
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
@@ -211,8 +228,9 @@ def test_checkpoint_session_serves_a_run_folder(tmp_path):
 
     from featinv.app.session import checkpoint_session
     from featinv.app.ui import Callbacks
+    from featinv.checkpoint.config_file import merge
     from featinv.checkpoint.load import save_featinv
-    from featinv.config import PRESETS, PairSource, merge
+    from featinv.config import PRESETS, PairSource
     from featinv.nets.model import FeatInv
 
     cfg = merge(PRESETS["tiny"], {"model": {"adapter": {"in_channels": 512}}})  # resnet18's final stage

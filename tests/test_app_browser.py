@@ -28,6 +28,8 @@ from app_server import (
     width_ratio,
 )
 
+from featinv.registry import PANELS
+
 pytestmark = pytest.mark.slow
 K = 4  # the Advanced section's default for the demo pair
 
@@ -98,7 +100,7 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
     t0 = time.perf_counter()
     page.goto(server.url, timeout=60_000)
     page.wait_for_selector("#reconstruct-run")
-    for tab in ("Reconstruct", "Steer", "Compose", "Perturb"):
+    for tab in PANELS:  # the registry's, Concepts too
         assert page.locator(f"button[role=tab]:has-text('{tab}')").count() == 1, tab
     load = time.perf_counter() - t0
 

@@ -134,3 +134,88 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert like_lightning([]) == 130
     assert capsys.readouterr().err == "featinv steer: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_version_is_the_package_metadata(capsys):
+    """`featinv --version`, `python -m featinv --version` and featinv.__version__: one source, the metadata."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    import featinv
+
+    assert featinv.__version__ == version("featinv")
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"featinv {featinv.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "featinv", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"featinv {featinv.__version__}\n", proc.stderr
+
+
+def test_help_command_is_the_command_help(capsys):
+    """`featinv help <command>` = `featinv <command> --help`; `featinv help` alone = the command list."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["steer", "--help"])
+    assert exit_.value.code == 0
+    direct = capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["help", "steer"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == direct
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert main(["help"]) == 0 and capsys.readouterr().out == listing
+    assert main(["--help"]) == 0 and capsys.readouterr().out == listing
+    assert all(name in listing for name in COMMANDS) and "featinv help <command>" in listing
+    assert main(["help", "nonsense"]) == 2
+    assert capsys.readouterr().err.strip() == "featinv: error: unknown command 'nonsense'"
+    assert main(["help", "steer", "demo"]) == 2
+    assert capsys.readouterr().err.startswith("featinv: error: help takes one command name")
+
+
+def test_the_command_list_version_and_help_load_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import io, sys, contextlib; from featinv.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['--version']); main(['help'])\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_lists_in_help_texts_come_from_the_registry(capsys):
+    """The panels (`featinv --help`'s line for app, `featinv app --help`) and the samplers (`featinv
+    reconstruct --help`) are listed from featinv.registry, with each entry's help."""
+    from featinv.registry import PANELS, SAMPLERS
+
+    assert main([]) == 0
+    app_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("app "))
+    assert all(name.lower() in app_line for name in PANELS), app_line
+    for command, table in (("app", PANELS), ("reconstruct", SAMPLERS)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for name, entry in table.items():
+            assert re.search(rf"^  {re.escape(name)} +{re.escape(entry.help)}$", text, re.M), (name, text)
+    with pytest.raises(SystemExit):
+        main(["steer", "--help"])
+    assert "DDIM" not in capsys.readouterr().out  # --steps are the model's sampler's steps, whichever it is
+
+
+def test_model_source_flags_are_one_group_read_into_a_pair_source():
+    """reconstruct (a checkpoint), the analyses and the app (a checkpoint or the demo pair) read the same flags
+    into the same PairSource."""
+    from featinv.commands import app, reconstruct
+    from featinv.commands._common import Parser, add_source_args, source_from_args
+    from featinv.config import DEMO_OUT, PairSource
+
+    argv = ["--checkpoint", "run", "--config", "tiny", "--run-dir", "runs/a", "--backbone", "resnet18",
+            "--backbone-checkpoint", "bb.pth", "--backbone-size", "64"]
+    given = dict(checkpoint="run", config="tiny", run_dir="runs/a", backbone="resnet18",
+                 backbone_checkpoint="bb.pth", backbone_size=64)
+    recon = reconstruct.build_parser().parse_args(argv + ["--data", "d", "--out", "o"])
+    assert source_from_args(recon) == PairSource(**given)
+    served = app.build_parser().parse_args(argv + ["--demo-out", "demo", "--demo-seed", "3", "--demo-full"])
+    assert source_from_args(served) == PairSource(**given, demo_out="demo", demo_seed=3, demo_quick=False)
+    demo = Parser(prog="featinv test")
+    add_source_args(demo, demo=True)
+    assert source_from_args(demo.parse_args([])) == PairSource(demo_out=DEMO_OUT)
+    assert reconstruct.main(["--data", "d", "--out", "o"]) == 2  # --checkpoint is required without a demo pair

@@ -26,10 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 def featinv(*args: str, cwd: Path, wait: bool = True):
-    """``python -m featinv.cli ARGS`` as a user runs it (CPU only, one thread); the finished process,
+    """``python -m featinv ARGS`` as a user runs it (CPU only, one thread); the finished process,
     or the running one with ``wait=False``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "featinv.cli", *args]
+    cmd = [sys.executable, "-m", "featinv", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return finish(proc) if wait else proc
 

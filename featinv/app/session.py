@@ -24,8 +24,11 @@ from featinv.visualize import save_png
 
 MAX_FILE_BYTES = 20 * 1024 * 1024    # uploads larger than this are refused unread
 MAX_PIXELS = 40_000_000              # ... and images with more pixels than this (read from the header only)
-MAX_SAMPLES = 8                      # K
-MAX_STEPS = 200                      # DDIM steps
+# K per request. Lower than the commands' cap (featinv.config.MAX_SAMPLES): the page serves requests one at a
+# time to everyone who opens it (a shared server), so one request must answer while the next one waits; a
+# command's K is the choice of whoever runs it, on their own machine.
+MAX_APP_SAMPLES = 8
+MAX_STEPS = 200                      # sampler steps
 MAX_GUIDANCE = 30.0
 CLAMPS = {"none": None, "per channel": "channel", "per channel and location": "location"}  # Steer's clamp choices
 
@@ -104,7 +107,7 @@ class Session:
         steps = number(steps, "steps", 1, MAX_STEPS, whole=True)
         guidance = number(guidance, "guidance scale", 0.0, MAX_GUIDANCE)
         seed = number(seed, "seed", 0, 2**31 - 1, whole=True)
-        samples = number(samples, "K (samples)", 1, MAX_SAMPLES, whole=True)
+        samples = number(samples, "K (samples)", 1, MAX_APP_SAMPLES, whole=True)
         if uncond not in UNCOND_MODES:
             raise ValueError(f"unconditional mode {uncond!r}: choose one of {', '.join(UNCOND_MODES)}")
         return dataclasses.replace(self.sample_config, steps=int(steps), guidance_scale=guidance,

@@ -1,4 +1,4 @@
-"""Arguments the analysis faces (steer, compose, perturb) share: the model pair, the inputs, sampling,
+"""Arguments the analysis faces (steer, compose, perturb, concepts) share: the model pair, the inputs, sampling,
 and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`."""
 from __future__ import annotations
 
@@ -9,26 +9,22 @@ import sys
 import torch
 
 from featinv.analysis.common import demo_digits, load_images, write_outputs
-from featinv.commands._common import blame, cleanup_on_failure, positive_int, sample_count
-from featinv.config import DEMO_OUT, MAX_SAMPLES, PairSource
+from featinv.commands._common import (
+    add_source_args,
+    blame,
+    cleanup_on_failure,
+    positive_int,
+    sample_count,
+    source_from_args,
+)
+from featinv.config import MAX_SAMPLES
 from featinv.io import check_output_folder, check_writable, mark_output_folder
-from featinv.nets.backbone import BACKBONE_PRESETS
 from featinv.pair import Pair, load_pair
 
 
 def add_common_args(p) -> None:
     """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""
-    g = p.add_argument_group("model (default: the demo's digits pair, trained and cached on first use)")
-    g.add_argument("--checkpoint", help="FeatInv weights (file, or a run folder holding featinv.safetensors); "
-                                        "without it the demo pair under --demo-out is used")
-    g.add_argument("--config", help="preset name or YAML for the model and backbone (with --checkpoint; default: "
-                                    "the checkpoint's metadata and the run's config.yaml)")
-    g.add_argument("--run-dir", help="the training run whose config.yaml names the backbone (with --checkpoint)")
-    g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(with --checkpoint; default: the training run's config.yaml beside it)")
-    g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
-    g.add_argument("--backbone-size", type=int, help="backbone input size (default: the preset's)")
-    g.add_argument("--demo-out", default=DEMO_OUT, help="the demo's folder (its cache/ holds the pair)")
+    g = add_source_args(p, demo=True)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g = p.add_argument_group("inputs")
     g.add_argument("--images", nargs="+", help="image files and/or folders (any size; resized to the backbone's "
@@ -40,7 +36,7 @@ def add_common_args(p) -> None:
     g.add_argument("--samples", type=sample_count, default=1,
                    help=f"K reconstructions per input (K > 1 adds a spread map; at most {MAX_SAMPLES})")
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
-    g.add_argument("--steps", type=positive_int, help="DDIM steps (default: the model's: demo 20, else 50)")
+    g.add_argument("--steps", type=positive_int, help="sampler steps (default: the model's: demo 20, else 50)")
     p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
     p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files "
                    "(without it only a new or empty folder, or this command's earlier output, is written into)")
@@ -79,10 +75,8 @@ def pair_from_args(args) -> Pair:
     check_output_folder(args.out, args.command_name, args.overwrite)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
-    source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
-                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size,
-                        demo_out=args.demo_out)
-    pair = load_pair(source, args.device, log=lambda msg: print(msg, file=sys.stderr))  # progress, not results
+    pair = load_pair(source_from_args(args), args.device,
+                     log=lambda msg: print(msg, file=sys.stderr))  # progress, not results
     changes = {"num_samples": args.samples, "seed": args.seed, "steps": args.steps}
     pair.sample_config = dataclasses.replace(pair.sample_config, **{k: v for k, v in changes.items() if v is not None})
     return pair

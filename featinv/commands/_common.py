@@ -1,4 +1,5 @@
-"""What every command face shares: the parser, the error convention, the output-folder cleanup.
+"""What every command face shares: the parser, the error convention, the model-source flags, the
+output-folder cleanup.
 
 Convention: ``main(argv=None) -> int``; 0 on success, 2 on an error the user caused (missing file,
 bad flag, bad config or override, no CUDA), printed as ONE line ``featinv <command>: error: ...`` on
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
-from featinv.config import MAX_SAMPLES, SettingError
+from featinv.config import BACKBONE_PRESETS, DEMO_OUT, MAX_SAMPLES, RUN_CONFIG, WEIGHTS_FILE, PairSource, SettingError
 from featinv.jobs.lock import LOCK_NAME
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
@@ -30,9 +31,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                OmegaConfBaseException)
 USER_ERROR_NAMES = ("MisconfigurationException",)
 
-
-# --samples K multiplies every reconstruction of a command (and its memory); above this a typo is likelier
-# than intent (README: "Numbers on the command line").
 
 
 def finite_float(text: str) -> float:
@@ -70,13 +68,20 @@ class UsageError(ValueError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" once: not for None/False defaults, nor where the help already says it."""
+    """Appends "(default: X)" once: not for None/False defaults, nor where the help already says it. A
+    description or epilog of several lines (a table from :mod:`featinv.registry`) is printed as written;
+    one line is wrapped."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,6 +95,41 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+def add_source_args(p: argparse.ArgumentParser, demo: bool) -> argparse._ArgumentGroup:
+    """The model-source flags as a group ("model"), read back by :func:`source_from_args`: --checkpoint and
+    where its backbone comes from; with ``demo`` the checkpoint is optional and the demo pair's flags come too.
+    -> the group (a face adds its --device to it)."""
+    title = "model (default: the demo's digits pair, trained and cached on first use)" if demo else "model"
+    g = p.add_argument_group(title)
+    g.add_argument("--checkpoint", required=not demo,
+                   help=f"FeatInv weights: a .safetensors file or a reference .ckpt, a folder holding "
+                        f"{WEIGHTS_FILE} (a training run, an export) or an exported folder's Hub id"
+                        + ("; without it the demo pair under --demo-out" if demo else ""))
+    g.add_argument("--config", help="preset name or YAML for the model and backbone (default: the model from the "
+                                    f"checkpoint's metadata, the backbone from the training run's {RUN_CONFIG})")
+    g.add_argument("--run-dir", help=f"the training run whose {RUN_CONFIG} names the backbone (default: the "
+                                     f"checkpoint's folder, when it holds a {RUN_CONFIG})")
+    g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
+                                      "(default: the run's or --config's backbone)")
+    g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
+    g.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
+    if demo:
+        g.add_argument("--demo-out", default=DEMO_OUT, help="the demo's folder (its cache/ holds the demo pair)")
+        g.add_argument("--demo-seed", type=int, default=0, help="seed of the demo pair")
+        g.add_argument("--demo-full", action="store_true",
+                       help="the demo pair with `featinv demo`'s full settings (default: its --quick settings)")
+    return g
+
+
+def source_from_args(args: argparse.Namespace) -> PairSource:
+    """The parsed flags of :func:`add_source_args` -> the PairSource they name (the demo's fields, when the
+    face has no demo flags, keep their defaults)."""
+    demo = {"demo_out": args.demo_out, "demo_seed": args.demo_seed, "demo_quick": not args.demo_full} \
+        if hasattr(args, "demo_out") else {}
+    return PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
+                      backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size, **demo)
 
 
 def flag(setting: str) -> str:
@@ -173,7 +213,7 @@ def command(name: str, resumes: bool = False):
                     traceback.print_exc()
                 print(f"featinv {name}: interrupted{'; rerun to resume' if resumes else ''}", file=sys.stderr)
                 return 130
-            except Exception as e:  # noqa: BLE001 -- user errors are reported, anything else re-raised
+            except Exception as e:  # user errors are reported, anything else re-raised
                 if not isinstance(e, USER_ERRORS) and type(e).__name__ not in USER_ERROR_NAMES:
                     raise
                 if "--debug" in argv:

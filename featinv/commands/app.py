@@ -6,33 +6,23 @@ import os
 
 import torch
 
-from featinv.commands._common import Parser, command
-from featinv.config import DEMO_OUT, PairSource
-from featinv.nets.backbone import BACKBONE_PRESETS
+from featinv.commands._common import Parser, add_source_args, command, source_from_args
+from featinv.registry import PANELS, describe, names
 from featinv.runtime import configure_threads
 
-DESCRIPTION = ("Serve the interactive explorer (Reconstruct, Steer, Compose, Perturb) on a local web page. "
-               "Without --checkpoint it serves the demo's digits pair, trained and cached on first use.")
+DESCRIPTION = (f"Serve the interactive explorer on a local web page: {names(PANELS)} (described below), each a "
+               "tab over one input image. Without --checkpoint it serves the demo's digits pair, trained and "
+               "cached on first use.")
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="featinv app", description=DESCRIPTION)
+    p = Parser(prog="featinv app", description=DESCRIPTION, epilog="panels:\n" + describe(PANELS))
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860 on)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off unless asked)")
-    p.add_argument("--demo-out", default=DEMO_OUT, help="the demo's out folder (its cache/ holds the pair)")
-    p.add_argument("--demo-seed", type=int, default=0, help="seed of the demo pair")
-    p.add_argument("--demo-full", action="store_true", help="the demo's default settings instead of --quick's")
-    p.add_argument("--checkpoint", help="FeatInv weights (.safetensors) or a training run folder "
-                                        "(featinv.safetensors + config.yaml); serves that model instead of the demo")
-    p.add_argument("--config", help="preset name or YAML for the model and backbone "
-                                    "(None: the checkpoint's metadata / the run folder's config.yaml)")
-    p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(default: the run's config.yaml)")
-    p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
-    p.add_argument("--backbone-size", type=int, help="backbone input size (None: the preset's)")
+    g = add_source_args(p, demo=True)
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--examples", help="folder of example images to offer (with --checkpoint)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: OMP_NUM_THREADS, else one less than the usable cores)")
     return p
@@ -41,17 +31,17 @@ def build_parser() -> Parser:
 def _session(args: argparse.Namespace, device: str):
     from featinv.app.session import checkpoint_session, demo_session
 
-    if args.checkpoint is None:
-        print(f"featinv app: loading the demo pair from {args.demo_out} (trained and cached on first use)", flush=True)
-        return demo_session(args.demo_out, seed=args.demo_seed, quick=not args.demo_full, device=device,
+    source = source_from_args(args)
+    if source.checkpoint is None:
+        print(f"featinv app: loading the demo pair from {source.demo_out} (trained and cached on first use)",
+              flush=True)
+        return demo_session(source.demo_out, seed=source.demo_seed, quick=source.demo_quick, device=device,
                             log=lambda *a: print(*a, flush=True))
     examples = []
     if args.examples:
         from featinv.data import find_images
 
         examples = [path for path, _ in find_images(args.examples)[0]][:20]
-    source = PairSource(checkpoint=args.checkpoint, config=args.config, backbone=args.backbone,
-                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
     return checkpoint_session(source, device, examples)
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 from featinv.checkpoint.build_control import backbone_channels, build_control
 from featinv.checkpoint.config_file import load_config
 from featinv.commands._common import Parser, command
-from featinv.config import BackboneConfig
+from featinv.config import BACKBONE_PRESETS, BackboneConfig
 from featinv.io import check_writable
-from featinv.nets.backbone import BACKBONE_PRESETS
 
 
 @command("build-control")

@@ -6,7 +6,7 @@ import sys
 
 from featinv.analysis.common import demo_digits, features_of, load_images
 from featinv.analysis.concepts import METHODS, ConceptBasis, fit_concepts
-from featinv.analysis.concepts_report import concepts_report
+from featinv.analysis.concepts_report import AtlasConfig, AtlasImages, concepts_report
 from featinv.commands._analysis import add_common_args, inputs_from_args, pair_from_args, parse_floats, write_report
 from featinv.commands._common import Parser, blame, command
 
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
             basis.check(feats)
 
     def report():
-        picture, table, md = concepts_report(pair, basis, fit_images, fit_names, held_images, held_labels,
-                                             steer_images, steer_names, alphas, args.exemplars, args.removals)
+        images = AtlasImages(fit_images, fit_names, held_images, held_labels, steer_images, steer_names)
+        picture, table, md = concepts_report(pair, basis, images, AtlasConfig(alphas, args.exemplars, args.removals))
         basis.save(f"{args.out}/concepts.safetensors")
         return picture, table, md
     code = write_report(args.out, "concepts.png", report, args.command_name)

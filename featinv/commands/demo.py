@@ -19,7 +19,8 @@ from featinv.runtime import configure_threads
 def main(argv: list[str]) -> int:
     p = Parser(prog="featinv demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=DEMO_OUT, help="output folder (picture, table; cache/ for artefacts)")
-    p.add_argument("--quick", action="store_true", help="smaller settings (about 1.5 minutes on a 2-core CPU; used by the tests)")
+    p.add_argument("--quick", action="store_true", help="smaller settings: the demo pair the tests, the analyses "
+                   "and the app use (timings: benchmarks/RESULTS.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage and of the sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files")

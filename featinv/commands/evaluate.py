@@ -5,8 +5,9 @@ import argparse
 import json
 from pathlib import Path
 
+from featinv.checkpoint.config_file import from_dict, to_dict
 from featinv.commands._common import Parser, cleanup_on_failure, command
-from featinv.config import EVAL_DIR, MANIFEST, BackboneConfig, from_dict, to_dict
+from featinv.config import EVAL_DIR, MANIFEST, BackboneConfig
 from featinv.io import check_writable
 from featinv.jobs.evaluate import evaluate_folder, markdown
 from featinv.nets.backbone import resolve_backbone

@@ -5,38 +5,31 @@ import json
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from featinv.commands._common import Parser, cleanup_on_failure, command, finite_float, positive_int, sample_count
-from featinv.config import (
-    MANIFEST,
-    SAMPLER_NAMES,
-    SPACINGS,
-    UNCOND_MODES,
-    PairSource,
-    ReconstructJob,
-    SampleConfig,
-    to_dict,
+from featinv.checkpoint.config_file import to_dict
+from featinv.commands._common import (
+    Parser,
+    add_source_args,
+    cleanup_on_failure,
+    command,
+    finite_float,
+    positive_int,
+    sample_count,
+    source_from_args,
 )
+from featinv.config import MANIFEST, SPACINGS, UNCOND_MODES, ReconstructJob, SampleConfig
 from featinv.io import check_output_folder, check_writable
 from featinv.jobs.lock import folder_lock
 from featinv.jobs.reconstruct import reconstruct_folder
-from featinv.nets.backbone import BACKBONE_PRESETS
+from featinv.registry import SAMPLERS, STOCHASTIC_SAMPLERS, describe
 from featinv.runtime import quiet_lightning
 
 _print0 = rank_zero_only(print)  # one copy of messages under DDP
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="featinv reconstruct",
-               description="Reconstruct ImageNet-style images from their classifier features.")
-    p.add_argument("--checkpoint", required=True, help="FeatInv weights (featinv .safetensors or reference .ckpt)")
-    p.add_argument("--config", help="preset name or YAML for the model and backbone (default: the model from the "
-                                    "checkpoint's metadata, the backbone from the training run's config.yaml)")
-    p.add_argument("--run-dir", help="the training run whose config.yaml names the backbone (default: the "
-                                     "checkpoint's folder, when it holds a config.yaml)")
-    p.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(default: the run's or --config's backbone)")
-    p.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
-    p.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
+    p = Parser(prog="featinv reconstruct", description="Reconstruct ImageNet-style images from their classifier "
+               "features.", epilog="samplers:\n" + describe(SAMPLERS))
+    add_source_args(p, demo=False)
     p.add_argument("--data", required=True, help="ImageNet-style folder <root>/<class>/<image>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
@@ -44,16 +37,15 @@ def build_parser() -> Parser:
                         "without it a folder made with other settings is refused")
     p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
-                   help="ddim: the reference's sampler; dpmpp_2m: DPM-Solver++(2M), deterministic, second order: "
-                        "fewer steps for the same accuracy (how many: benchmarks/RESULTS.md; use it with "
-                        "--spacing trailing)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler,
+                   help="the sampler, one of those listed below (which to choose, and how many steps each needs: "
+                        "docs/sampling.md)")
     p.add_argument("--steps", type=positive_int, default=d.steps,
                    help="sampler steps S (model calls per sample, each a forward of both guidance branches)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
                         "1000, as the reference); trailing = exactly S steps from t=999")
-    p.add_argument("--eta", type=finite_float, default=d.eta, help="DDIM eta (ddim only)")
+    p.add_argument("--eta", type=finite_float, default=d.eta, help=f"noise per step, DDIM's eta (> 0: {', '.join(STOCHASTIC_SAMPLERS)} only)")
     p.add_argument("--scale", type=finite_float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
     p.add_argument("--samples", type=sample_count, default=d.num_samples, help="reconstructions per image (K)")
@@ -78,13 +70,11 @@ def main(argv: list[str]) -> int:
     check_writable(args.out)
     quiet_lightning()
     check_output_folder(args.out, "reconstruct", args.overwrite, own=(MANIFEST,))
-    source = PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
-                        backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size)
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                           guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
-    job = ReconstructJob(source=source, data=args.data, out=args.out, per_class=args.per_class or None, sample=sample,
+    job = ReconstructJob(source=source_from_args(args), data=args.data, out=args.out, per_class=args.per_class or None, sample=sample,
                          batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
                          devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
                          precision=args.precision, overwrite=args.overwrite)

@@ -1,8 +1,6 @@
 """``featinv steer``: concept steering in the feature map, seen through reconstructions (FeatInv-Viz)."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 from PIL import Image
@@ -19,15 +17,11 @@ from featinv.commands._analysis import (
     parse_floats,
     write_report,
 )
-from featinv.commands._common import HelpFormatter, Parser, blame, command
+from featinv.commands._common import Parser, blame, command
 
 DIRECTIONS = DIRECTION_SPECS + """
 alpha is in units of the input's mean per-location feature norm: alpha = 1 moves every location by
 one typical feature vector's length along the direction."""
-
-
-class _Help(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """The project's help format, with the epilog's lines kept as written."""
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
@@ -41,10 +35,9 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 
 @command("steer")
 def main(argv: list[str]) -> int:
-    p = Parser(prog="featinv steer", epilog=DIRECTIONS, formatter_class=_Help, description="Move feature maps along a direction and "
+    p = Parser(prog="featinv steer", epilog=DIRECTIONS, description="Move feature maps along a direction and "
                "reconstruct every strength with the same seeds: a strip per input, a table per alpha.")
-    p.add_argument("--direction", default="class:0", help="class:<i>, channel:<i>, mean-diff:<a>:<b>, probe:<a>:<b>, "
-                   "concept:<basis>:<i>")
+    p.add_argument("--direction", default="class:0", help="the direction: one of the specs listed below")
     p.add_argument("--alphas", default="0,0.5,1,1.5,2", help="comma-separated strengths (0 is always shown first)")
     p.add_argument("--target", type=int, help="class whose probability the table reports (default: from the direction)")
     p.add_argument("--mask", help="steer only inside this box x0,y0,x1,y1 (pixels of the backbone input)")
