@@ -7,7 +7,8 @@ every parameter N(0, 0.02): the values do not change the cost), makes one warm-u
 ``--calls`` calls; the table gives the median over rounds of each worker's mean, and each version's
 time relative to the first.
 
-    python benchmarks/bench_versions.py                                 # 0.1.1, 0.2.0 and the working tree
+    python benchmarks/bench_versions.py                                 # 0.3.0 and the working tree
+    python benchmarks/bench_versions.py --revs 0.1.1 0.2.0 0.3.0 WORKTREE
     python benchmarks/bench_versions.py --revs 1fc01b9 WORKTREE --rounds 5 --batch 2
 """
 from __future__ import annotations
@@ -23,15 +24,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VERSIONS = {"0.1.1": "1c6e2a5", "0.2.0": "1fc01b9"}  # the commits each stop landed
+VERSIONS = {"0.1.1": "1c6e2a5", "0.2.0": "1fc01b9", "0.3.0": "f6c3cba"}  # the commits each stop landed
 
 
 def worker(batch: int, calls: int) -> dict:
     """In the worker process: time FeatInv's ε-prediction of whichever ``featinv`` is importable."""
+    import importlib
+
     import torch
 
     from featinv.config import PRESETS
-    from featinv.nets.model import FeatInv
+
+    try:  # 0.4.0 moved the networks into featinv.nets
+        FeatInv = importlib.import_module("featinv.nets.model").FeatInv
+    except ModuleNotFoundError:
+        FeatInv = importlib.import_module("featinv.model").FeatInv
 
     torch.manual_seed(0)
     cfg = PRESETS["featinv_convnext"].model
@@ -72,7 +79,7 @@ def checkout(rev: str, into: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--revs", nargs="+", default=["0.1.1", "0.2.0", "WORKTREE"],
+    p.add_argument("--revs", nargs="+", default=["0.3.0", "WORKTREE"],
                    help=f"versions ({', '.join(VERSIONS)}), git revisions, or WORKTREE (this checkout)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
