@@ -45,7 +45,8 @@ def build_parser() -> Parser:
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing,
                    help="timesteps: reference = arange(0, 1000, 1000 // S) + 1 (S+1 steps when S does not divide "
                         "1000, as the reference); trailing = exactly S steps from t=999")
-    p.add_argument("--eta", type=finite_float, default=d.eta, help=f"noise per step, DDIM's eta (> 0: {', '.join(STOCHASTIC_SAMPLERS)} only)")
+    p.add_argument("--eta", type=finite_float, default=d.eta,
+                   help=f"noise per step, DDIM's eta (> 0: {', '.join(STOCHASTIC_SAMPLERS)} only)")
     p.add_argument("--scale", type=finite_float, default=d.guidance_scale, help="classifier-free guidance scale")
     p.add_argument("--prompt", default=d.prompt, help="conditional prompt")
     p.add_argument("--samples", type=sample_count, default=d.num_samples, help="reconstructions per image (K)")
@@ -74,7 +75,8 @@ def main(argv: list[str]) -> int:
                           guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
-    job = ReconstructJob(source=source_from_args(args), data=args.data, out=args.out, per_class=args.per_class or None, sample=sample,
+    job = ReconstructJob(source=source_from_args(args), data=args.data, out=args.out,
+                         per_class=args.per_class or None, sample=sample,
                          batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
                          devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
                          precision=args.precision, overwrite=args.overwrite)
