@@ -7,8 +7,9 @@ crop resized to 256x256 in [-1, 1]. Decoding and augmentation run in DataLoader 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,6 +21,27 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 UNLABELED = -1  # label of images from a plain (class-less) folder
 
 Item = tuple[str, int]  # (image path, class index or UNLABELED)
+
+
+class UnreadableImagesError(ValueError):
+    """Too few readable images to train on once the unreadable files are skipped."""
+
+
+def data_source(root: str) -> str:
+    """How an error names the training data: ``--data ROOT``, or "the training dataset" without a root."""
+    return f"--data {root}" if root else "the training dataset"
+
+
+def too_few_images(n: int, batch_size: int, root: str = "", world_size: int = 1, skipped: int = 0) -> str | None:
+    """Why ``n`` images (not counting ``skipped`` unreadable ones) give a rank no full training batch, as one
+    line; None when every rank gets one. Batches are whole (``drop_last``, so that a resumed run sees the same
+    batches), and an epoch without one would train nothing and export the initial weights."""
+    if n // world_size >= batch_size:
+        return None
+    without = f" (skipping {skipped} unreadable)" if skipped else ""
+    ranks = f" per device ({n} over {world_size} devices)" if world_size > 1 else ""
+    images = f"{n} image{'s' * (n != 1)}{without}"
+    return f"{data_source(root)}: {images} < data.batch_size {batch_size}{ranks}, so no training batch"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -115,16 +137,37 @@ def collate_skip(batch: list[dict | None]) -> dict[str, Any]:
     return out
 
 
+class _Numbered(Dataset):
+    """``(i, dataset[i])``, so that a batch can name the items it dropped."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any] | None]:
+        return index, self.dataset[index]
+
+
+def _collate_numbered(batch: list[tuple[int, dict | None]]) -> dict[str, Any]:
+    """:func:`collate_skip` of the items, plus ``unreadable``: the dataset indices of the dropped ones."""
+    out = collate_skip([item for _, item in batch])
+    out["unreadable"] = [i for i, item in batch if item is None]
+    return out
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True,
                 seed: int = 0, drop_last: bool = False, sampler: Sampler | None = None) -> DataLoader:
-    """DataLoader with :func:`collate_skip`; the seed fixes shuffling and the workers' RNGs.
+    """DataLoader of :func:`collate_skip` batches that also list the dataset indices of their unreadable
+    items (``unreadable``); the seed fixes shuffling and the workers' RNGs.
 
     With ``num_workers=0`` the augmentations draw from the global torch RNG (seed it yourself,
     e.g. ``lightning.seed_everything``). A ``sampler`` (e.g. a per-rank DistributedSampler)
     replaces ``shuffle``.
     """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else None,
+    return DataLoader(_Numbered(dataset), batch_size=batch_size, shuffle=shuffle if sampler is None else None,
                       sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skip, pin_memory=torch.cuda.is_available(),
+                      collate_fn=_collate_numbered, pin_memory=torch.cuda.is_available(),
                       drop_last=drop_last, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from featinv.checkpoint.config_file import to_dict
 from featinv.config import SampleConfig, TrainConfig
-from featinv.data import make_loader
+from featinv.data import ImageDataset, UnreadableImagesError, data_source, make_loader, too_few_images
 from featinv.diffusion.schedule import alphas_cumprod, eps_loss
 from featinv.io import atomic_write_text
 from featinv.nets.backbone import FeatureExtractor
@@ -64,8 +64,6 @@ class FeatInvModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         self.skipped_images += int(batch["skipped"])
         self.log("train/skipped_images", float(self.skipped_images), reduce_fx="sum", sync_dist=False)
-        if batch["index"].numel() == 0:  # every image in the batch was unreadable
-            return None
         g = self.step_generator()
         with torch.no_grad():
             feats = self.backbone(batch["feat_input"])
@@ -86,7 +84,7 @@ class FeatInvModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         every = self.cfg.log_images_every
-        if every and self.global_step % every == 0 and self.trainer.is_global_zero and batch["index"].numel():
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             self.log_images(batch)
 
     @torch.no_grad()
@@ -181,18 +179,29 @@ class _ResumeSampler(Sampler[int]):
         (that checkpoint records the next epoch); the position saved with the data is."""
 
 
+NAMED_FILES = 3  # unreadable files an error names; the others it counts
+
+
 class _Loader(pl.LightningDataModule):
     """Per-rank shuffling with an epoch-seeded DistributedSampler (also for one process), resumable exactly.
 
     The data position -- the shuffling epoch and the batches consumed in it -- is counted here, one
-    per batch the training loop receives (also a batch of unreadable images that makes no optimizer
-    step), and saved in checkpoints, so a resumed run continues the same order where the checkpoint
-    left it, however the run stopped (epoch end, mid-epoch checkpoint, max_steps, a kill)."""
+    per batch the training loop receives (one optimizer step each), and saved in checkpoints, so a
+    resumed run continues the same order where the checkpoint left it, however the run stopped (epoch
+    end, mid-epoch checkpoint, max_steps, a kill).
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
+    Too few readable images stop training (:class:`~featinv.data.UnreadableImagesError`, one line naming
+    the data root and the unreadable files) before the batch that shows it trains: a batch without one,
+    or a dataset whose files not found unreadable so far make no full batch per device. The unreadable
+    files are those the batches name (``unreadable``; nothing is decoded twice), on this rank, in this
+    session."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int, root: str = ""):
         super().__init__()
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.root = root  # the data root, which errors name
         self.position: dict[str, int] | None = None  # {"epoch", "batches"}; None: not yet started or restored
+        self.unreadable: set[int] = set()  # dataset indices of the files found unreadable
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position or {"epoch": 0, "batches": 0})
@@ -213,7 +222,33 @@ class _Loader(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer.training:
             self.position["batches"] += 1
+            self.count_images(batch)
         return batch
+
+    def count_images(self, batch: dict) -> None:
+        """Remember the batch's unreadable files; UnreadableImagesError when the other files make no full
+        batch per device, or when the batch holds no readable image."""
+        self.unreadable.update(batch["unreadable"])
+        skipped = len(self.unreadable)
+        problem = too_few_images(len(self.dataset) - skipped, self.batch_size, self.root, self.trainer.world_size,
+                                 skipped)
+        if problem is None and batch["index"].numel() == 0:
+            problem = f"{data_source(self.root)}: no readable image in a training batch (skipping {skipped} unreadable)"
+        if problem:
+            raise UnreadableImagesError(f"{problem}; fix or remove them: {self.unreadable_files()}")
+
+    def unreadable_files(self) -> str:
+        """The files found unreadable as errors name them: ``a, b, c and 4 more``."""
+        shown = [self.file_name(i) for i in sorted(self.unreadable)[:NAMED_FILES]]
+        more = len(self.unreadable) - len(shown)
+        return ", ".join(shown) + (f" and {more} more" if more else "")
+
+    def file_name(self, index: int) -> str:
+        """Dataset item ``index`` as errors name it: its file, relative to the data root when below it."""
+        if not isinstance(self.dataset, ImageDataset):
+            return f"item {index}"
+        path = Path(self.dataset.items[index][0])
+        return str(path.relative_to(self.root)) if self.root and path.is_relative_to(self.root) else str(path)
 
     def train_dataloader(self):
         sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
