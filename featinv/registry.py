@@ -101,3 +101,17 @@ DIRECTIONS: dict[str, Spec] = {
     "concept": Spec("atom i of a concept basis written by featinv concepts (concepts.safetensors)",
                     "featinv.analysis.directions:concept_spec", syntax="<basis>:<i>"),
 }
+
+# Concept methods (featinv concepts --method): each is f(k, seed, alpha, batch_size) -> an unfitted scikit-learn
+# estimator in featinv.analysis.concepts, which streams the per-location vectors through its partial_fit
+# (fit_concepts), bounds k per method (check_k) and reads METHODS from this table.
+CONCEPT_METHODS: dict[str, Entry] = {
+    "nmf": Entry("non-negative codes and atoms, for maps after a ReLU (MiniBatchNMF); k <= channels",
+                 "featinv.analysis.concepts:nmf_estimator"),
+    "dict": Entry("sparse dictionary learning: non-negative codes, signed atoms, for signed maps such as ConvNeXt's "
+                  "or a ViT's (MiniBatchDictionaryLearning)", "featinv.analysis.concepts:dict_estimator"),
+    "pca": Entry("signed codes along orthonormal components around the mean (IncrementalPCA); k <= channels",
+                 "featinv.analysis.concepts:pca_estimator"),
+    "kmeans": Entry("one-hot codes: each location is its nearest cluster centre (MiniBatchKMeans)",
+                    "featinv.analysis.concepts:kmeans_estimator"),
+}

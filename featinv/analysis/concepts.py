@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("nmf", "dict", "pca", "kmeans")
-FORMAT = "featinv-concepts/1"   # metadata["format"] of a basis file
+from featinv.checkpoint.tensor_files import read_tensors
+from featinv.registry import CONCEPT_METHODS
+
+METHODS = tuple(CONCEPT_METHODS)
+# Methods with at most one concept per channel (scikit-learn 1.9): MiniBatchNMF's 'nndsvda' initialisation needs
+# k <= min(vectors, channels), IncrementalPCA k <= channels and k <= the vectors of its first batch. MiniBatchKMeans
+# needs k <= vectors; MiniBatchDictionaryLearning pads its initial dictionary with zero atoms beyond the vectors,
+# and fit_concepts asks k <= vectors of it too (the first batch holds k vectors, see _rebatch).
+PER_CHANNEL = ("nmf", "pca")
+FORMAT = "featinv-concepts/1"   # metadata["format"] of a basis file (featinv.checkpoint.tensor_files.FILE_KINDS)
 Progress = Callable[[int, "int | None"], None]   # (vectors processed, total or None for a one-shot stream)
 
 
@@ -95,21 +103,11 @@ class ConceptBasis:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptBasis:
-        """A file written by :meth:`save`; anything else is a ValueError naming the file."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"concept basis {str(path)!r} not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
-            raise ValueError(f"{str(path)!r} is not a concept basis file ({type(e).__name__}: {e})") from None
-        if meta.get("format") != FORMAT or {"atoms", "offset"} - set(tensors):
-            raise ValueError(f"{str(path)!r} is not a concept basis file (no {FORMAT!r} metadata with atoms and "
-                             f"offset; has keys {sorted(tensors)[:5]})")
+        """A file written by :meth:`save`; FileNotFoundError if missing, anything else (a folder, another file,
+        NaN/inf values) a ValueError naming the file."""
+        tensors, meta = read_tensors(path, kind="concept basis", names=("atoms", "offset"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not a concept basis file (no {FORMAT!r} metadata)")
         atoms, offset = tensors["atoms"].float(), tensors["offset"].float()
         if atoms.ndim != 2 or meta["method"] not in METHODS or offset.shape != (atoms.shape[1],):
             raise ValueError(f"{str(path)!r}: bad concept basis (method {meta['method']!r}, atoms "
@@ -153,26 +151,60 @@ def _rebatch(chunks: Iterable[Tensor], size: int, minimum: int) -> Iterable[Tens
         yield torch.cat([pending, rest])
 
 
-def _estimator(method: str, k: int, seed: int, alpha: float, batch_size: int):
-    from sklearn.cluster import MiniBatchKMeans
-    from sklearn.decomposition import IncrementalPCA, MiniBatchDictionaryLearning, MiniBatchNMF
+def nmf_estimator(k: int, seed: int, alpha: float, batch_size: int):
+    """``nmf``: MiniBatchNMF, initialised by NNDSVDa (k <= channels); alpha is not used."""
+    from sklearn.decomposition import MiniBatchNMF
 
-    if method == "nmf":
-        return MiniBatchNMF(n_components=k, init="nndsvda", batch_size=batch_size, random_state=seed)
-    if method == "dict":
-        return MiniBatchDictionaryLearning(n_components=k, alpha=alpha, batch_size=batch_size, positive_code=True,
-                                           fit_algorithm="cd", transform_algorithm="lasso_cd", random_state=seed)
-    if method == "pca":
-        return IncrementalPCA(n_components=k, batch_size=batch_size)
+    return MiniBatchNMF(n_components=k, init="nndsvda", batch_size=batch_size, random_state=seed)
+
+
+def dict_estimator(k: int, seed: int, alpha: float, batch_size: int):
+    """``dict``: MiniBatchDictionaryLearning with non-negative lasso codes of sparsity ``alpha``."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    return MiniBatchDictionaryLearning(n_components=k, alpha=alpha, batch_size=batch_size, positive_code=True,
+                                       fit_algorithm="cd", transform_algorithm="lasso_cd", random_state=seed)
+
+
+def pca_estimator(k: int, seed: int, alpha: float, batch_size: int):
+    """``pca``: IncrementalPCA (k <= channels); deterministic, so seed and alpha are not used."""
+    from sklearn.decomposition import IncrementalPCA
+
+    return IncrementalPCA(n_components=k, batch_size=batch_size)
+
+
+def kmeans_estimator(k: int, seed: int, alpha: float, batch_size: int):
+    """``kmeans``: MiniBatchKMeans with one initialisation; alpha is not used."""
+    from sklearn.cluster import MiniBatchKMeans
+
     return MiniBatchKMeans(n_clusters=k, batch_size=batch_size, random_state=seed, n_init=1)
 
 
-def _check_method(method: str | None, first: Tensor) -> str:
+def resolve_method(method: str | None, nonnegative: bool) -> str:
+    """The method a fit uses: ``method`` if it is one of :data:`METHODS` (ValueError otherwise), else nmf for
+    non-negative maps and dict for signed ones."""
     if method is None:
-        return "nmf" if first.min() >= 0 else "dict"
+        return "nmf" if nonnegative else "dict"
     if method not in METHODS:
         raise ValueError(f"unknown concept method {method!r}: choose one of {', '.join(METHODS)}")
     return method
+
+
+def check_k(k: int, method: str, vectors: int | None, channels: int | None) -> None:
+    """ValueError ``-k: ...`` stating the range of k for ``method`` (resolved: see :func:`resolve_method`) unless
+    1 <= k <= vectors, and for nmf and pca (:data:`PER_CHANNEL`) also k <= channels. ``vectors``: the
+    feature-map locations fitted on, None when not known up front (a stream of batches); ``channels`` likewise."""
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"-k: k must be a positive number of concepts, got {k}")
+    per_channel = method in PER_CHANNEL and channels is not None
+    bounds = [n for n in (vectors, channels if per_channel else None) if n is not None]
+    if vectors is not None and k > vectors:
+        raise ValueError(f"-k: k={k} exceeds the {vectors} feature-map locations to fit on; method {method!r} takes "
+                         f"1..{min(bounds)} concepts here" + (" (at most one per channel)" if per_channel else ""))
+    if per_channel and k > channels:
+        more = f"up to {vectors} (one per location)" if vectors is not None else "more"
+        raise ValueError(f"-k: k={k} exceeds the {channels} channels of the feature map: method {method!r} finds at "
+                         f"most one concept per channel (1..{min(bounds)} here); 'dict' and 'kmeans' take {more}")
 
 
 def _negative_error(x: Tensor) -> ValueError:
@@ -210,15 +242,10 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     non-negative maps, else dict). passes: epochs over the data (default: enough for ~200 mini-batch
     steps; 1 for PCA and for an iterable). alpha: the dictionary's sparsity, relative to the mean vector
     norm. progress(done, total) after every mini-batch. Deterministic given ``seed``."""
-    if not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive number of concepts, got {k}")
-    if method is not None and method not in METHODS:
-        raise ValueError(f"unknown concept method {method!r}: choose one of {', '.join(METHODS)}")
     if isinstance(feats, Tensor) and feats.ndim == 4:
         locations = feats.shape[0] * feats.shape[2] * feats.shape[3]
-        if k > locations:
-            raise ValueError(f"k={k} exceeds the {locations} feature-map locations to fit on "
-                             f"({feats.shape[0]} maps of {feats.shape[2]}x{feats.shape[3]})")
+        method = resolve_method(method, feats.numel() > 0 and bool(feats.min() >= 0))
+        check_k(k, method, locations, feats.shape[1])
         batches = math.ceil(locations / batch_size)
         # PCA's incremental SVD sees every vector once (more passes only repeat them, at an SVD a batch)
         passes = passes or (1 if method == "pca" else math.ceil(200 / batches))
@@ -228,14 +255,13 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     est, scale, done, seen = None, 1.0, 0, 0
     for p in range(passes):
         for x in _rebatch(chunks(p), batch_size, k):
-            if est is None:
-                method = _check_method(method, x)
+            if est is None:  # the first batch: at least k vectors, or all of them if fewer (see _rebatch)
+                method = resolve_method(method, bool(x.min() >= 0))
+                check_k(k, method, len(x) if len(x) < k else None, x.shape[1])
                 scale = float(x.norm(dim=1).mean()) or 1.0  # codes and alpha in units of a typical vector
-                est = _estimator(method, k, seed, alpha, batch_size)
+                est = CONCEPT_METHODS[method].load()(k, seed, alpha, batch_size)
             if method == "nmf" and x.min() < 0:
                 raise _negative_error(x)
-            if len(x) < k:
-                raise ValueError(f"k={k} exceeds the {len(x)} feature-map locations to fit on")
             # float64 for the dictionary: its lasso's duality-gap test cannot be met in float32 precision
             with _no_convergence_warnings():
                 est.partial_fit((x / scale).to(torch.float64 if method == "dict" else torch.float32).numpy())

@@ -90,5 +90,7 @@ def merge(base: Any, *overrides: Any) -> Any:
                 ov = OmegaConf.from_dotlist(list(ov))
             conf = OmegaConf.merge(conf, ov)
         return OmegaConf.to_object(conf)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"invalid config for {type(base).__name__}: {e}") from None
+    except OmegaConfBaseException as e:  # its message, without OmegaConf's dump of the types involved
+        key = getattr(e, "full_key", None)
+        text = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        raise ValueError(f"{key + ': ' if key else ''}{text}") from None

@@ -21,10 +21,10 @@ from featinv.checkpoint.load import (
     check_state_dict,
     config_from_metadata,
     infer_model_config,
-    nonfinite_counts,
     read_checkpoint,
 )
-from featinv.config import PRESETS, ModelConfig
+from featinv.checkpoint.tensor_files import nonfinite_counts
+from featinv.config import PRESETS, WEIGHTS_FILE, ModelConfig
 from featinv.nets.model import FeatInv
 
 WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")
@@ -134,9 +134,25 @@ def _strict_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], components
     return {"ok": True, "problems": None}
 
 
-def describe(path: str | os.PathLike, config: str | ModelConfig | None = None) -> dict:
-    """Everything ``featinv inspect`` reports about one checkpoint, as a JSON-ready dict."""
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path``, or the weights file of a folder holding one (a run or an exported FeatInv model, as
+    ``load_featinv`` accepts); ValueError for any other folder."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    if (path / "model_index.json").is_file():
+        raise ValueError(f"{path} is a diffusers pipeline folder; expected a checkpoint file (make one with "
+                         f"`featinv convert {path} OUT.safetensors`)")
+    raise ValueError(f"{path} is a folder; expected a checkpoint file (.safetensors, .ckpt, .pt or .pth) or a "
+                     f"folder holding {WEIGHTS_FILE} (a run, or one written by featinv export)")
+
+
+def describe(path: str | os.PathLike, config: str | ModelConfig | None = None) -> dict:
+    """Everything ``featinv inspect`` reports about one checkpoint (a file, or a folder holding
+    ``featinv.safetensors``: see :func:`checkpoint_file`), as a JSON-ready dict."""
+    path = checkpoint_file(path)
     sd, metadata, container = read_checkpoint(path)
     sd, wrapper = _unwrap(sd)
     components = _components(sd)
@@ -206,7 +222,10 @@ def format_report(info: dict) -> str:
             + " -- this checkpoint would reconstruct black images")
     lines.append("")
     load = info["strict_load"]
-    if load is None:
+    if load is None and not set(info["components"]) & set(WEIGHT_COMPONENTS):
+        lines.append("strict load not checked: the file holds no model weights (not a FeatInv or Stable Diffusion "
+                     "checkpoint)")
+    elif load is None:
         lines.append("strict load not checked: no config (pass --config PRESET_OR_YAML)")
     else:
         full = load["full"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +33,7 @@ from featinv.checkpoint.layout import (
     to_reference,
 )
 from featinv.checkpoint.safe_unpickle import legacy_globals
-from featinv.checkpoint.tensor_files import read_safetensors
+from featinv.checkpoint.tensor_files import check_finite, file_kind, read_safetensors
 from featinv.config import (
     RUN_CONFIG,
     WEIGHTS_FILE,
@@ -58,16 +59,23 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
     """:func:`read_state_dict` plus the torch.save dict that wraps the state dict (a Lightning
-    checkpoint's ``epoch``, ``global_step``, ...), None for safetensors and plain state dicts."""
+    checkpoint's ``epoch``, ``global_step``, ...), None for safetensors and plain state dicts.
+
+    ValueError naming the file for a folder, an unreadable file, and another kind of featinv file (a
+    concept basis, see :data:`featinv.checkpoint.tensor_files.FILE_KINDS`); FileNotFoundError if missing."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a checkpoint file (.safetensors, .ckpt, .pt or .pth)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:  # memory-mapped views, not copies: see featinv.checkpoint.tensor_files
             sd, metadata = read_safetensors(path)
-            return sd, metadata, None
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        if other := file_kind(metadata):
+            raise CheckpointError(f"{path} is {other}, not a model checkpoint")
+        return sd, metadata, None
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as f:
@@ -216,28 +224,6 @@ def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
     return from_dict(ModelConfig, json.loads(metadata[METADATA_KEY]))
 
 
-def nonfinite_counts(sd: dict[str, torch.Tensor]) -> dict[str, int]:
-    """{key: number of NaN/inf values} of the floating-point tensors that hold any, in ``sd``'s order."""
-    counts = {}
-    for key, value in sd.items():
-        # Fast path: NaN/inf make the float64 sum non-finite, and float32/16 values cannot overflow it.
-        if value.is_floating_point() and not torch.isfinite(value.sum(dtype=torch.float64)):
-            n = value.numel() - int(torch.isfinite(value).sum())
-            if n:
-                counts[key] = n
-    return counts
-
-
-def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError (one line) if any weight is NaN or inf: such a model samples black images."""
-    bad = nonfinite_counts(sd)
-    if bad:
-        key = next(iter(bad))
-        raise CheckpointError(f"{source}: {sum(bad.values())} non-finite (NaN/inf) weight value(s) in {len(bad)} "
-                              f"tensor(s), first {key!r}; the checkpoint is broken (a diverged run?) and would "
-                              "reconstruct black images")
-
-
 def resolve_featinv_source(source: str | os.PathLike) -> tuple[Path, Path | None]:
     """A trained FeatInv model's (weights file, run config.yaml or None) from a checkpoint file (its
     config.yaml is the one beside it, if any), an exported FeatInv folder, or the Hub id of one."""
@@ -304,7 +290,7 @@ def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device
     sd, metadata = read_state_dict(path)
     saved = config_from_metadata(metadata)
     cfg = cfg or saved or infer_model_config(sd, str(path))
-    check_finite(sd, str(path))
+    check_finite(sd, str(path), "the checkpoint is broken (a diverged run?) and would reconstruct black images")
     with torch.device("meta"):  # no storage: the file's tensors become the parameters (one copy in memory)
         model = FeatInv(cfg)
     notes = load_into(model, sd, source=str(path), assign=True)
@@ -312,7 +298,7 @@ def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device
     assert not left, f"not loaded: {left[:3]}"  # strict loading covers every parameter and buffer
     check_adapter_option(saved, model, str(path))
     for note in notes:
-        print(f"note: {path}: {note}")
+        print(f"note: {path}: {note}", file=sys.stderr)
     return model.to(device)
 
 

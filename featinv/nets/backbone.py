@@ -163,9 +163,43 @@ def _hub_files(pcfg) -> tuple[str, str | None, list[str]] | None:
     return repo, revision or None, [safe, name]  # timm tries the safetensors alternative first
 
 
+class WeightsUnavailable(ValueError):
+    """A backbone's pretrained weights are neither cached nor downloadable: a user error (one line in the
+    command faces)."""
+
+
+def _first_line(e: Exception) -> str:
+    """``Type: first line of the message``."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _weights_unavailable(cfg: BackboneConfig, pcfg, reason: str) -> WeightsUnavailable:
+    """The one-line error: which backbone and weights, why they cannot be had, and what to do instead."""
+    from huggingface_hub import constants
+
+    weights = f"{pcfg.architecture}.{pcfg.tag}" if pcfg is not None else cfg.name
+    hub = f", Hugging Face hub id {pcfg.hf_hub_id!r}" if pcfg is not None and pcfg.hf_hub_id else ""
+    return WeightsUnavailable(
+        f"backbone {cfg.name!r}: its pretrained weights ({weights}{hub}) are not in the local cache "
+        f"({constants.HF_HUB_CACHE}) and cannot be downloaded ({reason}); give a local weights file with "
+        "--backbone-checkpoint FILE (in a config: backbone.checkpoint=FILE), or run once with network access to "
+        "cache them (HF_HOME sets the cache; HF_HUB_OFFLINE=1 then reads it without network)")
+
+
+def _download_errors() -> tuple[type[Exception], ...]:
+    """What timm's weight download raises when the file can be neither fetched nor found in the cache:
+    huggingface_hub's LocalEntryNotFoundError (offline or unreachable: a FileNotFoundError) and HTTP errors
+    (no such file, gated), urllib's URLError for weights at a plain URL (torch.hub)."""
+    from urllib.error import URLError
+
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    return LocalEntryNotFoundError, HfHubHTTPError, URLError
+
+
 def _cached_weights_if_offline(cfg: BackboneConfig, pcfg) -> str | None:
-    """Without a reachable hub: the cached weight file, else a RuntimeError at once (not after a
-    minute of download retries). None when the hub is reachable (or HF_HUB_OFFLINE is set)."""
+    """Without a reachable hub: the cached weight file, else :class:`WeightsUnavailable` at once (not after
+    a minute of download retries). None when the hub is reachable (or HF_HUB_OFFLINE is set)."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
 
     hub = _hub_files(pcfg)
@@ -176,23 +210,20 @@ def _cached_weights_if_offline(cfg: BackboneConfig, pcfg) -> str | None:
         get_session().head(constants.ENDPOINT, timeout=5)
         return None
     except Exception as e:  # any transport error: DNS, refused, timeout, proxy
-        unreachable = f"{type(e).__name__}: {e}"
+        unreachable = _first_line(e)
     for name in files:
         cached = try_to_load_from_cache(repo, name, revision=revision)
         if isinstance(cached, str):
             return cached
-    raise RuntimeError(
-        f"could not load pretrained weights {pcfg.architecture}.{pcfg.tag!s} (Hugging Face hub id {repo!r}) for "
-        f"backbone {cfg.name!r}: the hub ({constants.ENDPOINT}) is unreachable ({unreachable}) and the weights are "
-        "not in the local cache. Offline? Download them elsewhere and set backbone.checkpoint=/path/to/weights"
-        ".safetensors, or copy them into the Hugging Face cache (HF_HOME).")
+    raise _weights_unavailable(cfg, pcfg, f"the hub {constants.ENDPOINT} is unreachable: {unreachable}")
 
 
 def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
     """A frozen timm classifier from ``cfg``; never falls back to random weights silently.
 
-    Weights not loaded (all, with ``pretrained=false``) are initialised from ``cfg.seed``: the same in
-    every process, and the global RNG state is not touched."""
+    Pretrained weights that are neither cached nor downloadable (offline) are a :class:`WeightsUnavailable`
+    (a ValueError) naming the backbone and the way out. Weights not loaded (all, with ``pretrained=false``)
+    are initialised from ``cfg.seed``: the same in every process, and the global RNG state is not touched."""
     import timm
 
     pcfg = _resolve_timm_name(cfg.name)
@@ -215,19 +246,15 @@ def build_backbone(cfg: BackboneConfig) -> FeatureExtractor:
             torch.manual_seed(cfg.seed)
             model = timm.create_model(cfg.name, pretrained=load, **kwargs)
     except Exception as e:
-        if not load:
-            raise
         if cfg.checkpoint:
-            raise RuntimeError(f"could not load backbone.checkpoint {cfg.checkpoint!r} into timm model "
-                               f"{cfg.name!r}: {type(e).__name__}: {e}") from e
-        weights = f"{pcfg.architecture}.{pcfg.tag}" if pcfg is not None else cfg.name
-        hub = f" (Hugging Face hub id {pcfg.hf_hub_id!r})" if pcfg is not None and pcfg.hf_hub_id else ""
-        raise RuntimeError(
-            f"could not load pretrained weights {weights!r}{hub} for backbone {cfg.name!r}: "
-            f"{type(e).__name__}: {e}\nOffline? Download the weights elsewhere and either set "
-            "backbone.checkpoint=/path/to/weights.safetensors, or copy them into the timm / Hugging "
-            "Face cache (HF_HOME) and set HF_HUB_OFFLINE=1. Use backbone.pretrained=false only for "
-            "tests: random weights make the inversion meaningless.") from e
+            raise ValueError(f"could not load backbone.checkpoint {cfg.checkpoint!r} into timm model "
+                             f"{cfg.name!r}: {_first_line(e)}") from e
+        if not load or not isinstance(e, _download_errors()):
+            raise  # not a download failure: a bug, with its traceback
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _first_line(e)
+        raise _weights_unavailable(cfg, pcfg, reason) from e
 
     num_stages = len(getattr(model, "feature_info", []) or [])
     if num_stages and not -num_stages <= cfg.layer < num_stages:
