@@ -29,6 +29,7 @@ from featinv.diffusion.reconstruct import Reconstructor
 from featinv.nets.backbone import FeatureExtractor, build_backbone, resolve_backbone
 from featinv.nets.model import FeatInv
 from featinv.registry import DEMO_PAIR
+from featinv.runtime import stderr_line
 
 
 @dataclass
@@ -121,11 +122,11 @@ def check_channels(extractor: FeatureExtractor, model: FeatInv, where: str = "th
 
 
 def load_pair(source: PairSource = PairSource(), device: str | torch.device = "cpu", *,
-              extractor: FeatureExtractor | None = None, log: Callable[[str], None] = print) -> Pair:
+              extractor: FeatureExtractor | None = None, log: Callable[[str], None] = stderr_line) -> Pair:
     """The pair ``source`` names, in eval mode on ``device``.
 
     ``extractor``: your own feature extractor instead of the source's backbone (a checkpoint source only).
-    ``log``: progress lines (the demo pair trains its stages on first use; tqdm bars go to stderr)."""
+    ``log``: progress lines (the demo pair trains its stages on first use; its progress goes to stderr)."""
     if source.checkpoint is None:
         return DEMO_PAIR.load()(source, device, log)
     return load_resolved(resolve_source(source, need_backbone=extractor is None), device, extractor=extractor)

@@ -43,7 +43,7 @@ def test_quick_demo_inverts_features_and_caches(quick_demo_out, capsys, restore_
     again = json.loads((out / "results.json").read_text())
     assert again["featinv"] == fi and again["unconditional"] == un
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")} == artefacts
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # progress, not results
     assert printed.count("cached") == 4, printed  # classifier, VAE+UNet, control branch, reconstructions
 
 

@@ -172,7 +172,7 @@ def test_auto_resume_skips_checkpoints_that_do_not_load(photos, init_ckpt, backb
     (ckpts / "last.ckpt").write_bytes(b"")  # newest, empty
     capsys.readouterr()
     out = train(cfg(5), init_ckpt, tmp_path / "run", TrainRun(resume="auto", progress=False), backbone=backbone)
-    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: not resuming")]
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note: not resuming")]
     assert len(notes) == 2 and "last.ckpt" in notes[0] and "step00000006.ckpt" in notes[1], notes
     assert load_file(out) and safe_metadata(out)["featinv_train_steps"] == "5"
     with open(tmp_path / "run" / "logs" / "version_1" / "metrics.csv") as f:

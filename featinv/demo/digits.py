@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from featinv.nets.backbone import FeatureExtractor
+from featinv.runtime import progress_bar
 
 
 def load_digits_split(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def train_classifier(data: dict, epochs: int, seed: int, device: torch.device) -
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     x, y = data["x_train"].to(device), data["y_train"].to(device)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(epochs), desc="1/4 classifier", unit="epoch")
+    bar = progress_bar(range(epochs), desc="1/4 classifier", unit="epoch")
     for _ in bar:
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):

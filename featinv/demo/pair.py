@@ -9,6 +9,7 @@ import torch
 from featinv.config import DEMO_OUT, PairSource
 from featinv.demo.stages import DemoSettings, demo_parts
 from featinv.pair import Pair, check_channels
+from featinv.runtime import stderr_line
 
 
 def pair_from_source(source: PairSource, device, log) -> Pair:
@@ -29,7 +30,7 @@ def demo_pair(parts, device: str | torch.device = "cpu") -> Pair:
 
 
 def load_demo_pair(out: str | Path = DEMO_OUT, seed: int = 0, quick: bool = True, device: str = "cpu",
-                   log=print, retrain: bool = False, settings: DemoSettings | None = None) -> Pair:
+                   log=stderr_line, retrain: bool = False, settings: DemoSettings | None = None) -> Pair:
     """The demo's classifier + FeatInv model, trained on first use and cached under ``<out>/cache/``.
 
     ``load_pair(PairSource(demo_out=out, ...))`` serves the same pair; this adds ``retrain`` and other

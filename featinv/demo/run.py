@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from featinv.config import DEMO_OUT
 from featinv.demo.digits import rgb
@@ -36,6 +35,7 @@ from featinv.io import atomic_save, atomic_write_text
 from featinv.metrics import backbone_outputs, compare_outputs
 from featinv.nets.backbone import FeatureExtractor
 from featinv.pair import Pair
+from featinv.runtime import progress_bar, stderr_line
 
 # ----- evaluation ---------------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ def _reconstruct_held_out(pair: Pair, originals: torch.Tensor) -> tuple[torch.Te
     recon_file = pair.folder / "reconstructions.safetensors"
     if recon_file.exists():
         rec = load_file(recon_file)
-        print(f"reconstructions: cached ({recon_file})")
+        stderr_line(f"reconstructions: cached ({recon_file})")
         return rec["featinv"], rec["unconditional"]
     from featinv.diffusion.reconstruct import Reconstructor
 
@@ -84,7 +84,7 @@ def _reconstruct_held_out(pair: Pair, originals: torch.Tensor) -> tuple[torch.Te
     rec_un = Reconstructor(pair.model, pair.extractor, dataclasses.replace(sc, prompt="", guidance_scale=1.0, num_samples=1))
     chunks_fi, chunks_un = [], []
     chunk = 20
-    with tqdm(total=n, desc="reconstructing held-out digits", unit="digit") as bar:
+    with progress_bar(total=n, desc="reconstructing held-out digits", unit="digit") as bar:
         for i in range(0, n, chunk):
             feats = rec_fi.features(originals[i:i + chunk].to(dev))
             chunks_fi.append(rec_fi.from_features(feats, keys[i:i + chunk]).cpu())
@@ -130,7 +130,7 @@ def run(out: str | Path = DEMO_OUT, quick: bool = False, seed: int = 0, device: 
                "quick": quick, "settings": dataclasses.asdict(s)}
     picture = _write_report(out, results, pair, s, originals, featinv_rec, uncond_rec)
     results["seconds"] = time.time() - t0
-    print("\n" + markdown(results))
+    print(markdown(results))
     print(f"picture: {picture}  (row 1 originals, rows 2-{1 + s.samples} FeatInv samples, last row unconditional)")
     print(f"table:   {out / 'results.md'}, {out / 'results.json'}   ({results['seconds']:.0f} s)")
     return results

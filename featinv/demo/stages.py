@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from featinv.checkpoint.config_file import merge
 from featinv.checkpoint.load import save_minisd
@@ -37,6 +36,7 @@ from featinv.io import atomic_save, atomic_write_text
 from featinv.nets.autoencoder import AutoencoderKL
 from featinv.nets.backbone import FeatureExtractor
 from featinv.nets.model import FeatInv
+from featinv.runtime import progress_bar, stderr_line
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def train_vae(data: dict, cfg: VAEConfig, s: DemoSettings, seed: int, device: to
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     x = rgb(data["x_train"]).to(device) * 2 - 1
     g = torch.Generator().manual_seed(seed + 1)
-    bar = tqdm(range(s.vae_steps), desc="2/4 autoencoder", unit="step")
+    bar = progress_bar(range(s.vae_steps), desc="2/4 autoencoder", unit="step")
     for step in bar:
         b = torch.randint(0, len(x), (s.vae_batch,), generator=g)
         mean, logvar = vae.encode(x[b])
@@ -123,7 +123,7 @@ def train_unet(model: FeatInv, data: dict, s: DemoSettings, seed: int, device: t
     opt = torch.optim.AdamW(model.unet.parameters(), lr=s.unet_lr, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.unet_lr, total_steps=s.unet_steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 2)
-    bar = tqdm(range(s.unet_steps), desc="3/4 diffusion UNet", unit="step")
+    bar = progress_bar(range(s.unet_steps), desc="3/4 diffusion UNet", unit="step")
     ema = None
     for step in bar:
         b = torch.randint(0, len(latents), (s.unet_batch,), generator=g)
@@ -237,8 +237,9 @@ def settings_for(quick: bool, settings: DemoSettings | None = None) -> DemoSetti
 
 
 def demo_parts(out: str | Path = DEMO_OUT, seed: int = 0, quick: bool = True, device: str = "cpu",
-               log=print, retrain: bool = False, settings: DemoSettings | None = None) -> DemoParts:
-    """Run (or reuse from the cache) the four stages; ``log`` gets progress lines (tqdm bars go to stderr)."""
+               log=stderr_line, retrain: bool = False, settings: DemoSettings | None = None) -> DemoParts:
+    """Run (or reuse from the cache) the four stages; ``log`` gets progress lines (stderr by default, as the
+    stages' progress bars)."""
     s = settings_for(quick, settings)
     dev = torch.device(device)
     cache = cache_dir(Path(out), s, seed, "quick" if quick else "default")

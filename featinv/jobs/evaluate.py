@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from featinv.config import EVAL_DIR, MANIFEST, BackboneConfig
 from featinv.diffusion.reconstruct import uncertainty
@@ -25,6 +24,7 @@ from featinv.io import atomic_write_text
 from featinv.jobs.state import RECONSTRUCTION, original_path
 from featinv.metrics import backbone_outputs, compare_outputs, frechet_distance, gaussian_stats, make_fid, topk_correct
 from featinv.nets.backbone import FeatureExtractor, build_backbone
+from featinv.runtime import progress_bar
 from featinv.visualize import heatmap, image_grid, save_png
 
 # ----- reading the reconstruct layout -------------------------------------------------------------------
@@ -216,7 +216,7 @@ def evaluate_folder(out_dir: str | Path, backbone: FeatureExtractor | BackboneCo
     name = backbone.name if isinstance(backbone, BackboneConfig) else type(extractor.model).__name__
     fid_metric, fid_note = make_fid(device, fid_weights) if fid else (None, "FID not requested (--no-fid)")
     rows, pooled, unreadable = [], {"original": [], "reconstruction": []}, []
-    for start in tqdm(range(0, len(records), batch_size), unit="batch", desc="evaluate"):
+    for start in progress_bar(range(0, len(records), batch_size), unit="batch", desc="evaluate"):
         rows += _evaluate_batch(records[start:start + batch_size], extractor, fid_metric, pooled, unreadable)
     if not rows:
         raise ValueError(f"{out}: no image decodes ({len(unreadable)} unreadable, e.g. {unreadable[0]})")

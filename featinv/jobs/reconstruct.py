@@ -16,7 +16,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
-from tqdm import tqdm
 
 from featinv.checkpoint.config_file import to_dict
 from featinv.config import MANIFEST, ReconstructJob
@@ -35,10 +34,10 @@ from featinv.jobs.state import (
 from featinv.nets.backbone import FeatureExtractor
 from featinv.nets.model import FeatInv
 from featinv.pair import check_channels, load_resolved, resolve_source
-from featinv.runtime import resolve_precision
+from featinv.runtime import progress_bar, quiet_lightning, resolve_precision, stderr_line
 from featinv.visualize import save_png  # module attribute: tests wrap it to count writes
 
-_print0 = rank_zero_only(print)  # one copy of messages under DDP
+_note0 = rank_zero_only(stderr_line)  # one copy of the job's notes (stderr: stdout keeps results) under DDP
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,8 @@ class ReconstructionPredictor(pl.LightningModule):
         dataset = ImageDataset([(it.path, it.label) for it in self.items], self.backbone_size,
                                image_size=self.model.cfg.image_size, train=False)
         if self.trainer.is_global_zero:
-            self._bar = tqdm(total=len(sampler), unit="img", desc=f"reconstruct (rank 0 of {self.trainer.world_size})")
+            self._bar = progress_bar(total=len(sampler), unit="img",
+                                     desc=f"reconstruct (rank 0 of {self.trainer.world_size})")
         return DataLoader(_Indexed(dataset), batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=_collate)
 
@@ -183,15 +183,15 @@ def _prepare_folder(out: Path, items: list[FolderItem], k: int, info: dict, prev
     if overwrite:
         if rank == 0:
             removed = clear_outputs(out)
-            _print0(f"--overwrite: deleted {len(removed)} file(s) of the earlier job from {out} (its originals, "
-                    "reconstructions, eval/ and manifest.json)")
+            _note0(f"--overwrite: deleted {len(removed)} file(s) of the earlier job from {out} (its originals, "
+                   "reconstructions, eval/ and manifest.json)")
         previous = None
     else:
         check_same_settings(out, previous, info, items, k)
     verified = set(previous.get("verified", [])) if previous else set()
     redo = drop_undecodable(out, items, k, verified)
     if redo:
-        _print0(f"note: {len(redo)} output file(s) in {out} do not decode (e.g. {redo[0]}); they are made again")
+        _note0(f"note: {len(redo)} output file(s) in {out} do not decode (e.g. {redo[0]}); they are made again")
     return verified
 
 
@@ -225,7 +225,7 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
     verified = _prepare_folder(out, items, k, info, previous, job.overwrite, rank)
     done_before = sum(it.complete(out, k) for it in items)
     if done_before == len(items):  # nothing to do: no model is loaded
-        _print0(f"all {len(items)} items in {out} are complete")
+        _note0(f"all {len(items)} items in {out} are complete")
         return _write_manifest(out, items, k, done_before, info) if rank == 0 else info
 
     if model is None:
@@ -233,6 +233,9 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
         model, extractor = pair.model, pair.extractor
     else:
         check_channels(extractor, model)
+    s = job.sample
+    _note0(f"reconstructing {len(items) - done_before} of {len(items)} items into {out}: {s.sampler}, {s.steps} "
+           f"steps, guidance {s.guidance_scale}, {s.num_samples} sample(s) per image, seed {s.seed}")
     if rank == 0:  # the settings are on disk before any image is: a killed job's folder still says them
         atomic_write_text(json.dumps({**info, "status": "running", "verified": sorted(verified)}, indent=2) + "\n",
                           out / MANIFEST)
@@ -241,6 +244,7 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
     predictor = ReconstructionPredictor(reconstructor, items, out, extractor.image_size, job.batch_size,
                                         job.num_workers)
     precision = resolve_precision(job.precision, job.accelerator)
+    quiet_lightning()
     trainer = pl.Trainer(accelerator=job.accelerator, devices=job.devices, num_nodes=job.num_nodes,
                          strategy=job.strategy, precision=precision, use_distributed_sampler=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -18,11 +18,11 @@ from torch.utils.data import Dataset
 
 from featinv.checkpoint.load import config_from_metadata, load_featinv, save_featinv
 from featinv.config import RUN_CONFIG, WEIGHTS_FILE, FeatInvConfig
-from featinv.data import ImageDataset
+from featinv.data import ImageDataset, too_few_images
 from featinv.io import atomic_save, atomic_write_text
 from featinv.nets.backbone import FeatureExtractor, build_backbone
 from featinv.nets.model import FeatInv
-from featinv.runtime import quiet_lightning, resolve_precision
+from featinv.runtime import quiet_lightning, resolve_precision, stderr_line
 from featinv.training.module import FeatInvModule, _Loader
 from featinv.training.progress import progress_to_stderr
 from featinv.training.run_config import check_resumed_config
@@ -78,15 +78,11 @@ def latest_checkpoint(folder: str | Path, log=print) -> Path | None:
 
 
 def check_enough_images(n: int, batch_size: int, root: str = "", world_size: int = 1) -> None:
-    """ValueError unless every rank gets one full batch: batches are whole (``drop_last``, so that a
-    resumed run sees the same batches), and an epoch without one would train nothing and export the
-    initial weights."""
-    if n // world_size >= batch_size:
-        return
-    where = f"--data {root}" if root else "the training dataset"
-    ranks = f" per device ({n} over {world_size} devices)" if world_size > 1 else ""
-    raise ValueError(f"{where}: {n} images < data.batch_size {batch_size}{ranks}, so no training batch; "
-                     f"add images, or pass data.batch_size={max(1, n // world_size)}")
+    """ValueError unless every rank gets one full batch of the ``n`` image files (see
+    :func:`~featinv.data.too_few_images`); during training the files found unreadable are subtracted."""
+    problem = too_few_images(n, batch_size, root, world_size)
+    if problem:
+        raise ValueError(f"{problem}; add images, or pass data.batch_size={max(1, n // world_size)}")
 
 
 def effective_config(cfg: FeatInvConfig, channels: int) -> FeatInvConfig:
@@ -129,12 +125,14 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, run: TrainR
     run.resume: a Lightning checkpoint; "auto": the newest one in ``<run_dir>/checkpoints`` that loads, if any.
     A resumed run must keep the run's recorded backbone, model, lr, batch size and data root
     (:func:`~featinv.training.run_config.check_resumed_config`) but for the fields named in ``run.accept_changes``.
-    Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch."""
+    Fewer images than ``data.batch_size`` (per device) is a ValueError: no training batch. So is a batch without
+    a readable image, or too few images left once the files found unreadable are subtracted: an
+    UnreadableImagesError, raised before that batch trains, and nothing is exported."""
     run_dir = Path(run_dir)
     quiet_lightning()
     resume = run.resume
     if resume == "auto":  # the newest checkpoint of the run that loads
-        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(print))
+        resume = latest_checkpoint(run_dir / "checkpoints", log=rank_zero_only(stderr_line))
     if resume:  # before anything loads: the same run, or a change the user accepted by name
         check_resumed_config(run_dir, cfg, run.accept_changes)
     backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
@@ -159,7 +157,7 @@ def train(cfg: FeatInvConfig, init: str | Path, run_dir: str | Path, run: TrainR
                          enable_progress_bar=run.progress, enable_model_summary=False, num_sanity_val_steps=0)
     progress_to_stderr(trainer)
     check_enough_images(len(dataset), cfg.data.batch_size, cfg.data.root, trainer.world_size)
-    data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
+    data = _Loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, cfg.data.root)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)  # augmentations, workers
     with warnings.catch_warnings():  # Lightning warnings about what is done here on purpose:
         # _Loader resumes mid-epoch itself; Lightning cannot see that.

@@ -3,19 +3,21 @@ terminal, whole lines in a log."""
 from __future__ import annotations
 
 import sys
-import time
 
 import pytorch_lightning as pl
 import torch
 
+from featinv.runtime import PROGRESS_EVERY_S, LineClock
+
 
 class LineProgress(pl.callbacks.ProgressBar):
-    """Training progress as whole lines on stderr (for logs, where a live bar's redraws are noise):
-    the first and last step, and at most one line every ``seconds`` in between; rank 0 only."""
+    """Training progress as whole lines on stderr (for logs, where a live bar's redraws are noise): the first
+    and last step, and at most one line every ``seconds`` in between (:class:`~featinv.runtime.LineClock`, the
+    policy of every progress line in a log); rank 0 only."""
 
-    def __init__(self, seconds: float = 30.0):
+    def __init__(self, seconds: float = PROGRESS_EVERY_S):
         super().__init__()
-        self.seconds, self._enabled, self._start, self._last = seconds, True, 0.0, 0.0
+        self.seconds, self._enabled = seconds, True
 
     def disable(self) -> None:
         self._enabled = False
@@ -24,18 +26,16 @@ class LineProgress(pl.callbacks.ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._start = self._last = time.monotonic()
-        self._first = trainer.global_step
+        self._clock, self._first = LineClock(self.seconds), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step, now = trainer.global_step, time.monotonic()
         if not (self._enabled and trainer.is_global_zero):
             return
-        if step == self._first + 1 or step >= trainer.max_steps or now - self._last >= self.seconds:
-            self._last = now
+        step = trainer.global_step
+        if self._clock.due(step == self._first + 1, step >= trainer.max_steps):
             metrics = "".join(f"  {k} {float(v):.4f}" for k, v in self.get_metrics(trainer, pl_module).items()
                               if k.startswith("train/") and isinstance(v, (int, float, torch.Tensor)))
-            rate = (step - self._first) / max(now - self._start, 1e-9)
+            rate = (step - self._first) / self._clock.elapsed()
             print(f"step {step}/{trainer.max_steps}{metrics}  ({rate:.2f} steps/s)", file=sys.stderr, flush=True)
 
 
