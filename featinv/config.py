@@ -161,7 +161,9 @@ RUN_CONFIG = "config.yaml"            # a run's config as trained (also in an ex
 MANIFEST = "manifest.json"            # a reconstruction folder's record of its job
 EVAL_DIR = "eval"                     # featinv evaluate's outputs inside a reconstruction folder
 DEMO_OUT = "featinv_demo"             # the demo's default folder (its cache/ holds the demo pair)
+LOCK_NAME = ".featinv.lock"           # a job's lock file inside its output folder (featinv.jobs.lock)
 MAX_SAMPLES = 64                      # reconstructions per input a command takes (each one multiplies the work)
+STEER_CLAMP = "channel"               # the default clamp of steering (featinv steer, the app): per channel
 SAMPLER_NAMES = tuple(SAMPLERS)       # featinv.registry.SAMPLERS (its STOCHASTIC_SAMPLERS take eta != 0)
 SPACINGS = ("reference", "trailing")  # featinv.diffusion.samplers.ddim_timesteps spacings
 

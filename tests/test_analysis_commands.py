@@ -56,9 +56,11 @@ def test_compose_and_perturb_on_a_checkpoint(tiny, tmp_path):
     ("steer", ["--alphas", "0,a"], "--alphas: '0,a' is not a comma-separated list of numbers"),
     ("steer", ["--direction", "class:1000"], "--direction: class index 1000 out of range"),
     ("steer", ["--mask", "0,0,65,8"], "--mask: mask box"),
-    ("steer", ["--mask-image", "MASK"], "--mask-image: mask image"),
+    ("steer", ["--mask-image", "MASK"], "must be 64x64 (the backbone input)"),
     ("steer", ["--direction", "probe:EMPTY:EMPTY"], "no images"),
-    ("compose", ["--class", "-1"], "--class -1 out of range"),
+    ("compose", ["--class", "-1"], "argument --class: must be >= 0, got -1"),
+    ("compose", ["--class", "1000"], "--class 1000 out of range"),
+    ("compose", ["--channels", "9999"], "--channels: 9999 is more than the feature map's 512 channels"),
     ("compose", ["--ops", "paste,blend"], "--ops: unknown composite(s) ['blend']"),
     ("perturb", ["--severities", "4"], "--severities: '4' must list values from 1, 2, 3"),
     ("perturb", ["--images", "EMPTY"], "no images"),
@@ -100,7 +102,8 @@ def test_commands_on_the_demo_pair(quick_demo_out, tmp_path):
 
 def test_checkpoint_without_run_config_or_backbone_names_the_flag(tiny, tmp_path, capsys):
     """No config.yaml beside the checkpoint and no --backbone: one line naming --backbone, no silent default."""
-    assert cli.main(["steer", "--checkpoint", str(tiny["ckpt"]), "--out", str(tmp_path / "s")]) == 2
+    assert cli.main(["steer", "--checkpoint", str(tiny["ckpt"]), "--images", str(tiny["photos"] / "thing"),
+                     "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("featinv steer: error:") and "--backbone" in err[0]
     assert not (tmp_path / "s").exists()
@@ -120,9 +123,11 @@ def bomb_png(path):
 
 
 def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, capsys):
-    bomb = bomb_png(tmp_path / "bomb.png")
-    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), str(bomb), "--ops", "interpolate",
-            "--ts", "0,1"]
+    """In a folder: skipped with a warning; named on the command line: refused before the model loads."""
+    (tmp_path / "images").mkdir()
+    bomb = bomb_png(tmp_path / "images" / "bomb.png")
+    args = ["compose", *tiny["args"], "--images", str(tiny["photos"] / "thing"), str(tmp_path / "images"),
+            "--ops", "interpolate", "--ts", "0,1"]
     assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert f"warning: skipping unreadable image '{bomb}': DecompressionBombError" in err and "Traceback" not in err
@@ -130,7 +135,8 @@ def test_a_bomb_image_among_good_ones_is_skipped_with_a_warning(tiny, tmp_path, 
     assert "; 1 sample per composite" in (tmp_path / "out" / "table.md").read_text()
     assert cli.main(["steer", *tiny["args"], "--images", str(bomb), "--out", str(tmp_path / "only")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("featinv steer: error: --images: unreadable image") and "bomb.png" in line
+    assert line.startswith("featinv steer: error: argument --images: ") and "bomb.png" in line
+    assert "cannot be read as an image (DecompressionBombError)" in line
 
 
 def test_a_users_folder_is_not_overwritten_but_the_commands_own_output_is(tiny, tmp_path, capsys):

@@ -197,17 +197,18 @@ def test_concepts_command_writes_the_atlas_and_its_basis_steers(quick_demo_out, 
     assert json.loads((again / "table.json").read_text())["rows"] == table["rows"]  # same basis, same atlas
     steer_out = tmp_path / "steer"
     assert cli.main(["steer", *demo, "--direction", f"concept:{out / 'concepts.safetensors'}:1", "--alphas", "0,1",
-                     "--steps", "2", "--out", str(steer_out)]) == 0
+                     "--clamp", "none", "--steps", "2", "--out", str(steer_out)]) == 0
     rows = json.loads((steer_out / "table.json").read_text())["rows"]
     assert rows[1]["shift_features"] == pytest.approx(1.0, abs=1e-4)  # moved one feature norm along the atom
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["-k", "0"], "-k: 0 concepts: must be between 1 and the 5748 feature-map locations"),
-    (["-k", "6000"], "-k: 6000 concepts: must be between 1 and the 5748"),
-    (["--method", "ica"], "--method: unknown concept method 'ica': choose one of nmf, dict, pca, kmeans"),
+    (["-k", "0"], "argument -k: must be >= 1, got 0"),
+    (["-k", "200", "--method", "pca"], "-k: k=200 exceeds the 64 channels"),  # the bound per method, up front
+    (["-k", "6000", "--method", "kmeans"], "-k: k=6000 exceeds the 5748"),
+    (["--method", "ica"], "argument --method: invalid choice: 'ica'"),
     (["--basis", "JUNK"], "is not a concept basis file"),
-    (["--basis", "MISSING"], "--basis: concept basis"),
+    (["--basis", "MISSING"], "argument --basis: "),
     (["--basis", "JUNK", "-k", "3"], "--basis: give either a basis file or -k/--method"),
 ])
 def test_concepts_bad_input_is_one_line(quick_demo_out, tmp_path, capsys, extra, message):

@@ -37,6 +37,7 @@ def test_missing_file_and_bad_override(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.ckpt")]) == 2
     assert "missing.ckpt" in one_error_line(capsys.readouterr().err, "inspect")
     run_dir = tmp_path / "run"
+    (tmp_path / "init.safetensors").write_bytes(b"")  # the override is checked before the file is read
     assert main(["train", "--config", "tiny", "--init", str(tmp_path / "init.safetensors"),
                  "--run-dir", str(run_dir), "train.no_such_field=1"]) == 2
     assert "no_such_field" in one_error_line(capsys.readouterr().err, "train")
@@ -46,8 +47,8 @@ def test_missing_file_and_bad_override(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "inspect", str(tmp_path / "missing.ckpt")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
-    assert err.strip().splitlines()[-1].startswith("featinv inspect: error: ")
+    assert "Traceback (most recent call last)" in err and "not found" in err
+    assert err.strip().splitlines()[-1].startswith("featinv inspect: error: argument checkpoint: ")
     assert main(["inspect", str(tmp_path / "missing.ckpt"), "--debug"]) == 2  # per command as well
     assert "Traceback" in capsys.readouterr().err
 
@@ -81,20 +82,21 @@ def test_failed_reconstruct_leaves_no_output_folder(tiny_job, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["reconstruct", "--checkpoint", "MISSING", "--data", "MISSING", "--out", "BAD"], "--out"),
-    (["train", "--config", "tiny", "--init", "MISSING", "--run-dir", "BAD"], "--run-dir"),
+    (["reconstruct", "--checkpoint", "INPUT", "--data", "FOLDER", "--out", "BAD"], "--out"),
+    (["train", "--config", "tiny", "--init", "INPUT", "--run-dir", "BAD"], "--run-dir"),
     (["steer", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
     (["compose", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
     (["perturb", "--demo-out", "DEMO", "--out", "BAD"], "--out"),
     (["demo", "--out", "BAD"], "--out"),
-    (["build-control", "MISSING", "BAD/x.safetensors"], "out"),
-    (["convert", "MISSING", "BAD/x.safetensors"], "dst"),
+    (["build-control", "INPUT", "BAD/x.safetensors"], "out"),
+    (["convert", "INPUT", "BAD/x.safetensors"], "dst"),
 ])
 def test_an_unwritable_output_is_refused_before_anything_loads(argv, flag, tmp_path, capsys):
-    """--out under a regular file: the one-line error names the output flag (not the missing model
-    files, checked later), and the demo pair is not trained."""
+    """--out under a regular file: the one-line error names the output flag (not the model files, which
+    are read later), and the demo pair is not trained."""
     (tmp_path / "file").write_text("a file, not a folder")
-    subs = {"BAD": str(tmp_path / "file" / "out"), "MISSING": str(tmp_path / "missing"), "DEMO": str(tmp_path / "demo")}
+    subs = {"BAD": str(tmp_path / "file" / "out"), "INPUT": str(tmp_path / "file"), "FOLDER": str(tmp_path),
+            "DEMO": str(tmp_path / "demo")}
     argv = [subs.get(a, a.replace("BAD", subs["BAD"])) for a in argv]
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err, argv[0])
@@ -116,12 +118,12 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
     from featinv.commands._common import command
 
-    @command("demo", resumes=True)
-    def interrupted(argv):
+    @command("demo", parse=lambda argv: None, resumes=True)
+    def interrupted(args):
         os.kill(os.getpid(), signal.SIGINT)
 
-    @command("steer")
-    def like_lightning(argv):  # Lightning catches KeyboardInterrupt in fit/predict and calls sys.exit(1)
+    @command("steer", parse=lambda argv: None)
+    def like_lightning(args):  # Lightning catches KeyboardInterrupt in fit/predict and calls sys.exit(1)
         try:
             os.kill(os.getpid(), signal.SIGINT)
         except KeyboardInterrupt:
@@ -200,22 +202,27 @@ def test_lists_in_help_texts_come_from_the_registry(capsys):
     assert "DDIM" not in capsys.readouterr().out  # --steps are the model's sampler's steps, whichever it is
 
 
-def test_model_source_flags_are_one_group_read_into_a_pair_source():
+def test_model_source_flags_are_one_group_read_into_a_pair_source(tmp_path):
     """reconstruct (a checkpoint), the analyses and the app (a checkpoint or the demo pair) read the same flags
     into the same PairSource."""
     from featinv.commands import app, reconstruct
-    from featinv.commands._common import Parser, add_source_args, source_from_args
+    from featinv.commands._args import add_source_args, source_from_args
+    from featinv.commands._common import Parser
     from featinv.config import DEMO_OUT, PairSource
 
-    argv = ["--checkpoint", "run", "--config", "tiny", "--run-dir", "runs/a", "--backbone", "resnet18",
-            "--backbone-checkpoint", "bb.pth", "--backbone-size", "64"]
-    given = dict(checkpoint="run", config="tiny", run_dir="runs/a", backbone="resnet18",
-                 backbone_checkpoint="bb.pth", backbone_size=64)
-    recon = reconstruct.build_parser().parse_args(argv + ["--data", "d", "--out", "o"])
+    for name in ("run", "runs/a", "d"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "bb.pth").write_bytes(b"")
+    run, run_dir, bb = str(tmp_path / "run"), str(tmp_path / "runs/a"), str(tmp_path / "bb.pth")
+    argv = ["--checkpoint", run, "--config", "tiny", "--run-dir", run_dir, "--backbone", "resnet18",
+            "--backbone-checkpoint", bb, "--backbone-size", "64"]
+    given = dict(checkpoint=run, config="tiny", run_dir=run_dir, backbone="resnet18",
+                 backbone_checkpoint=bb, backbone_size=64)
+    recon = reconstruct.build_parser().parse_args(argv + ["--data", str(tmp_path / "d"), "--out", "o"])
     assert source_from_args(recon) == PairSource(**given)
     served = app.build_parser().parse_args(argv + ["--demo-out", "demo", "--demo-seed", "3", "--demo-full"])
     assert source_from_args(served) == PairSource(**given, demo_out="demo", demo_seed=3, demo_quick=False)
     demo = Parser(prog="featinv test")
     add_source_args(demo, demo=True)
     assert source_from_args(demo.parse_args([])) == PairSource(demo_out=DEMO_OUT)
-    assert reconstruct.main(["--data", "d", "--out", "o"]) == 2  # --checkpoint is required without a demo pair
+    assert reconstruct.main(["--data", str(tmp_path / "d"), "--out", "o"]) == 2  # --checkpoint is required

@@ -172,6 +172,7 @@ def test_evaluate_main_uses_manifest_backbone(recon_folder, capsys):
     assert main(["--out", str(recon_folder), "--no-fid", "--batch-size", "6", "--device", "cpu"]) == 0
     summary = json.loads((recon_folder / "eval" / "summary.json").read_text())
     assert summary["fid"] is None and summary["fid_note"] == "FID not requested (--no-fid)"
-    assert "resnet18" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "resnet18" in captured.err and "| metric | value |" in captured.out and "{" not in captured.out
     assert main(["--out", str(recon_folder / "missing")]) == 2
     assert capsys.readouterr().err.startswith("featinv evaluate: error: --out: reconstruct folder")

@@ -1,6 +1,8 @@
 """Run-time policy: the one thread rule every command applies."""
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from featinv.runtime import default_threads, usable_cores
@@ -20,8 +22,8 @@ def test_every_command_runs_with_the_rule_and_restores_the_callers_threads(monke
 
     seen = []
 
-    @command("evaluate")
-    def job(argv):
+    @command("evaluate", parse=lambda argv: argparse.Namespace())
+    def job(args):
         seen.append(torch.get_num_threads())
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")

@@ -118,7 +118,7 @@ def race(recon: list[str], tmp: Path) -> dict:
 def test_the_run_records_its_effective_config(chain):
     run = chain["tmp"] / "runs" / "run"
     assert "in_channels: 512" in (run / "config.yaml").read_text()  # resnet18's channels, not tiny.yaml's 16
-    assert "in_channels: 512" in chain["first"].stdout  # printed as it is recorded
+    assert "in_channels: 512" in chain["first"].stderr  # printed as it is recorded (with the progress)
     assert "(step 4)" in chain["continued"].stderr  # continued from step 2, not started over
 
 

@@ -1,34 +1,31 @@
 """Arguments the analysis faces (steer, compose, perturb, concepts) share: the model pair, the inputs, sampling,
-and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`."""
+and list/box parsing. The analyses themselves are in :mod:`featinv.analysis`.
+
+Parsing and :func:`check_common` import no torch; :func:`pair_from_args`, :func:`inputs_from_args` and
+:func:`write_report` do the work (the faces call them from ``run``)."""
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
 
-import torch
-
-from featinv.analysis.common import demo_digits, load_images, write_outputs
-from featinv.commands._common import (
-    add_source_args,
-    blame,
-    cleanup_on_failure,
-    positive_int,
-    sample_count,
-    source_from_args,
-)
+from featinv.commands._args import add_source_args, image_source, positive_int, sample_count, source_from_args
+from featinv.commands._common import blame, cleanup_on_failure
 from featinv.config import MAX_SAMPLES
 from featinv.io import check_output_folder, check_writable, mark_output_folder
-from featinv.pair import Pair, load_pair
+
+DIGITS = range(10)  # the demo pair's classes: scikit-learn's digits 0-9
 
 
-def add_common_args(p) -> None:
-    """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out."""
+def add_common_args(p, outputs: str = "the picture, table.md and table.json") -> None:
+    """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out
+    (which holds ``outputs``)."""
     g = add_source_args(p, demo=True)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--device", default="auto", help="torch device: cpu, cuda[:N] or auto (cuda when available)")
     g = p.add_argument_group("inputs")
-    g.add_argument("--images", nargs="+", help="image files and/or folders (any size; resized to the backbone's "
-                                               "input); default on the demo: held-out digits")
+    g.add_argument("--images", nargs="+", type=image_source, help="image files and/or folders (any size; resized "
+                                                                  "to the backbone's input); default on the demo: "
+                                                                  "held-out digits")
     g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
                                     "default: the command's example digits, or the first --count held-out digits)")
     g.add_argument("--count", type=positive_int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
@@ -37,10 +34,28 @@ def add_common_args(p) -> None:
                    help=f"K reconstructions per input (K > 1 adds a spread map; at most {MAX_SAMPLES})")
     g.add_argument("--seed", type=int, help="base seed of the noise (default: the model's sampling seed)")
     g.add_argument("--steps", type=positive_int, help="sampler steps (default: the model's: demo 20, else 50)")
-    p.add_argument("--out", required=True, help="output folder: the picture, table.md and table.json")
+    p.add_argument("--out", required=True, help=f"output folder: {outputs}")
     p.add_argument("--overwrite", action="store_true", help="write into --out although it holds other files "
                    "(without it only a new or empty folder, or this command's earlier output, is written into)")
     p.set_defaults(command_name=p.prog.split()[-1])
+
+
+def check_common(args) -> None:
+    """The checks of :func:`add_common_args`' flags that need no model: --out may be written, --digits are digits
+    of the demo (and only with it), a --checkpoint comes with --images. Sets ``args.digit_list``."""
+    check_writable(args.out)
+    check_output_folder(args.out, args.command_name, args.overwrite)
+    if args.checkpoint is not None and not args.images:
+        raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
+    args.digit_list = None
+    if args.digits is not None:
+        if args.checkpoint is not None:
+            raise ValueError("--digits: picks the demo pair's held-out digits; with --checkpoint, use --images")
+        args.digit_list = parse_ints(args.digits, "--digits")
+        bad = [d for d in args.digit_list if d not in DIGITS]
+        if bad or not args.digit_list:
+            raise ValueError(f"--digits: {args.digits!r}: the demo's classes are the digits "
+                             f"{DIGITS[0]}-{DIGITS[-1]}")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -70,41 +85,52 @@ def parse_box(text: str, flag: str = "--mask") -> list[float]:
     return box
 
 
-def pair_from_args(args) -> Pair:
-    check_writable(args.out)  # before any model loads or trains
-    check_output_folder(args.out, args.command_name, args.overwrite)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+def pair_from_args(args):
+    """The model pair the flags name (loaded, or trained on first use for the demo) -> featinv.pair.Pair."""
+    import torch
+
+    from featinv.pair import load_pair
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
-    pair = load_pair(source_from_args(args), args.device,
-                     log=lambda msg: print(msg, file=sys.stderr))  # progress, not results
+    pair = load_pair(source_from_args(args), device, log=lambda msg: print(msg, file=sys.stderr))
     changes = {"num_samples": args.samples, "seed": args.seed, "steps": args.steps}
     pair.sample_config = dataclasses.replace(pair.sample_config, **{k: v for k, v in changes.items() if v is not None})
     return pair
 
 
-def inputs_from_args(args, pair: Pair, minimum: int = 1, example_digits: str | None = None):
+def inputs_from_args(args, pair, minimum: int = 1, example_digits: str | None = None, role: str = ""):
     """-> (images (N, 3, S, S) in [0, 1] on the pair's device, names, labels (N,) or None).
 
-    example_digits: the demo digits (one each) when neither --digits nor --count is given."""
+    example_digits: the demo digits (one each) when neither --digits nor --count is given. role: what the
+    inputs are, for the message when fewer than ``minimum`` are given (e.g. "A and B")."""
+    from featinv.analysis.common import demo_digits, load_images
+
     if args.images:
         with blame("--images"):
             images, names = load_images(args.images, pair.extractor.image_size)
         labels = None
-    elif pair.data is not None:
-        text = args.digits if args.digits or args.count else example_digits
-        digits = parse_ints(text, "--digits") if text else None
-        count = args.count if args.count is not None else (1 if digits else 3)  # --count 0: argparse refuses
-        images, names, labels = demo_digits(pair.data, digits, count)
     else:
-        raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
+        digits = args.digit_list
+        if digits is None and not args.count and example_digits:
+            digits = parse_ints(example_digits, "--digits")
+        count = args.count if args.count is not None else (1 if digits else 3)
+        images, names, labels = demo_digits(pair.data, digits, count)
     if len(images) < minimum:
-        raise ValueError(f"this analysis needs at least {minimum} input images, got {len(images)}")
+        flag = "--images" if args.images else "--digits/--count"
+        raise ValueError(f"{flag}: {args.command_name} needs at least {minimum} input images"
+                         f"{f' ({role})' if role else ''}, got {len(images)}")
     return images.to(pair.extractor.mean.device), names, labels
 
 
 def write_report(out: str, filename: str, make_report, command: str) -> int:
     """Run ``make_report() -> (picture, table, markdown)`` and write its files into ``out`` (removed again
     if the report fails and ``out`` was new), marked as ``command``'s; print the table and where the files are."""
+    from featinv.analysis.common import write_outputs
+
     with cleanup_on_failure(out):
         picture, table, md = make_report()
         paths = write_outputs(out, picture, filename, md, table)

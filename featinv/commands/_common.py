@@ -1,5 +1,5 @@
-"""What every command face shares: the parser, the error convention, the model-source flags, the
-output-folder cleanup.
+"""What every command face shares: the parser, the error convention, the parse-then-run wrapper, the
+output-folder cleanup (argument types and the model-source flags: :mod:`featinv.commands._args`).
 
 Convention: ``main(argv=None) -> int``; 0 on success, 2 on an error the user caused (missing file,
 bad flag, bad config or override, no CUDA), printed as ONE line ``featinv <command>: error: ...`` on
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import os
 import signal
 import sys
@@ -18,49 +17,19 @@ import threading
 import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
-from omegaconf.errors import OmegaConfBaseException
-
-from featinv.config import BACKBONE_PRESETS, DEMO_OUT, MAX_SAMPLES, RUN_CONFIG, WEIGHTS_FILE, PairSource, SettingError
-from featinv.jobs.lock import LOCK_NAME
+from featinv.config import LOCK_NAME, SettingError
 
 # Errors a user causes; the library raises these with a message naming the file, key or shape at fault
-# (CheckpointError is a ValueError). Lightning's MisconfigurationException (e.g. --accelerator gpu
-# without a GPU) is matched by name so that `--help` does not import Lightning.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
-               OmegaConfBaseException)
-USER_ERROR_NAMES = ("MisconfigurationException",)
+# (CheckpointError is a ValueError). OmegaConf's errors and Lightning's MisconfigurationException (e.g.
+# --accelerator gpu without a GPU) are matched by class name, so that parsing imports neither library.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
+USER_ERROR_NAMES = ("OmegaConfBaseException", "MisconfigurationException")
 
 
-
-def finite_float(text: str) -> float:
-    """argparse ``type`` of every float flag: a finite number (nan, inf are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` of counts that must be >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def sample_count(text: str) -> int:
-    """argparse ``type`` of --samples: 1 <= K <= MAX_SAMPLES."""
-    value = positive_int(text)
-    if value > MAX_SAMPLES:
-        raise argparse.ArgumentTypeError(f"{value} is above the limit of {MAX_SAMPLES} samples per input")
-    return value
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, USER_ERRORS) or any(c.__name__ in USER_ERROR_NAMES for c in type(e).__mro__)
 
 
 class UsageError(ValueError):
@@ -95,41 +64,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
-
-
-def add_source_args(p: argparse.ArgumentParser, demo: bool) -> argparse._ArgumentGroup:
-    """The model-source flags as a group ("model"), read back by :func:`source_from_args`: --checkpoint and
-    where its backbone comes from; with ``demo`` the checkpoint is optional and the demo pair's flags come too.
-    -> the group (a face adds its --device to it)."""
-    title = "model (default: the demo's digits pair, trained and cached on first use)" if demo else "model"
-    g = p.add_argument_group(title)
-    g.add_argument("--checkpoint", required=not demo,
-                   help=f"FeatInv weights: a .safetensors file or a reference .ckpt, a folder holding "
-                        f"{WEIGHTS_FILE} (a training run, an export) or an exported folder's Hub id"
-                        + ("; without it the demo pair under --demo-out" if demo else ""))
-    g.add_argument("--config", help="preset name or YAML for the model and backbone (default: the model from the "
-                                    f"checkpoint's metadata, the backbone from the training run's {RUN_CONFIG})")
-    g.add_argument("--run-dir", help=f"the training run whose {RUN_CONFIG} names the backbone (default: the "
-                                     f"checkpoint's folder, when it holds a {RUN_CONFIG})")
-    g.add_argument("--backbone", help=f"backbone preset ({', '.join(BACKBONE_PRESETS)}) or timm name "
-                                      "(default: the run's or --config's backbone)")
-    g.add_argument("--backbone-checkpoint", help="local backbone weights file (offline use)")
-    g.add_argument("--backbone-size", type=int, help="backbone input size (default: the backbone preset's)")
-    if demo:
-        g.add_argument("--demo-out", default=DEMO_OUT, help="the demo's folder (its cache/ holds the demo pair)")
-        g.add_argument("--demo-seed", type=int, default=0, help="seed of the demo pair")
-        g.add_argument("--demo-full", action="store_true",
-                       help="the demo pair with `featinv demo`'s full settings (default: its --quick settings)")
-    return g
-
-
-def source_from_args(args: argparse.Namespace) -> PairSource:
-    """The parsed flags of :func:`add_source_args` -> the PairSource they name (the demo's fields, when the
-    face has no demo flags, keep their defaults)."""
-    demo = {"demo_out": args.demo_out, "demo_seed": args.demo_seed, "demo_quick": not args.demo_full} \
-        if hasattr(args, "demo_out") else {}
-    return PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
-                      backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size, **demo)
 
 
 def flag(setting: str) -> str:
@@ -175,37 +109,42 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 @contextlib.contextmanager
-def _threads(argv: list[str]):
-    """torch's CPU threads by the one rule (:func:`featinv.runtime.configure_threads`) for the command,
-    restored after it (for callers in one process, such as tests); not for --help (no torch import)."""
-    if any(a in ("-h", "--help") for a in argv):
-        yield
-        return
+def _threads(threads: int):
+    """torch's CPU threads by the one rule (:func:`featinv.runtime.configure_threads`) for the command's
+    run, restored after it (for callers in one process, such as tests). torch is imported here, after the
+    command line has been parsed and checked."""
     import torch
 
     from featinv.runtime import configure_threads
 
     before = torch.get_num_threads()
-    configure_threads()
+    configure_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def command(name: str, resumes: bool = False):
-    """Decorate ``fn(argv: list[str]) -> int | None`` into the face's ``main(argv=None) -> int``.
+def command(name: str, parse: Callable[[list[str]], argparse.Namespace], resumes: bool = False):
+    """Decorate ``run(args) -> int | None`` into the face's ``main(argv=None) -> int``.
 
-    Ctrl-C ends the command with one line (``interrupted; rerun to resume`` for a command that resumes)
-    and exit status 130, as a shell reports SIGINT."""
-    def wrap(fn):
-        @functools.wraps(fn)
+    ``parse(argv)`` parses and checks the command line without importing torch, timm or Lightning (they are
+    imported by ``run``, which does the work), so ``--help`` and every mistake that needs no model are
+    answered at once. torch's threads are set between the two (``args.threads`` where the face has it).
+
+    An error the user caused prints as one line and exits 2 (``--debug``: with its traceback); Ctrl-C ends
+    the command with one line (``interrupted; rerun to resume`` for a command that resumes) and exit
+    status 130, as a shell reports SIGINT."""
+    def wrap(run):
+        @functools.wraps(run)
         def main(argv: list[str] | None = None) -> int:
             argv = sys.argv[1:] if argv is None else list(argv)
             interrupts = _Interrupts()
             try:
-                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning), _threads(argv):
-                    return fn(argv) or 0
+                with interrupts, mock_attr(warnings, "showwarning", _one_line_warning):
+                    args = parse(argv)
+                    with _threads(getattr(args, "threads", 0)):
+                        return run(args) or 0
             except (KeyboardInterrupt, SystemExit) as e:
                 if isinstance(e, SystemExit) and not interrupts.seen:
                     raise
@@ -214,7 +153,7 @@ def command(name: str, resumes: bool = False):
                 print(f"featinv {name}: interrupted{'; rerun to resume' if resumes else ''}", file=sys.stderr)
                 return 130
             except Exception as e:  # user errors are reported, anything else re-raised
-                if not isinstance(e, USER_ERRORS) and type(e).__name__ not in USER_ERROR_NAMES:
+                if not is_user_error(e):
                     raise
                 if "--debug" in argv:
                     traceback.print_exc()

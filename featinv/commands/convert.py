@@ -7,17 +7,17 @@ unpickles it fully, once, so that every later read is of a plain safetensors fil
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from featinv.checkpoint.convert import convert_to_safetensors
+from featinv.commands._args import checkpoint_source
 from featinv.commands._common import Parser, command
 from featinv.io import check_writable
 
 
-@command("convert")
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="featinv convert", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="checkpoint: .ckpt (Lightning, LDM), .pt/.pth or .safetensors; or a diffusers pipeline "
+    p.add_argument("src", type=checkpoint_source, help="checkpoint: .ckpt (Lightning, LDM), .pt/.pth or .safetensors; or a diffusers pipeline "
                         "folder, an exported FeatInv folder, or the Hub id of one")
     p.add_argument("dst", help="output .safetensors file; must not exist")
     p.add_argument("--trust-pickle", action="store_true",
@@ -25,10 +25,17 @@ def main(argv: list[str]) -> int:
                         "only for a file from a source you trust")
     args = p.parse_args(argv)
     if not args.dst.endswith(".safetensors"):
-        raise ValueError(f"output must be a .safetensors file, got {args.dst}")
+        raise ValueError(f"dst: the output must be a .safetensors file, got {args.dst}")
     if Path(args.dst).exists():
-        raise FileExistsError(f"{args.dst} exists; refusing to overwrite it")
+        raise FileExistsError(f"dst: {args.dst} exists; refusing to overwrite it")
     check_writable(args.dst, "dst", is_file=True)
+    return args
+
+
+@command("convert", parse)
+def main(args: argparse.Namespace) -> int:
+    from featinv.checkpoint.convert import convert_to_safetensors
+
     report = convert_to_safetensors(args.src, args.dst, trust_pickle=args.trust_pickle)
     skipped = f"; left out {len(report['skipped'])} non-tensor entries" if report["skipped"] else ""
     print(f"wrote {report['tensors']} tensors to {report['out']}{skipped}")

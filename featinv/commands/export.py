@@ -6,21 +6,28 @@ or its Hub id once uploaded (e.g. ``huggingface-cli upload OWNER/NAME OUT``).
 """
 from __future__ import annotations
 
+import argparse
+
+from featinv.commands._args import existing_dir, existing_file, existing_path
 from featinv.commands._common import Parser, command
-from featinv.jobs.export import export_featinv
 
 
-@command("export")
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="featinv export", description=__doc__.splitlines()[0])
-    p.add_argument("source", help="training run folder (featinv.safetensors + config.yaml), FeatInv checkpoint "
+    p.add_argument("source", type=existing_path, help="training run folder (featinv.safetensors + config.yaml), FeatInv checkpoint "
                                   "(config.yaml beside it, or --config) or an earlier export")
     p.add_argument("out", help="output folder; must be empty, new, or an earlier export (which is replaced)")
-    p.add_argument("--config", help="the run's config.yaml (default: the one beside the checkpoint)")
-    p.add_argument("--eval", help="a reconstruct folder evaluated by `featinv evaluate`: its table goes into the card")
+    p.add_argument("--config", type=existing_file, help="the run's config.yaml (default: the one beside the checkpoint)")
+    p.add_argument("--eval", type=existing_dir, help="a reconstruct folder evaluated by `featinv evaluate`: its table goes into the card")
     p.add_argument("--license", default="apache-2.0", help="license id for the model card")
     p.add_argument("--base-model", help="Hub id of the miniSD the model was built from (model card base_model)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+@command("export", parse)
+def main(args: argparse.Namespace) -> int:
+    from featinv.jobs.export import export_featinv
+
     report = export_featinv(args.source, args.out, args.eval, args.config, args.license, args.base_model)
     steps = report["train_steps"]
     print(f"weights: {report['weights']}; config: {report['config']}; "

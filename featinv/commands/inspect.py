@@ -5,22 +5,28 @@ holds), 1 when it fails or cannot be checked (no config), 2 on a user error (mis
 """
 from __future__ import annotations
 
+import argparse
 import json
 
-from featinv.checkpoint.inspect import describe, format_report
+from featinv.commands._args import config_source, existing_path
 from featinv.commands._common import Parser, command
 
 
-@command("inspect")
-def main(argv: list[str]) -> int:
-    """``featinv inspect CHECKPOINT [--config PRESET_OR_YAML] [--json]``; exit 1 when the strict load fails."""
+def parse(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="featinv inspect", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help=".safetensors, .ckpt (Lightning) or .pt/.pth file")
-    p.add_argument("--config", default=None,
+    p.add_argument("checkpoint", type=existing_path, help=".safetensors, .ckpt (Lightning) or .pt/.pth file")
+    p.add_argument("--config", type=config_source, default=None,
                    help="preset name or YAML (project or reference style) to check against; "
                         "default: the file's metadata, else inferred from its shapes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+@command("inspect", parse)
+def main(args: argparse.Namespace) -> int:
+    """``featinv inspect CHECKPOINT [--config PRESET_OR_YAML] [--json]``; exit 1 when the strict load fails."""
+    from featinv.checkpoint.inspect import describe, format_report
+
     info = describe(args.checkpoint, args.config)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0 if loads(info) else 1

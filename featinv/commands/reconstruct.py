@@ -1,41 +1,33 @@
 """``featinv reconstruct``: reconstruct ImageNet-style images from their classifier features."""
 from __future__ import annotations
 
-import json
+import argparse
 
-from pytorch_lightning.utilities import rank_zero_only
-
-from featinv.checkpoint.config_file import to_dict
-from featinv.commands._common import (
-    Parser,
+from featinv.commands._args import (
     add_source_args,
-    cleanup_on_failure,
-    command,
+    count,
+    existing_dir,
     finite_float,
     positive_int,
     sample_count,
     source_from_args,
 )
+from featinv.commands._common import Parser, cleanup_on_failure, command
 from featinv.config import MANIFEST, SPACINGS, UNCOND_MODES, ReconstructJob, SampleConfig
 from featinv.io import check_output_folder, check_writable
-from featinv.jobs.lock import folder_lock
-from featinv.jobs.reconstruct import reconstruct_folder
 from featinv.registry import SAMPLERS, STOCHASTIC_SAMPLERS, describe
-from featinv.runtime import quiet_lightning
-
-_print0 = rank_zero_only(print)  # one copy of messages under DDP
 
 
 def build_parser() -> Parser:
     p = Parser(prog="featinv reconstruct", description="Reconstruct ImageNet-style images from their classifier "
                "features.", epilog="samplers:\n" + describe(SAMPLERS))
     add_source_args(p, demo=False)
-    p.add_argument("--data", required=True, help="ImageNet-style folder <root>/<class>/<image>")
+    p.add_argument("--data", type=existing_dir, required=True, help="ImageNet-style folder <root>/<class>/<image>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start --out over: delete the earlier job's PNGs (class folders), eval/ and manifest.json; "
                         "without it a folder made with other settings is refused")
-    p.add_argument("--per-class", type=int, default=10, help="first N images per class (0: all)")
+    p.add_argument("--per-class", type=count, default=10, help="first N images per class (0: all)")
     d = SampleConfig()
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=d.sampler,
                    help="the sampler, one of those listed below (which to choose, and how many steps each needs: "
@@ -55,37 +47,46 @@ def build_parser() -> Parser:
                    help="unconditional branch: empty prompt with the features (reference) or without them")
     p.add_argument("--guess-mode", action="store_true", help="reference guess mode (control ramp, uncond w/o control)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch per device (x K samples x 2 branches)")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per device")
+    p.add_argument("--num-workers", type=count, default=2, help="data loader workers per device")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     p.add_argument("--devices", default="auto", help="Lightning devices (auto, N, or a list like 0,1)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes")
+    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes")
     p.add_argument("--strategy", default="auto", help="Lightning strategy (auto, ddp, ...)")
     p.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU, else 32-true) or a Lightning value")
     return p
 
 
-@command("reconstruct", resumes=True)
-def main(argv: list[str]) -> int:
-    """``featinv reconstruct``: parse arguments into a ReconstructJob, print it, run it."""
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line -> args, with ``args.job`` the ReconstructJob it describes (checked)."""
     args = build_parser().parse_args(argv)
     check_writable(args.out)
-    quiet_lightning()
     check_output_folder(args.out, "reconstruct", args.overwrite, own=(MANIFEST,))
     sample = SampleConfig(steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                           guidance_scale=args.scale, prompt=args.prompt,
                           uncond=args.uncond, guess_mode=args.guess_mode, num_samples=args.samples, seed=args.seed)
     devices = args.devices if args.devices == "auto" or "," in args.devices else int(args.devices)
-    job = ReconstructJob(source=source_from_args(args), data=args.data, out=args.out,
-                         per_class=args.per_class or None, sample=sample,
-                         batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
-                         devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
-                         precision=args.precision, overwrite=args.overwrite)
-    _print0("featinv reconstruct\n" + json.dumps(to_dict(job), indent=2))
+    args.job = ReconstructJob(source=source_from_args(args), data=args.data, out=args.out,
+                              per_class=args.per_class or None, sample=sample,
+                              batch_size=args.batch_size, num_workers=args.num_workers, accelerator=args.accelerator,
+                              devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+                              precision=args.precision, overwrite=args.overwrite)
+    return args
+
+
+@command("reconstruct", parse, resumes=True)
+def main(args: argparse.Namespace) -> int:
+    """``featinv reconstruct``: run the job (progress on stderr, the summary line on stdout)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from featinv.jobs.lock import folder_lock
+    from featinv.jobs.reconstruct import reconstruct_folder
+
     with cleanup_on_failure(args.out), folder_lock(args.out):  # one job per folder, before the model loads
-        manifest = reconstruct_folder(job)
+        manifest = reconstruct_folder(args.job)
     if "items" in manifest:
-        _print0(f"{manifest['complete']}/{manifest['items']} items complete "
-                f"({manifest['reconstructed']} new, {len(manifest['unreadable'])} unreadable): {args.out}")
+        rank_zero_only(print)(f"{manifest['complete']}/{manifest['items']} items complete "
+                              f"({manifest['reconstructed']} new, {len(manifest['unreadable'])} unreadable): "
+                              f"{args.out}")
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-LOCK_NAME = ".featinv.lock"
+from featinv.config import LOCK_NAME
 
 
 class FolderBusyError(ValueError):

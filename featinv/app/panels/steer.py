@@ -12,7 +12,7 @@ from featinv.analysis import steering
 from featinv.app.session import CLAMPS, Session, number
 from featinv.app.show import KEY, MAX_STRENGTH, STRIP, classify, label, no_progress, region_mask, tile
 from featinv.app.widgets import Panel, Shared, Wiring, gallery, region_inputs
-from featinv.config import SampleConfig
+from featinv.config import STEER_CLAMP, SampleConfig
 
 
 def direction(session: Session, kind: str, class_name: str, channel) -> tuple[torch.Tensor, str]:
@@ -69,7 +69,8 @@ def build(shared: Shared) -> Wiring:
                             label="channel", elem_id="steer-channel")
     strength = gr.Slider(-MAX_STRENGTH, MAX_STRENGTH, value=2, step=0.25, elem_id="steer-strength",
                          label="strength (units of the map's mean feature norm); the strip runs 0..strength")
-    clamp = gr.Radio(list(CLAMPS), value="per channel", elem_id="steer-clamp",
+    default = next(name for name, kind in CLAMPS.items() if kind == STEER_CLAMP)
+    clamp = gr.Radio(list(CLAMPS), value=default, elem_id="steer-clamp",
                      label="clamp edited features to the backbone's range (min/max over reference images); "
                            "without it strong edits leave that range and the reconstructions stop following them")
     region, coords = region_inputs("steer", session)
