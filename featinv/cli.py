@@ -23,7 +23,8 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "evaluate": ("featinv.commands.evaluate", "feature similarity, accuracy and FID of reconstructions"),
     "steer": ("featinv.commands.steer", "steer feature maps along a concept direction and reconstruct each strength"),
     "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
-    "concepts": ("featinv.commands.concepts", "find concepts in the feature map; see, remove and steer by each"),
+    "concepts": ("featinv.commands.concepts", "find concepts in the feature map (factorisations, sparse autoencoders); "
+                 "see, remove and steer by each"),
     "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
     "app": ("featinv.commands.app", f"interactive explorer in the browser: {names(PANELS).lower()}"),
 }

@@ -102,16 +102,20 @@ DIRECTIONS: dict[str, Spec] = {
                     "featinv.analysis.directions:concept_spec", syntax="<basis>:<i>"),
 }
 
-# Concept methods (featinv concepts --method): each is f(k, seed, alpha, batch_size) -> an unfitted scikit-learn
-# estimator in featinv.analysis.concepts, which streams the per-location vectors through its partial_fit
-# (fit_concepts), bounds k per method (check_k) and reads METHODS from this table.
+# Concept methods (featinv concepts --method): each is a class in featinv.analysis.concept_methods with fit (streamed
+# epochs of vector batches) and encode, and its bounds on k; featinv.analysis.concepts.fit_concepts looks it up by
+# name, the basis file records the name, and METHODS there is this table's keys.
 CONCEPT_METHODS: dict[str, Entry] = {
     "nmf": Entry("non-negative codes and atoms, for maps after a ReLU (MiniBatchNMF); k <= channels",
-                 "featinv.analysis.concepts:nmf_estimator"),
+                 "featinv.analysis.concept_methods:NMF"),
     "dict": Entry("sparse dictionary learning: non-negative codes, signed atoms, for signed maps such as ConvNeXt's "
-                  "or a ViT's (MiniBatchDictionaryLearning)", "featinv.analysis.concepts:dict_estimator"),
+                  "or a ViT's (MiniBatchDictionaryLearning)", "featinv.analysis.concept_methods:Dictionary"),
     "pca": Entry("signed codes along orthonormal components around the mean (IncrementalPCA); k <= channels",
-                 "featinv.analysis.concepts:pca_estimator"),
+                 "featinv.analysis.concept_methods:PCA"),
     "kmeans": Entry("one-hot codes: each location is its nearest cluster centre (MiniBatchKMeans)",
-                    "featinv.analysis.concepts:kmeans_estimator"),
+                    "featinv.analysis.concept_methods:KMeans"),
+    "topk": Entry("TopK sparse autoencoder (Gao et al. 2024): --top-k active latents per location, any k (thousands "
+                  "on a GPU), dead latents revived by the AuxK loss", "featinv.analysis.concept_methods:TopK"),
+    "batchtopk": Entry("BatchTopK sparse autoencoder (Bussmann et al. 2024): --top-k active latents per location on "
+                       "average, a learned threshold at inference", "featinv.analysis.concept_methods:BatchTopK"),
 }

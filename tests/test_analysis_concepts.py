@@ -1,6 +1,8 @@
 """Concept bases: planted atoms recovered, encode/decode, removal, save/load, importance, refusals."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from analysis_helpers import random_extractor
@@ -173,7 +175,6 @@ FAST_ARGS = ["--steps", "2", "--exemplars", "1", "--removals", "1", "--device", 
 
 
 def test_concepts_command_writes_the_atlas_and_its_basis_steers(quick_demo_out, tmp_path, capsys):
-    import json
 
     from PIL import Image
 
@@ -224,3 +225,24 @@ def test_concepts_bad_input_is_one_line(quick_demo_out, tmp_path, capsys, extra,
     assert cli.main(["steer", "--demo-out", str(quick_demo_out), "--direction",
                      f"concept:{tmp_path / 'junk.safetensors'}:0", "--out", str(tmp_path / "out")]) == 2
     assert "featinv steer: error: --direction: " in capsys.readouterr().err
+
+
+def test_concepts_imports_an_overcomplete_sae(quick_demo_out, tmp_path, capsys):
+    """`--import-sae`: a user's Overcomplete SAE (random here; parity is tests/test_concept_methods.py) becomes a
+    basis file with its atlas, which `--basis` and `steer --direction concept:` then read."""
+    sae_module = pytest.importorskip("overcomplete.sae", reason="overcomplete needs Python < 3.13 and matplotlib < 3.9")
+    from featinv import cli
+
+    torch.manual_seed(0)
+    torch.save(sae_module.TopKSAE(64, 48, top_k=4).state_dict(), tmp_path / "sae.pt")
+    demo = ["--demo-out", str(quick_demo_out)]
+    out = tmp_path / "atlas"
+    assert cli.main(["concepts", *demo, "--import-sae", str(tmp_path / "sae.pt"), "--top-k", "4", "--draw", "2",
+                     *FAST_ARGS, "--out", str(out)]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert table["method"] == "topk" and table["k"] == 48 and len(table["rows"]) == 48
+    assert sum(r["drawn"] for r in table["rows"]) == 2 and table["completeness"]["l0"] <= 4
+    basis = ConceptBasis.load(out / "concepts.safetensors")
+    assert basis.params == {"top_k": 4} and basis.stats["held_out"]["l0"] == table["completeness"]["l0"]
+    assert cli.main(["concepts", *demo, "--import-sae", str(tmp_path / "sae.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "--import-sae: give the SAE's --top-k" in capsys.readouterr().err

@@ -131,9 +131,12 @@ def test_inspect_report_of_a_file_without_model_weights(tmp_path):
 # ----- 4. concept counts per method ---------------------------------------------------------------------
 
 def test_methods_come_from_the_registry():
-    assert METHODS == tuple(CONCEPT_METHODS) == ("nmf", "dict", "pca", "kmeans")
+    from featinv.analysis.concept_methods import Method
+
+    assert METHODS == tuple(CONCEPT_METHODS) == ("nmf", "dict", "pca", "kmeans", "topk", "batchtopk")
     for name, entry in CONCEPT_METHODS.items():
-        assert hasattr(entry.load()(3, 0, 0.1, 16), "partial_fit"), name
+        cls = entry.load()
+        assert issubclass(cls, Method) and cls.name == name, name  # one class per method, named as registered
     assert resolve_method(None, True) == "nmf" and resolve_method(None, False) == "dict"
     assert resolve_method("pca", True) == "pca"
     with pytest.raises(ValueError, match="unknown concept method 'ica'"):

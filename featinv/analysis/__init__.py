@@ -5,7 +5,9 @@
 - ``compose``          composite feature maps: interpolation, pasting a region, keeping or removing channels
 - ``perturb``          common corruptions and a PGD attack
 - ``concepts``         a concept basis of the per-location channel vectors: fit, encode, decode, save, load
-- ``concept_edits``    edits by concept: its contribution, the map without it, its atom as a direction, its heat map
+- ``concept_methods``  the concept methods, one class each (scikit-learn factorisations, sparse autoencoders)
+- ``concept_edits``    edits by concept: its contribution, the map without it, its atom as a direction, its heat map,
+                       its code set to a level of its own distribution (``set_code``), class a -> b (``swap``)
 - ``concept_scores``   each concept's importance per class and a basis's completeness
 - ``concepts_report``  the concept atlas that ``featinv concepts`` writes
 - ``reports``          the pictures and tables that ``featinv steer``, ``compose`` and ``perturb`` write

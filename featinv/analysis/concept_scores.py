@@ -48,15 +48,22 @@ def concept_importance(basis: ConceptBasis, extractor, feats: Tensor, labels: Te
 
 @torch.no_grad()
 def completeness(basis: ConceptBasis, feats: Tensor, extractor=None, codes: Tensor | None = None) -> dict[str, float]:
-    """How much of the maps the basis holds -> {'variance_explained', 'agreement'}.
+    """How much of the maps the basis holds, and how sparsely -> {'variance_explained', 'fvu', 'l0', 'dead',
+    'dead_share', 'agreement'}.
 
-    variance_explained: 1 - ||feats - decode(encode(feats))||² / ||feats - channel mean||²; agreement
-    (with an extractor): the share of maps whose decoded map gets the same top-1 class as the map itself."""
+    fvu (fraction of variance unexplained): ||feats - decode(encode(feats))||² / ||feats - channel mean||², and
+    variance_explained = 1 - fvu; l0: mean non-zero codes per location; dead: concepts never active on these
+    maps; agreement (with an extractor): the share of maps whose decoded map gets the same top-1 class as the
+    map itself."""
     codes = basis.encode(feats) if codes is None else codes
     rec = basis.decode(codes).to(feats.device)
     f = feats.float()
     total = (f - f.mean(dim=(0, 2, 3), keepdim=True)).square().sum()
-    out = {"variance_explained": float(1 - (f - rec).square().sum() / total.clamp(min=1e-12))}
+    fvu = float((f - rec).square().sum() / total.clamp(min=1e-12))
+    active = codes != 0
+    dead = int((~active.any(dim=(0, 2, 3))).sum())
+    out = {"variance_explained": 1 - fvu, "fvu": fvu, "l0": float(active.sum(1).float().mean()), "dead": dead,
+           "dead_share": dead / basis.k}
     if extractor is not None:
         top = torch.cat([extractor.logits_from_features(c).argmax(1) for c in f.split(256)])
         top_rec = torch.cat([extractor.logits_from_features(c).argmax(1) for c in rec.split(256)])

@@ -55,6 +55,7 @@ class AtlasConfig:
     exemplars: int = 3
     removals: int = 2
     description: str = ""
+    draw: int | Sequence[int] | None = None   # concepts drawn: indices, the top N by importance, None: see drawn()
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,21 @@ def concepts_report(pair: Pair, basis: ConceptBasis, images: AtlasImages,
     head = [None] * exemplars + [tile(plain[j, 0], ["alpha=0", steer_names[j][:10]]) for j in range(len(plain))]
     rows.append(head)
     labels.append("plain")
-    for i in range(basis.k):
-        row, entry = _concept_row(atlas, i)
-        rows.append(row)
-        labels.append(f"concept {i}")
-        table_rows.append(entry)
+    shown = drawn(basis.k, imp["removal"], cfg.draw)
+    for i in range(basis.k):  # every concept in the table; pictures (reconstructions) for those drawn
+        if i in shown:
+            row, entry = _concept_row(atlas, i)
+            rows.append(row)
+            labels.append(f"concept {i}")
+        else:
+            entry = _concept_entry(atlas, i, atlas.strength_fit[:, i].argsort(descending=True)[:cfg.exemplars])
+        table_rows.append({**entry, "drawn": i in shown})
     held_count = len(images.held)
     title = [f"featinv concepts: {basis.k} concepts ({basis.method}) of {basis.source or 'the feature map'}"
              + (f"; {cfg.description}" if cfg.description else ""),
-             f"variance explained {comp['variance_explained']:.1%}, decoded-map agreement {comp['agreement']:.1%} "
-             f"({held_count} held-out images)",
+             f"variance explained {comp['variance_explained']:.1%}, L0 {comp['l0']:.1f}, dead {comp['dead']}, "
+             f"decoded-map agreement {comp['agreement']:.1%} ({held_count} held-out images); rows: "
+             f"{len(shown)} of {basis.k} concepts",
              f"per row: {exemplars} most activating images (heat = the concept's code); held-out images steered "
              f"along the atom (alpha {', '.join(f'{a:g}' for a in alphas)}); held-out images it is most present in: "
              "reconstruction / with it removed",
@@ -135,13 +141,41 @@ def concepts_report(pair: Pair, basis: ConceptBasis, images: AtlasImages,
                ("removal_top", "logit drop, top class"), ("gradient_top", "gradient x code, top class"),
                ("active_share", "locations where active"), ("exemplars", "most activating images")]
     md = (f"# featinv concepts\n\n{basis.k} concepts ({basis.method}) of {basis.source or 'the feature map'}; "
-          f"variance explained {comp['variance_explained']:.1%}, decoded-map agreement {comp['agreement']:.1%} on "
-          f"{held_count} held-out images. Logit drop: the class's logit minus its logit with the concept "
+          f"variance explained {comp['variance_explained']:.1%} (FVU {comp['fvu']:.3f}), L0 {comp['l0']:.2f} active "
+          f"concepts per location, {comp['dead']} dead, decoded-map agreement {comp['agreement']:.1%} on "
+          f"{held_count} held-out images; pictures of {len(shown)} of {basis.k} concepts. Logit drop: the class's "
+          "logit minus its logit with the concept "
           "removed, mean over the class's held-out images.\n\n" + markdown_table(table_rows, columns))
     table = {"method": basis.method, "k": basis.k, "source": basis.source, "stats": basis.stats,
              "completeness": comp, "alphas": alphas, "held_out": held_count, "class_counts": imp["count"],
              "importance_removal": imp["removal"], "importance_gradient": imp["gradient"], "rows": table_rows}
     return grid(rows, title, labels), table, md
+
+
+def drawn(k: int, removal: Tensor, draw: int | Sequence[int] | None) -> set[int]:
+    """The concepts whose pictures are drawn: ``draw`` indices (ValueError naming one out of range), or the top
+    ``draw`` by importance (the largest logit drop of any class on removal); None: all up to 20, else the top 10.
+    Every concept is in the table either way."""
+    if draw is None:
+        draw = k if k <= 20 else 10
+    if isinstance(draw, int):
+        score = torch.nan_to_num(removal, nan=float("-inf")).amax(dim=1)
+        return set(score.argsort(descending=True)[:draw].tolist())
+    bad = [i for i in draw if not 0 <= i < k]
+    if bad:
+        raise ValueError(f"--draw: concept {bad[0]} out of range: the basis has {k} concepts (0..{k - 1})")
+    return set(draw)
+
+
+def _concept_entry(atlas: _Atlas, i: int, order: Tensor) -> dict:
+    """Concept i's table entry without pictures: the classes it matters for, how active, its exemplars."""
+    drops = atlas.imp["removal"][i]
+    ranked = [c for c in drops.argsort(descending=True).tolist() if torch.isfinite(drops[c])][:TOP_CLASSES]
+    return {"concept": i, "top_classes": ", ".join(f"{c} ({drops[c]:+.2f})" for c in ranked),
+            "classes": ranked, "removal_top": float(drops[ranked[0]]) if ranked else None,
+            "gradient_top": float(atlas.imp["gradient"][i, ranked[0]]) if ranked else None,
+            "active_share": float((atlas.codes_fit[:, i] > 0).float().mean()),
+            "exemplars": " ".join(atlas.images.fit_names[n] for n in order.tolist())}
 
 
 def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
@@ -169,15 +203,8 @@ def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
         y = int(held_labels[n])
         row += [tile(before[j, 0], [f"class {y}", f"rec {int(top_b[j, 0])}"]),
                 tile(after[j, 0], [f"without {i}", f"rec {int(top_a[j, 0])}"])]
-    imp = atlas.imp
-    drops = imp["removal"][i]
-    ranked = [c for c in drops.argsort(descending=True).tolist() if torch.isfinite(drops[c])][:TOP_CLASSES]
     _, _, probs = predict(ext.logits_from_features(f))
-    entry = {"concept": i, "top_classes": ", ".join(f"{c} ({drops[c]:+.2f})" for c in ranked),
-             "classes": ranked, "removal_top": float(drops[ranked[0]]) if ranked else None,
-             "gradient_top": float(imp["gradient"][i, ranked[0]]) if ranked else None,
-             "active_share": float((codes_fit[:, i] > 0).float().mean()),
-             "exemplars": " ".join(fit_names[n] for n in order.tolist()),
+    entry = {**_concept_entry(atlas, i, order),
              "removal_shown": [{"held_index": n, "label": int(held_labels[n]), "rec_before": int(top_b[j, 0]),
                                 "rec_after": int(top_a[j, 0]), "p_label": float(probs[j, int(held_labels[n])])}
                                for j, n in enumerate(present.tolist())]}

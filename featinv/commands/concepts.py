@@ -3,12 +3,15 @@ sits, what steering along it does, what an image looks like without it, which cl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from featinv.commands._analysis import add_common_args, check_common, parse_floats
-from featinv.commands._args import existing_file, positive_int
+from featinv.commands._analysis import add_common_args, check_common, parse_floats, parse_ints
+from featinv.commands._args import existing_file, finite_float, positive_int
 from featinv.commands._common import Parser, blame, command
 from featinv.registry import CONCEPT_METHODS, describe
+
+SAES = ("topk", "batchtopk")  # the methods that take --top-k
 
 DESCRIPTION = ("Fit a concept basis on the per-location channel vectors of the feature maps (or load one with "
                "--basis) and draw its atlas: per concept its most activating images with the heat map, held-out "
@@ -43,21 +46,51 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="featinv concepts", description=DESCRIPTION, epilog="methods:\n" + describe(CONCEPT_METHODS))
     g = p.add_argument_group("concepts")
     g.add_argument("-k", type=positive_int, help="number of concepts (default 10; not with --basis; at most the "
-                   "feature channels for nmf and pca, the fitted vectors for dict and kmeans)")
+                   "feature channels for nmf and pca, the fitted vectors for dict and kmeans; any number for the "
+                   "sparse autoencoders)")
+    g.add_argument("--top-k", type=positive_int, help="a sparse autoencoder's active latents per location (default: "
+                   "channels / 8, at most 32, below -k)")
     g.add_argument("--method", choices=tuple(CONCEPT_METHODS), help="how to fit the basis, one of those listed "
                    "below (default: nmf for non-negative maps, else dict; not with --basis)")
     g.add_argument("--basis", type=existing_file,
                    help="a concepts.safetensors written before: draw its atlas instead of fitting")
+    g.add_argument("--import-sae", type=existing_file, metavar="FILE",
+                   help="an Overcomplete TopKSAE/BatchTopKSAE state dict (.pt, .pth or .safetensors, read without "
+                   "running code) as the basis: its atlas, and its concepts.safetensors for --basis and steer; "
+                   "with --sae-type and --top-k")
+    g.add_argument("--sae-type", choices=SAES, default="topk", help="the imported SAE's kind")
+    g.add_argument("--sae-threshold", type=finite_float,
+                   help="a BatchTopK SAE's inference threshold (Overcomplete's running_threshold; not in its state "
+                        "dict)")
     g.add_argument("--fit-seed", type=int, default=0, help="seed of the basis fit (the same seed, the same basis)")
     g.add_argument("--alphas", default="1,2", help="strengths of the steering strip (alpha = 0 is shown on top)")
     g.add_argument("--exemplars", type=positive_int, default=3, help="most activating images shown per concept")
     g.add_argument("--removals", type=positive_int, default=2,
                    help="held-out images reconstructed without each concept")
+    g.add_argument("--draw", help="the concepts whose pictures are drawn: comma-separated indices, or N for the top N "
+                   "by importance (default: all up to 20 concepts, else the top 10); every concept is in the tables")
     add_common_args(p, outputs="concepts.png, concepts.safetensors (the basis), table.md and table.json")
     args = p.parse_args(argv)
     args.alpha_list = parse_floats(args.alphas, "--alphas")
-    if args.basis and (args.k is not None or args.method is not None):
-        raise ValueError("--basis: give either a basis file or -k/--method to fit one, not both")
+    if args.basis and (args.k is not None or args.method is not None or args.top_k is not None):
+        raise ValueError("--basis: give either a basis file or -k/--method/--top-k to fit one, not both")
+    if args.import_sae:
+        if args.basis or args.k is not None or args.method is not None:
+            raise ValueError("--import-sae: give either an SAE to import or --basis / -k / --method, not both")
+        if args.top_k is None:
+            raise ValueError("--import-sae: give the SAE's --top-k (its active latents; not in its state dict)")
+    elif args.top_k is not None:
+        if args.method not in SAES:
+            raise ValueError(f"--top-k: the active latents of a sparse autoencoder: give --method {' or '.join(SAES)}")
+        if args.k is not None and args.top_k >= args.k:
+            raise ValueError(f"--top-k: {args.top_k} active latents need more than -k {args.k} latents")
+    args.draw_list = None
+    if args.draw is not None:
+        args.draw_list = parse_ints(args.draw, "--draw")
+        if not args.draw_list or any(i < 0 for i in args.draw_list):
+            raise ValueError(f"--draw: {args.draw!r}: concept indices >= 0, or one number N (the top N)")
+        if "," not in args.draw:
+            args.draw_list = args.draw_list[0]
     check_common(args)
     return args
 
@@ -73,6 +106,14 @@ def main(args: argparse.Namespace) -> int:
     if args.basis:
         with blame("--basis"):  # read (and checked finite) before the model loads
             basis = ConceptBasis.load(args.basis)
+    if args.import_sae:
+        from featinv.analysis.concepts import method_of
+        from featinv.checkpoint.overcomplete import overcomplete_to_sae, read_state
+
+        with blame("--import-sae"):  # read and converted before the model loads
+            tensors = overcomplete_to_sae(read_state(args.import_sae), args.sae_type, args.sae_threshold,
+                                          args.import_sae)
+            basis = method_of(args.sae_type).basis_from_sae(tensors, args.top_k, f"imported {args.import_sae}")
     pair = pair_from_args(args)
     ext = pair.extractor
     fit_images, fit_names, fit_labels = fit_set(args, pair)
@@ -95,15 +136,18 @@ def main(args: argparse.Namespace) -> int:
                 last[0] = pct // 10
                 print(f"  fit {pct} %", file=sys.stderr)
         with blame("--method"):
-            basis = fit_concepts(feats, k, args.method, seed=args.fit_seed, progress=progress, source=pair.name)
+            basis = fit_concepts(feats, k, args.method, seed=args.fit_seed, progress=progress, source=pair.name,
+                                 top_k=args.top_k)
     else:
         with blame("--basis"):
             basis.check(feats)
 
     def report():
         images = AtlasImages(fit_images, fit_names, held_images, held_labels, steer_images, steer_names)
-        picture, table, md = concepts_report(pair, basis, images, AtlasConfig(args.alpha_list, args.exemplars, args.removals))
-        basis.save(f"{args.out}/concepts.safetensors")
+        picture, table, md = concepts_report(pair, basis, images, AtlasConfig(args.alpha_list, args.exemplars,
+                                                                              args.removals, draw=args.draw_list))
+        held_out = {"held_out": {**table["completeness"], "images": table["held_out"]}}  # quality, in the file too
+        dataclasses.replace(basis, stats={**basis.stats, **held_out}).save(f"{args.out}/concepts.safetensors")
         return picture, table, md
     code = write_report(args.out, "concepts.png", report, args.command_name)
     print(f"basis:   {args.out}/concepts.safetensors", file=sys.stderr)

@@ -1,0 +1,61 @@
+"""Overcomplete's sparse autoencoders (``overcomplete.sae.TopKSAE``, ``BatchTopKSAE``), saved as a state dict,
+as the tensors of featinv's :class:`featinv.nets.sae.SparseAutoencoder` (the one place that knows their keys).
+
+Overcomplete's default SAE: codes = TopK(ReLU(x @ W.T + b)) (``encoder.final_block.0``), x_hat = codes @ D with
+D = rows of ``dictionary._weights`` scaled to unit l2 norm (its default ``normalization='l2'``: w / (|w| + 1e-8))
+times exp(``dictionary.multiplier``); no pre-bias. BatchTopK keeps its inference threshold (``running_threshold``)
+outside the state dict: it must be given.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from featinv.checkpoint.tensor_files import check_finite, read_tensors
+
+KEYS = {"encoder.final_block.0.weight": "W_enc", "encoder.final_block.0.bias": "b_enc"}
+DICTIONARY, MULTIPLIER = "dictionary._weights", "dictionary.multiplier"
+IGNORED = ("dictionary._fused_dictionary",)  # eval-mode cache of D, when a version saves it
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict file: .safetensors, or a torch pickle (.pt, .pth) read with ``weights_only=True`` (no code
+    runs). ValueError naming the file when it is neither, or holds non-tensors or NaN/inf."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or path.is_dir():
+        return read_tensors(path, kind="sparse autoencoder state dict")[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"sparse autoencoder state dict {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle the safe loader refuses, a truncated file: all the file's fault
+        raise ValueError(f"{str(path)!r} is not a readable state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} is not a state dict of tensors (save model.state_dict())")
+    check_finite(state, str(path))
+    return state
+
+
+def overcomplete_to_sae(state: dict[str, torch.Tensor], kind: str, threshold: float | None = None,
+                        source: str = "the state dict") -> dict[str, torch.Tensor]:
+    """Overcomplete's state dict -> {b_pre, W_enc, b_enc, W_dec, threshold} for SparseAutoencoder.from_tensors.
+    ValueError naming the keys when it is not a plain (one linear layer) TopK / BatchTopK SAE."""
+    missing = [k for k in (*KEYS, DICTIONARY) if k not in state]
+    extra = [k for k in state if k not in (*KEYS, DICTIONARY, MULTIPLIER, *IGNORED)]
+    if missing or extra:
+        raise ValueError(f"{source}: not an Overcomplete TopK/BatchTopK SAE with its default one-layer encoder ("
+                         + "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "",
+                                                   f"unexpected {', '.join(extra[:4])}" if extra else ""])) + ")")
+    weights = state[DICTIONARY].float()
+    scale = torch.exp(state[MULTIPLIER].float()) if MULTIPLIER in state else torch.tensor(1.0)
+    W_dec = weights / (weights.norm(dim=1, keepdim=True) + 1e-8) * scale
+    if kind == "batchtopk" and threshold is None:
+        raise ValueError(f"{source}: a BatchTopK SAE's inference threshold (Overcomplete's running_threshold) is not "
+                         "in its state dict: give it (--sae-threshold)")
+    tensors = {"b_pre": torch.zeros(W_dec.shape[1]), "W_dec": W_dec.contiguous(),
+               **{new: state[old].float().contiguous() for old, new in KEYS.items()},
+               "threshold": torch.tensor(float(threshold or 0.0))}
+    return tensors
