@@ -48,6 +48,18 @@ def test_an_sae_may_have_more_concepts_than_vectors_the_factorisations_may_not(m
         check_k(20, "nmf", 540, 16)
 
 
+def test_an_sae_reads_every_vector_of_a_one_shot_stream(maps):
+    """A stream read once (passes 1): every batch trains, none is lost to the peek at its first one."""
+    batches = [maps[i:i + 6] for i in range(0, 60, 6)]  # 10 batches of 54 vectors
+    basis = fit_concepts(iter(batches), 32, "topk", seed=0, passes=1, batch_size=128, top_k=3)
+    assert basis.stats["vectors"] == 540 and basis.stats["sae"]["vectors"] == 540
+
+
+def test_a_stream_smaller_than_k_is_refused_before_scikit_learn(maps):
+    with pytest.raises(ValueError, match=r"^-k: k=25 exceeds the 18 feature-map locations"):
+        fit_concepts([maps[:1], maps[1:2]], 25, "kmeans", passes=1)
+
+
 def test_quality_counts_dead_and_active_concepts(maps):
     atoms = torch.eye(16)[:4]
     basis = ConceptBasis(atoms, "pca", torch.zeros(16))

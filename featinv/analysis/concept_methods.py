@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from featinv.analysis.concepts import ConceptBasis, Progress, rebatch
+from featinv.analysis.concepts import ConceptBasis, Progress, check_k, rebatch
 
 Epochs = Callable[[int], Iterable[Tensor]]   # epoch -> chunks of (n, C) float32 vectors
 
@@ -61,7 +61,8 @@ class _Sklearn(Method):
         est, scale, done, seen = None, 1.0, 0, 0
         for p in range(passes):
             for x in rebatch(epochs(p), batch_size, k):
-                if est is None:  # the first batch: at least k vectors (see rebatch)
+                if est is None:  # the first batch: at least k vectors, or all of a smaller stream (see rebatch)
+                    check_k(k, self.name, len(x) if len(x) < k else None, x.shape[1])
                     scale = float(x.norm(dim=1).mean()) or 1.0  # codes and alpha in units of a typical vector
                     est = self.estimator(k, seed, alpha, batch_size)
                 self.check_input(x)
@@ -188,7 +189,7 @@ class TopK(Method):
     def fit(self, epochs, k, *, passes, batch_size, seed, alpha, top_k, progress, total):
         from featinv.analysis.sae import train_sae
 
-        first = next(iter(rebatch(epochs(0), batch_size, 1)))
+        first = next(iter(epochs(0)))  # the first chunk only: epochs(0) is read again, whole, below
         scale = float(first.norm(dim=1).mean()) or 1.0
         seen = [0]
 

@@ -189,7 +189,7 @@ def check_k(k: int, method_name: str, vectors: int | None, channels: int | None)
                          "the sparse autoencoders (topk, batchtopk) any number")
 
 
-def _batches(feats, seed: int, passes: int) -> tuple[Callable[[int], Iterable[Tensor]], dict]:
+def _batches(feats, seed: int) -> tuple[Callable[[int], Iterable[Tensor]], dict]:
     """-> (pass index -> chunks of vectors, facts known up front). A tensor is read in a seeded random order
     of its maps each pass, ~1024 vectors a chunk (the methods rebatch); an iterable of batches is read as given
     (a one-shot iterator only once)."""
@@ -219,7 +219,7 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     dictionary's sparsity, relative to the mean vector norm. top_k: an SAE's active latents (default
     channels / 8, at most 32). progress(done, total) after every mini-batch. Deterministic given ``seed`` (on the
     CPU)."""
-    chunks, facts = _batches(feats, seed, passes or 1)
+    chunks, facts = _batches(feats, seed)
     first_pass = chunks(0)
     first = next(iter(first_pass), None)
     if first is None:
