@@ -131,7 +131,7 @@ def test_an_import_that_is_not_a_plain_sae_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"deep.pt: not an Overcomplete TopK/BatchTopK SAE .*missing encoder"):
         overcomplete_to_sae(read_state(tmp_path / "deep.pt"), "topk", source=str(tmp_path / "deep.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="junk.pt' is not a readable state dict"):
+    with pytest.raises(ValueError, match="junk.pt: not a checkpoint: neither safetensors"):  # as every checkpoint
         read_state(tmp_path / "junk.pt")
     state = {"encoder.final_block.0.weight": torch.zeros(4, 2), "encoder.final_block.0.bias": torch.zeros(4),
              "dictionary._weights": torch.ones(4, 2)}

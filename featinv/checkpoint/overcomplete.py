@@ -9,11 +9,11 @@ outside the state dict: it must be given.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from featinv.checkpoint.tensor_files import check_finite, read_tensors
+from featinv.checkpoint.load import read_state_dict
+from featinv.checkpoint.tensor_files import check_finite
 
 KEYS = {"encoder.final_block.0.weight": "W_enc", "encoder.final_block.0.bias": "b_enc"}
 DICTIONARY, MULTIPLIER = "dictionary._weights", "dictionary.multiplier"
@@ -21,20 +21,9 @@ IGNORED = ("dictionary._fused_dictionary",)  # eval-mode cache of D, when a vers
 
 
 def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict file: .safetensors, or a torch pickle (.pt, .pth) read with ``weights_only=True`` (no code
-    runs). ValueError naming the file when it is neither, or holds non-tensors or NaN/inf."""
-    path = Path(path)
-    if path.suffix == ".safetensors" or path.is_dir():
-        return read_tensors(path, kind="sparse autoencoder state dict")[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"sparse autoencoder state dict {str(path)!r} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle the safe loader refuses, a truncated file: all the file's fault
-        raise ValueError(f"{str(path)!r} is not a readable state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} is not a state dict of tensors (save model.state_dict())")
+    """A state dict file as every checkpoint is read (:func:`featinv.checkpoint.load.read_state_dict`: .safetensors,
+    or a torch pickle with ``weights_only=True``, no code runs), checked for NaN/inf. ValueError naming the file."""
+    state, _ = read_state_dict(path)
     check_finite(state, str(path))
     return state
 
