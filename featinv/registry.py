@@ -89,7 +89,7 @@ CORRUPTIONS: dict[str, Entry] = {
 
 
 # Direction specs (featinv steer --direction): each kind is f(spec, args, pair) -> Direction in
-# featinv.analysis.directions (args: the spec after '<kind>:'), which generates DIRECTION_SPECS from this table.
+# featinv.analysis.directions (args: the spec after '<kind>:'); featinv steer's help lists this table.
 DIRECTIONS: dict[str, Spec] = {
     "class": Spec("the classifier head's weight vector of class i", "featinv.analysis.directions:class_spec",
                   syntax="<i>"),

@@ -3,8 +3,8 @@
 feature map's channel space (see :mod:`featinv.analysis.steering`).
 
 Each kind is one function here, ``f(spec, args, pair) -> Direction`` (args: the spec after ``<kind>:``), named
-with its syntax and a one-line help in ``featinv.registry.DIRECTIONS``; :data:`DIRECTION_SPECS` and the
-list of kinds in errors come from that table."""
+with its syntax and a one-line help in ``featinv.registry.DIRECTIONS``; the list of kinds in errors and the
+help text (``featinv.commands.steer.EPILOG``, torch-free) come from that table."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,12 +16,7 @@ from featinv.analysis.common import features_of, image_set
 from featinv.analysis.concept_edits import concept_direction
 from featinv.analysis.concepts import ConceptBasis
 from featinv.analysis.steering import channel_direction, class_direction, mean_difference_direction, probe_direction
-from featinv.registry import DIRECTIONS, describe
-
-DIRECTION_SPECS = ("directions (unit vectors in the feature map's channel space):\n"
-                   + describe({f"{kind}:{entry.syntax}": entry for kind, entry in DIRECTIONS.items()}) + """
-<concept>/<other> are image folders; on the demo pair also digit classes of the training split:
-digit3, digits3+5, or rest (every digit not in the concept), e.g. mean-diff:digit3:rest.""")
+from featinv.registry import DIRECTIONS
 
 
 @dataclass
@@ -37,7 +32,7 @@ class Direction:
 
 @torch.no_grad()
 def parse_direction(spec: str, pair) -> Direction:
-    """A direction spec (see :data:`DIRECTION_SPECS`) on ``pair`` (a featinv.pair.Pair) -> :class:`Direction`;
+    """A direction spec (see ``featinv steer --help``) on ``pair`` (a featinv.pair.Pair) -> :class:`Direction`;
     ValueError naming the spec when it does not parse."""
     kind, _, args = spec.partition(":")
     if kind not in DIRECTIONS:
