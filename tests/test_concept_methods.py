@@ -141,3 +141,64 @@ def test_an_import_that_is_not_a_plain_sae_is_one_line(tmp_path):
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match="non-finite"):
         read_state(tmp_path / "nan.pt")
+
+
+def test_an_imported_jumprelu_sae_encodes_and_decodes_as_overcomplete(maps, tmp_path):
+    """JumpSAE: per-latent thresholds stored as logarithms; codes and reconstructions equal Overcomplete's."""
+    sae_module = pytest.importorskip("overcomplete.sae", reason="overcomplete needs Python < 3.13 and matplotlib < 3.9 "
+                                     "(the test extra installs both where it can)")
+    from featinv.analysis.concepts import method_of
+    from featinv.checkpoint.overcomplete import overcomplete_to_sae, read_state
+
+    torch.manual_seed(0)
+    sae = sae_module.JumpSAE(16, 32).eval()
+    x = maps.permute(0, 2, 3, 1).reshape(-1, 16)
+    with torch.no_grad():
+        pre, _ = sae.encoder(x)
+        sae.thresholds.copy_(pre.clamp_min(1e-3).quantile(0.8, dim=0).log())  # each latent on ~20 % of vectors
+        _, z = sae.encode(x)
+        x_hat = sae.decode(z)
+    assert 0 < (z != 0).float().mean() < 0.5
+    torch.save(sae.state_dict(), tmp_path / "jump.pt")
+    basis = method_of("jumprelu").basis_from_sae(overcomplete_to_sae(read_state(tmp_path / "jump.pt"), "jumprelu"),
+                                                 None)
+    codes = basis.encode(maps)
+    assert torch.allclose(codes.permute(0, 2, 3, 1).reshape(-1, 32), z, atol=1e-6)
+    assert torch.allclose(basis.decode(codes).permute(0, 2, 3, 1).reshape(-1, 16), x_hat, atol=1e-6)
+    basis.save(tmp_path / "jump.safetensors")
+    assert torch.equal(ConceptBasis.load(tmp_path / "jump.safetensors").encode(maps), codes)
+    with pytest.raises(ValueError, match="imports JumpReLU SAEs"):
+        fit_concepts(maps, 8, "jumprelu")
+
+
+def test_any_module_with_encode_and_an_affine_decode_is_a_basis(maps, tmp_path):
+    """The Python route: an Overcomplete SAE object itself (encode -> (pre_codes, codes)) as a basis."""
+    from featinv.analysis.concept_edits import set_code
+    from featinv.analysis.concepts import basis_from_module
+
+    sae, x = overcomplete_sae(maps, "topk")
+    basis = basis_from_module(sae, 16)
+    with torch.no_grad():
+        _, z = sae.encode(x)
+        x_hat = sae.decode(z)
+    codes = basis.encode(maps)
+    assert basis.k == 32 and torch.allclose(codes.permute(0, 2, 3, 1).reshape(-1, 32), z, atol=1e-6)
+    assert torch.allclose(basis.decode(codes).permute(0, 2, 3, 1).reshape(-1, 16), x_hat, atol=1e-5)
+    edited = set_code(maps, basis, 5, 2.0, codes=codes)  # an edit moves by (level - code) · atom
+    assert torch.allclose(edited - maps, (2.0 - codes[:, 5:6]) * basis.atoms[5].view(1, -1, 1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        basis.save(tmp_path / "module.safetensors")
+
+    class NoDecode(torch.nn.Module):
+        def encode(self, x):
+            return x
+
+    with pytest.raises(ValueError, match=r"^NoDecode: not a sparse autoencoder module: it has no decode\(\)"):
+        basis_from_module(NoDecode(), 16)
+
+    class Squared(NoDecode):
+        def decode(self, z):
+            return z ** 2
+
+    with pytest.raises(ValueError, match="Squared.decode is not affine"):
+        basis_from_module(Squared(), 16)

@@ -133,7 +133,7 @@ def test_inspect_report_of_a_file_without_model_weights(tmp_path):
 def test_methods_come_from_the_registry():
     from featinv.analysis.concept_methods import Method
 
-    assert METHODS == tuple(CONCEPT_METHODS) == ("nmf", "dict", "pca", "kmeans", "topk", "batchtopk")
+    assert METHODS == tuple(CONCEPT_METHODS) == ("nmf", "dict", "pca", "kmeans", "topk", "batchtopk", "jumprelu")
     for name, entry in CONCEPT_METHODS.items():
         cls = entry.load()
         assert issubclass(cls, Method) and cls.name == name, name  # one class per method, named as registered

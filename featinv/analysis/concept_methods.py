@@ -207,24 +207,25 @@ class TopK(Method):
                              encoder=encoder, params={"top_k": top_k})
         return basis, seen[0]
 
-    def basis_from_sae(self, tensors: dict[str, Tensor], top_k: int, source: str = "") -> ConceptBasis:
+    def basis_from_sae(self, tensors: dict[str, Tensor], top_k: int | None, source: str = "") -> ConceptBasis:
         """A trained SAE's tensors (b_pre, W_enc, b_enc, W_dec, threshold; e.g. from
         :func:`featinv.checkpoint.overcomplete.overcomplete_to_sae`) -> a basis in the units the SAE was trained
-        in (scale 1; its decoder rows as they are)."""
+        in (scale 1; its decoder rows as they are). top_k: None for a jumprelu SAE."""
         from featinv.nets.sae import SparseAutoencoder
 
         sae = SparseAutoencoder.from_tensors(tensors, top_k, self.kind)  # checks every key and shape
         t = {name: value.detach().float() for name, value in sae.state_dict().items()}
         return ConceptBasis(t["W_dec"].contiguous(), self.name, t["b_pre"], 1.0, 0.0, source,
                             encoder={name: t[name].contiguous() for name in ("W_enc", "b_enc", "threshold")},
-                            params={"top_k": top_k})
+                            params={} if top_k is None else {"top_k": top_k})
 
     def sae(self, basis: ConceptBasis):
         """The basis as a SparseAutoencoder in units of ``scale`` (eval mode)."""
         from featinv.nets.sae import SparseAutoencoder
 
         tensors = {**basis.encoder, "W_dec": basis.atoms, "b_pre": basis.offset / basis.scale}
-        return SparseAutoencoder.from_tensors(tensors, int(basis.params["top_k"]), self.kind).eval()
+        top_k = basis.params.get("top_k")
+        return SparseAutoencoder.from_tensors(tensors, None if top_k is None else int(top_k), self.kind).eval()
 
     def encode(self, basis, x):
         with torch.no_grad():
@@ -236,6 +237,18 @@ class BatchTopK(TopK):
     on average over a training batch, a learned threshold at inference."""
 
     name, kind = "batchtopk", "batchtopk"
+
+
+class JumpReLU(TopK):
+    """``jumprelu``: a JumpReLU sparse autoencoder (Rajamanoharan et al. 2024): every latent whose
+    pre-activation reaches its own threshold is active. Imported (``featinv concepts --import-sae FILE --sae-type
+    jumprelu``), not fitted here."""
+
+    name, kind = "jumprelu", "jumprelu"
+
+    def fit(self, epochs, k, *, passes, batch_size, seed, alpha, top_k, progress, total):
+        raise ValueError("--method jumprelu: featinv imports JumpReLU SAEs (--import-sae FILE --sae-type jumprelu) "
+                         "but fits topk and batchtopk ones")
 
 
 def default_top_k(channels: int, k: int) -> int:

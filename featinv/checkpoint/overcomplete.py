@@ -1,10 +1,12 @@
-"""Overcomplete's sparse autoencoders (``overcomplete.sae.TopKSAE``, ``BatchTopKSAE``), saved as a state dict,
-as the tensors of featinv's :class:`featinv.nets.sae.SparseAutoencoder` (the one place that knows their keys).
+"""Overcomplete's sparse autoencoders (``overcomplete.sae.TopKSAE``, ``BatchTopKSAE``, ``JumpSAE``), saved as a
+state dict, as the tensors of featinv's :class:`featinv.nets.sae.SparseAutoencoder` (the one place that knows
+their keys).
 
 Overcomplete's default SAE: codes = TopK(ReLU(x @ W.T + b)) (``encoder.final_block.0``), x_hat = codes @ D with
 D = rows of ``dictionary._weights`` scaled to unit l2 norm (its default ``normalization='l2'``: w / (|w| + 1e-8))
 times exp(``dictionary.multiplier``); no pre-bias. BatchTopK keeps its inference threshold (``running_threshold``)
-outside the state dict: it must be given.
+outside the state dict: it must be given. JumpSAE keeps its per-latent thresholds as logarithms
+(``thresholds``): codes = ReLU(pre), zeroed below exp(``thresholds``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from featinv.checkpoint.load import read_state_dict
 from featinv.checkpoint.tensor_files import check_finite
 
 KEYS = {"encoder.final_block.0.weight": "W_enc", "encoder.final_block.0.bias": "b_enc"}
-DICTIONARY, MULTIPLIER = "dictionary._weights", "dictionary.multiplier"
+DICTIONARY, MULTIPLIER, LOG_THRESHOLDS = "dictionary._weights", "dictionary.multiplier", "thresholds"
 IGNORED = ("dictionary._fused_dictionary",)  # eval-mode cache of D, when a version saves it
 
 
@@ -31,11 +33,15 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def overcomplete_to_sae(state: dict[str, torch.Tensor], kind: str, threshold: float | None = None,
                         source: str = "the state dict") -> dict[str, torch.Tensor]:
     """Overcomplete's state dict -> {b_pre, W_enc, b_enc, W_dec, threshold} for SparseAutoencoder.from_tensors.
-    ValueError naming the keys when it is not a plain (one linear layer) TopK / BatchTopK SAE."""
-    missing = [k for k in (*KEYS, DICTIONARY) if k not in state]
-    extra = [k for k in state if k not in (*KEYS, DICTIONARY, MULTIPLIER, *IGNORED)]
+    kind: 'topk', 'batchtopk' or 'jumprelu'. ValueError naming the keys when it is not a plain (one linear layer)
+    SAE of that kind."""
+    jump = kind == "jumprelu"
+    own = (*KEYS, DICTIONARY) + ((LOG_THRESHOLDS,) if jump else ())
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in (*own, MULTIPLIER, *IGNORED)]
     if missing or extra:
-        raise ValueError(f"{source}: not an Overcomplete TopK/BatchTopK SAE with its default one-layer encoder ("
+        name = "JumpSAE" if jump else "TopK/BatchTopK SAE"
+        raise ValueError(f"{source}: not an Overcomplete {name} with its default one-layer encoder ("
                          + "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "",
                                                    f"unexpected {', '.join(extra[:4])}" if extra else ""])) + ")")
     weights = state[DICTIONARY].float()
@@ -46,5 +52,5 @@ def overcomplete_to_sae(state: dict[str, torch.Tensor], kind: str, threshold: fl
                          "in its state dict: give it (--sae-threshold)")
     tensors = {"b_pre": torch.zeros(W_dec.shape[1]), "W_dec": W_dec.contiguous(),
                **{new: state[old].float().contiguous() for old, new in KEYS.items()},
-               "threshold": torch.tensor(float(threshold or 0.0))}
+               "threshold": state[LOG_THRESHOLDS].float().exp() if jump else torch.tensor(float(threshold or 0.0))}
     return tensors

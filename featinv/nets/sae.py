@@ -1,4 +1,5 @@
-"""Sparse autoencoders over channel vectors: TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024).
+"""Sparse autoencoders over channel vectors: TopK (Gao et al. 2024), BatchTopK (Bussmann et al. 2024) and, for
+imported ones, JumpReLU (Rajamanoharan et al. 2024).
 
 x (n, d) -> codes (n, latents) >= 0 -> x_hat = codes @ W_dec + b_pre, with unit-norm decoder rows (atoms).
 Only a few latents are active per vector (k of thousands), so every step past the dense encoder matmul works on
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("topk", "batchtopk")
+KINDS = ("topk", "batchtopk", "jumprelu")
+TRAINED_KINDS = ("topk", "batchtopk")   # what featinv.analysis.sae.train_sae trains; jumprelu SAEs are imported
 
 
 class Active(NamedTuple):
@@ -64,27 +66,32 @@ def _offsets(sorted_ids: Tensor, bags: int) -> Tensor:
 
 
 class SparseAutoencoder(nn.Module):
-    """x (n, d) -> codes (n, latents) -> x_hat = codes @ W_dec + b_pre. kind 'topk' (Gao et al. 2024) or
-    'batchtopk' (Bussmann et al. 2024).
+    """x (n, d) -> codes (n, latents) -> x_hat = codes @ W_dec + b_pre. kind 'topk' (Gao et al. 2024),
+    'batchtopk' (Bussmann et al. 2024) or 'jumprelu' (Rajamanoharan et al. 2024).
 
     topk keeps each row's top_k pre-activations; batchtopk keeps the batch's top n·top_k in training (rows share a
     budget of k on average) and, in eval mode, every pre-activation above ``threshold`` (so one vector's codes do
-    not depend on its batch). Parameters: b_pre (d,) subtracted before encoding and added after decoding; W_enc
-    (latents, d); b_enc (latents,); W_dec (latents, d), unit-norm rows (the atoms; training keeps them so).
-    Buffer: threshold () float32, the batchtopk inference threshold (0 until training sets it)."""
+    not depend on its batch); jumprelu keeps every positive pre-activation at or above its latent's threshold (no
+    top_k: give None). Parameters: b_pre (d,) subtracted before encoding and added after decoding; W_enc
+    (latents, d); b_enc (latents,); W_dec (latents, d), the atoms (unit-norm rows when featinv trains them).
+    Buffer: threshold float32, () the batchtopk inference threshold (0 until training sets it), (latents,) the
+    jumprelu thresholds."""
 
-    def __init__(self, d: int, latents: int, top_k: int, kind: str = "topk", generator: torch.Generator | None = None):
+    def __init__(self, d: int, latents: int, top_k: int | None, kind: str = "topk",
+                 generator: torch.Generator | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown sparse autoencoder kind {kind!r}; expected one of {', '.join(KINDS)}")
-        if not 1 <= top_k <= latents:
+        if kind == "jumprelu" and top_k is not None:
+            raise ValueError(f"a jumprelu SAE has a threshold per latent, not top_k (got top_k={top_k})")
+        if kind != "jumprelu" and not (isinstance(top_k, int) and 1 <= top_k <= latents):
             raise ValueError(f"top_k must be in [1, latents={latents}], got {top_k}")
         self.d, self.latents, self.top_k, self.kind = d, latents, top_k, kind
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.W_enc = nn.Parameter(torch.empty(latents, d))
         self.b_enc = nn.Parameter(torch.zeros(latents))
         self.W_dec = nn.Parameter(torch.empty(latents, d))
-        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold", torch.zeros(latents if kind == "jumprelu" else ()))
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -107,7 +114,8 @@ class SparseAutoencoder(nn.Module):
 
     def select(self, x: Tensor) -> Active:
         """x (n, d) -> the active pairs (see :class:`Active`). topk: each row's top_k; batchtopk: the batch's top
-        n·top_k in training mode, the pre-activations above ``threshold`` in eval mode (a data-dependent count)."""
+        n·top_k in training mode, the pre-activations above ``threshold`` in eval mode (a data-dependent count);
+        jumprelu: the positive pre-activations at or above their latent's threshold."""
         x_c = x - self.b_pre
         # The dense pre-activations carry no graph: gradients reach the encoder through the selected pairs only.
         pre = F.linear(x_c.detach(), self.W_enc.detach(), self.b_enc.detach())
@@ -115,6 +123,8 @@ class SparseAutoencoder(nn.Module):
         if self.kind == "topk":
             cols = pre.topk(self.top_k, dim=1, sorted=False).indices.flatten()
             rows = torch.arange(n, device=pre.device).repeat_interleave(self.top_k)
+        elif self.kind == "jumprelu":
+            rows, cols = ((pre > 0) & (pre >= self.threshold)).nonzero(as_tuple=True)
         elif self.training:
             flat = pre.flatten().topk(n * self.top_k, sorted=False).indices.sort().values
             rows, cols = flat // self.latents, flat % self.latents
@@ -156,7 +166,7 @@ class SparseAutoencoder(nn.Module):
         return self.dense_codes(active), x_hat
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], top_k: int, kind: str) -> SparseAutoencoder:
+    def from_tensors(cls, tensors: dict[str, Tensor], top_k: int | None, kind: str) -> SparseAutoencoder:
         """An SAE from state_dict-like tensors (b_pre, W_enc, b_enc, W_dec, threshold); d and latents come from
         W_dec. A missing, unexpected or mis-shaped key is a ValueError naming every one."""
         if "W_dec" not in tensors or tensors["W_dec"].ndim != 2:
