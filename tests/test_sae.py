@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from featinv.analysis.sae import fvu, sae_metrics, shard_batches, sparse_mixture, train_sae
+from featinv.analysis.sae import fvu, sae_metrics, sparse_mixture, train_sae
+from featinv.analysis.shards import shard_batches
 from featinv.demo.digits import load_digits_split, make_extractor, rgb, train_classifier
 from featinv.nets.sae import SparseAutoencoder
 
@@ -230,6 +231,32 @@ def test_shard_problems_are_one_line_errors_naming_the_file(tmp_path):
     path.unlink()
     with pytest.raises(ValueError, match="no .npy shards"):
         shard_batches(tmp_path, 16)
+
+
+def test_written_shards_stream_back_and_a_missing_or_foreign_file_is_named(tmp_path):
+    from featinv.analysis import shards
+
+    maps = torch.randn(7, 6, 3, 3)  # 63 vectors, 20 a shard: 4 shards, the last of 3 rows
+    facts = shards.write_shards([maps[:4], maps[4:]], tmp_path / "s", shard_rows=20)
+    assert facts == {"vectors": 63, "d": 6, "shards": 4}
+    batches, read = shard_batches(tmp_path / "s", batch_size=16)
+    assert read == facts
+    got = torch.cat(list(batches(0)))
+    want = maps.permute(0, 2, 3, 1).reshape(-1, 6)
+    assert torch.equal(got[got[:, 0].argsort()], want[want[:, 0].argsort()])   # every vector, once
+    with pytest.raises(ValueError, match="not empty"):   # nothing overwritten
+        shards.write_shards([maps], tmp_path / "s")
+    np.save(tmp_path / "s" / "extra.npy", np.zeros((2, 6), np.float32))
+    with pytest.raises(ValueError, match=r"extra\.npy is not listed in shards\.json"):
+        shard_batches(tmp_path / "s", 16)
+    (tmp_path / "s" / "extra.npy").unlink()
+    np.save(tmp_path / "s" / "shard_00001.npy", np.zeros((5, 6), np.float32))
+    with pytest.raises(ValueError, match=r"shard_00001\.npy: 5 rows, but shards\.json lists 20"):
+        shard_batches(tmp_path / "s", 16)
+    (tmp_path / "s" / "shard_00002.npy").unlink()
+    with pytest.raises(ValueError, match=r"shard_00002\.npy \(listed in shards\.json\) is missing") as err:
+        shard_batches(tmp_path / "s", 16)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,7 +20,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -41,7 +41,8 @@ class ConceptBasis:
     pre-bias, else 0); scale: the fit data's mean vector norm (the dictionary's sparsity alpha is relative to it);
     source: the backbone / layer fitted on; stats: fit statistics (vectors, maps, grid, passes, seed, held-out
     quality, ...); encoder: what the method's encode needs beyond the atoms (an SAE's W_enc, b_enc, threshold);
-    params: the method's settings (an SAE's top_k)."""
+    params: the method's settings (an SAE's top_k); module: a Python SAE module that encodes (see
+    :func:`basis_from_module`; not saved)."""
 
     atoms: Tensor
     method: str
@@ -52,6 +53,7 @@ class ConceptBasis:
     stats: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+    module: Any = field(default=None, repr=False)
 
     @property
     def k(self) -> int:
@@ -73,7 +75,12 @@ class ConceptBasis:
         self.check(feats)
         n, _, h, w = feats.shape
         x = feats.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, self.channels)
-        codes = method_of(self.method).encode(self, x) if len(x) else x.new_zeros(0, self.k)
+        if not len(x):
+            codes = x.new_zeros(0, self.k)
+        elif self.module is not None:
+            codes = _module_codes(self.module, x).cpu()
+        else:
+            codes = method_of(self.method).encode(self, x)
         return codes.view(n, h, w, self.k).permute(0, 3, 1, 2).contiguous().to(feats.device)
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -90,6 +97,10 @@ class ConceptBasis:
         from safetensors.torch import save_file
 
         from featinv.io import atomic_save
+
+        if self.module is not None:
+            raise ValueError(f"a basis around a Python module ({self.source}) cannot be saved: its encoder is code, not "
+                             "tensors; save the module's state dict and import it (featinv concepts --import-sae)")
 
         meta = {"format": FORMAT, "method": self.method, "scale": repr(float(self.scale)),
                 "alpha": repr(float(self.alpha)), "source": self.source, "stats": json.dumps(self.stats),
@@ -113,6 +124,54 @@ class ConceptBasis:
                              f"{tuple(atoms.shape)}, offset {tuple(offset.shape)})")
         return cls(atoms, meta["method"], offset, float(meta["scale"]), float(meta["alpha"]), meta.get("source", ""),
                    json.loads(meta.get("stats") or "{}"), encoder, json.loads(meta.get("params") or "{}"))
+
+
+def _module_codes(module, x: Tensor) -> Tensor:
+    """module.encode(x) -> codes (n, k) float32: the codes, or the last of a (pre_codes, codes) tuple."""
+    param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    with torch.no_grad():
+        out = module.encode(x if param is None else x.to(param.device, param.dtype))
+    codes = out[-1] if isinstance(out, (tuple, list)) else out
+    if not isinstance(codes, Tensor) or codes.ndim != 2 or codes.shape[0] != len(x):
+        raise ValueError(f"{type(module).__name__}.encode: expected codes ({len(x)}, k) (or a (pre_codes, codes) "
+                         f"tuple) for {len(x)} vectors, got {type(codes).__name__} "
+                         f"{tuple(getattr(codes, 'shape', ()))}")
+    return codes.float()
+
+
+def basis_from_module(module, channels: int, source: str = "", chunk: int = 1024, rtol: float = 1e-4) -> ConceptBasis:
+    """Any sparse autoencoder module as a basis: ``encode(x (n, C))`` returns the codes (n, k) or ``(pre_codes,
+    codes)`` (as Overcomplete's SAEs do), and ``decode(codes)`` is affine in the codes. The atoms are read off the
+    decoder (decode(e_i) − decode(0); offset decode(0)) and checked: decode of random sparse codes must equal
+    codes @ atoms + offset within ``rtol`` of their norm, else a ValueError. The basis encodes through the module
+    (on its device) and gets removal, code edits, steering and the atlas; it cannot be saved (its encoder is
+    code). Missing encode/decode or mis-shaped outputs: a one-line ValueError."""
+    name = type(module).__name__
+    missing = [m for m in ("encode", "decode") if not callable(getattr(module, m, None))]
+    if missing:
+        raise ValueError(f"{name}: not a sparse autoencoder module: it has no {' and no '.join(missing)}() (a basis "
+                         "needs encode(x) -> codes or (pre_codes, codes) and decode(codes) -> x)")
+    param = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    dev, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    k = _module_codes(module, torch.zeros(1, channels)).shape[1]
+
+    def decode(codes: Tensor) -> Tensor:
+        with torch.no_grad():
+            out = module.decode(codes.to(dev, dtype))
+        if not isinstance(out, Tensor) or tuple(out.shape) != (len(codes), channels):
+            raise ValueError(f"{name}.decode: expected ({len(codes)}, {channels}) for {len(codes)} codes of {k} "
+                             f"latents, got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        return out.float().cpu()
+    offset = decode(torch.zeros(1, k))[0]
+    atoms = torch.cat([decode(torch.eye(k)[a:a + chunk]) - offset for a in range(0, k, chunk)])
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(8, k, generator=g) * (torch.rand(8, k, generator=g) < min(1.0, 8 / k))
+    expected = z @ atoms + offset
+    err = float((decode(z) - expected).norm(dim=1).max())
+    if err > rtol * max(float(expected.norm(dim=1).max()), 1e-12):
+        raise ValueError(f"{name}.decode is not affine in the codes (error {err:.3g} against codes @ atoms + offset); "
+                         "a basis needs decode(codes) = codes @ D + b")
+    return ConceptBasis(atoms.contiguous(), "module", offset, source=source or name, stats={"k": k}, module=module)
 
 
 @functools.cache
@@ -191,8 +250,14 @@ def check_k(k: int, method_name: str, vectors: int | None, channels: int | None)
 
 def _batches(feats, seed: int) -> tuple[Callable[[int], Iterable[Tensor]], dict]:
     """-> (pass index -> chunks of vectors, facts known up front). A tensor is read in a seeded random order
-    of its maps each pass, ~1024 vectors a chunk (the methods rebatch); an iterable of batches is read as given
-    (a one-shot iterator only once)."""
+    of its maps each pass, ~1024 vectors a chunk (the methods rebatch); a shard folder (str or Path) likewise,
+    memory-mapped (:func:`featinv.analysis.shards.shard_batches`); an iterable of batches is read as given (a
+    one-shot iterator only once)."""
+    if isinstance(feats, (str, Path)):
+        from featinv.analysis.shards import shard_batches
+
+        chunks, facts = shard_batches(feats, 1024, seed)
+        return chunks, {"vectors": facts["vectors"], "channels": facts["d"], "shards": facts["shards"]}
     if isinstance(feats, Tensor):
         if feats.ndim != 4:
             raise ValueError(f"feature maps must be (N, C, h, w), got shape {tuple(feats.shape)}")
@@ -207,13 +272,13 @@ def _batches(feats, seed: int) -> tuple[Callable[[int], Iterable[Tensor]], dict]
     return (lambda p: (_vectors(b) for b in feats)), {}
 
 
-def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = None, seed: int = 0,
+def fit_concepts(feats: Tensor | Iterable[Tensor] | str | Path, k: int, method: str | None = None, seed: int = 0,
                  progress: Progress | None = None, passes: int | None = None, batch_size: int | None = None,
                  alpha: float = 0.1, source: str = "", top_k: int | None = None) -> ConceptBasis:
     """Fit k concepts on the per-location channel vectors of feature maps -> ConceptBasis.
 
-    feats: (N, C, h, w) maps, or an iterable of (B, C, h, w) batches (or (B, C) vectors), streamed (a set larger
-    than memory). method: a name of :data:`METHODS`, or None (nmf for non-negative maps, else dict). passes:
+    feats: (N, C, h, w) maps, an iterable of (B, C, h, w) batches (or (B, C) vectors), or a folder of .npy shards
+    (:mod:`featinv.analysis.shards`), streamed (a set larger than memory). method: a name of :data:`METHODS`, or None (nmf for non-negative maps, else dict). passes:
     epochs over the data (default: the method's, e.g. ~200 mini-batch steps for the scikit-learn methods, 1 for
     PCA and for an iterable). batch_size: the method's default when None (1024; SAEs 4096). alpha: the
     dictionary's sparsity, relative to the mean vector norm. top_k: an SAE's active latents (default
@@ -224,7 +289,7 @@ def fit_concepts(feats: Tensor | Iterable[Tensor], k: int, method: str | None = 
     first = next(iter(first_pass), None)
     if first is None:
         raise ValueError("no feature maps to fit concepts on (the set of batches is empty)")
-    source_min = feats.min() if isinstance(feats, Tensor) else first.min()  # a stream: its first batch
+    source_min = feats.min() if isinstance(feats, Tensor) else first.min()  # a stream, shards: the first batch
     method = resolve_method(method, bool(source_min >= 0))
     m = method_of(method)
     batch_size = batch_size or m.batch_size

@@ -1,4 +1,5 @@
-"""Sparse autoencoders on channel vectors: streamed training, .npy shard reading and held-out metrics.
+"""Sparse autoencoders on channel vectors: streamed training and held-out metrics (reading vectors from .npy
+shards on disk: :mod:`featinv.analysis.shards`).
 
 The network is :class:`featinv.nets.sae.SparseAutoencoder`. Training follows Gao et al. 2024 ("Scaling and
 evaluating sparse autoencoders"): Adam; unit-norm decoder rows (the gradient component parallel to each row is
@@ -13,23 +14,19 @@ scalar is folded back into b_pre, b_enc and the threshold: TopK codes scale with
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from featinv.nets.sae import SparseAutoencoder
+from featinv.nets.sae import TRAINED_KINDS, SparseAutoencoder
 
 Progress = Callable[[int, "int | None"], None]   # (vectors processed, total or None when not known yet)
 DEAD_TOKENS = 10_000_000    # Gao et al.: a latent is dead after 10M tokens without firing
 DEAD_INTERVALS = 100        # ... scaled down: 100 times the mean firing interval latents / top_k
 THRESHOLD_WINDOW = 20       # BatchTopK threshold: running mean of 20 steps, then an EMA over ~20 (follows the drift)
-SHARD_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def default_lr(latents: int) -> float:
@@ -97,6 +94,9 @@ def train_sae(batches: Callable[[int], Iterable[Tensor]], d: int, latents: int, 
     Returns the SAE (eval mode, CPU, fp32) and stats: steps, vectors, seconds, loss (the last batch's FVU),
     aux_loss (the last AuxK FVU or None), dead (latents not fired in the last min(dead_after, vectors seen)
     vectors), dead_after, aux_k, lr, scale (the unit divided out), epochs."""
+    if kind not in TRAINED_KINDS:
+        raise ValueError(f"train_sae trains {' and '.join(TRAINED_KINDS)} SAEs, not {kind!r} (a jumprelu SAE is "
+                         "imported: featinv.checkpoint.overcomplete)")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     dev = torch.device(device)
@@ -182,71 +182,6 @@ def _update_threshold(threshold: Tensor, values: Tensor, step: int) -> None:
     smallest = values.float().masked_fill(values <= 0, float("inf")).amin()
     update = threshold + (smallest - threshold) / min(step, THRESHOLD_WINDOW)
     threshold.copy_(torch.where(smallest.isfinite(), update, threshold))
-
-
-def _shard_rows(path: Path, d: int | None) -> tuple[int, int]:
-    """(rows, d) of a .npy shard from its header alone; a ValueError naming the file if it is not a 2-D float32
-    or float16 array, has another width than ``d``, or holds fewer bytes than its header promises."""
-    try:
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-            data_start = f.tell()
-    except (OSError, ValueError) as err:
-        raise ValueError(f"shard {path}: not a readable .npy file ({err})") from None
-    if len(shape) != 2 or dtype not in SHARD_DTYPES:
-        raise ValueError(f"shard {path}: {dtype} array of shape {shape}; expected a 2-D (n, d) float32 or float16")
-    if d is not None and shape[1] != d:
-        raise ValueError(f"shard {path}: width {shape[1]}, but the shards before it have width {d}")
-    needed, size = data_start + shape[0] * shape[1] * dtype.itemsize, os.path.getsize(path)
-    if size < needed:
-        raise ValueError(f"shard {path}: truncated: its header promises {shape} {dtype} ({needed} bytes), "
-                         f"the file has {size} bytes")
-    return shape
-
-
-def shard_batches(folder: str | Path, batch_size: int, seed: int = 0,
-                  window: int = 4) -> tuple[Callable[[int], Iterator[Tensor]], dict]:
-    """Batches from the .npy shards in a folder (float32 or float16, (n_i, d) each; read memory-mapped).
-
-    Every shard is checked up front from its .npy header (a non-2-D, non-float, mis-sized or truncated shard is a
-    ValueError naming the file). Each epoch reads every vector exactly once: the shards are cut into chunks of
-    ceil(batch_size / 8) consecutive rows, the chunks are visited in an order drawn from (seed, epoch), and
-    ``window`` batches' worth of chunks at a time are shuffled together in memory (peak memory ~ 2 · window + 1
-    batches: the block read and its shuffled copy). Returns (batches: epoch -> iterator of (B, d) float32 tensors, the last one possibly smaller,
-    facts: vectors, d, shards)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"shard folder {folder}: not a directory")
-    paths = sorted(folder.glob("*.npy"))
-    if not paths:
-        raise ValueError(f"shard folder {folder}: no .npy shards")
-    shards, d = [], None
-    for path in paths:
-        rows, d = _shard_rows(path, d)
-        if rows:
-            shards.append((path, rows))
-    chunk = -(-batch_size // 8)
-    pieces = [(i, a, min(a + chunk, rows)) for i, (_, rows) in enumerate(shards) for a in range(0, rows, chunk)]
-
-    def batches(epoch: int) -> Iterator[Tensor]:
-        rng = np.random.default_rng((seed, epoch))
-        arrays = [np.load(path, mmap_mode="r") for path, _ in shards]
-        order, per_window = rng.permutation(len(pieces)), 8 * window
-        carry = np.empty((0, d), np.float32)
-        for w in range(0, len(order), per_window):
-            parts = [arrays[i][a:b] for i, a, b in (pieces[j] for j in order[w:w + per_window])]
-            block = np.concatenate([carry, *parts], dtype=np.float32)  # the only read of these rows
-            block = block[rng.permutation(len(block))]
-            full = len(block) // batch_size * batch_size
-            for s in range(0, full, batch_size):
-                yield torch.from_numpy(block[s:s + batch_size])
-            carry = block[full:]
-        if len(carry):
-            yield torch.from_numpy(carry)
-
-    return batches, {"vectors": sum(rows for _, rows in shards), "d": d, "shards": len(paths)}
 
 
 def sae_metrics(sae: SparseAutoencoder, vectors: Tensor | Iterable[Tensor], batch_size: int = 4096) -> dict:
