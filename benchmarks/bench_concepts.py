@@ -3,6 +3,7 @@
     python benchmarks/bench_concepts.py --demo-out featinv_demo            # demo part, ~15 min on 2 cores
     python benchmarks/bench_concepts.py --only-scale --scale-rows 810000   # scale part (one subprocess a method)
     python benchmarks/bench_concepts.py --demo-out featinv_demo --only-edits   # code edits part
+    python benchmarks/bench_sae_grid.py --demo-out featinv_demo    # SAE quality against L0 (its own script)
 
 Demo part, per method (nmf, dict, pca, kmeans) at k = 10 and 20, bases fitted on the training digits:
 - removal: each class's top concept (largest logit drop on the *training* digits, so nothing is chosen on the
@@ -43,7 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from featinv.analysis.concept_edits import class_levels, concept_direction, remove, set_code, swap, top_concepts
 from featinv.analysis.concept_scores import completeness, concept_importance
 from featinv.analysis.concepts import fit_concepts
-from featinv.analysis.steering import feature_range, mean_difference_direction, steer
+from featinv.analysis.steering import clamp_changed, feature_range, mean_difference_direction, steer
 from featinv.demo.digits import rgb
 from featinv.demo.pair import load_demo_pair
 from featinv.diffusion.reconstruct import Reconstructor
@@ -134,8 +135,10 @@ class Demo:
     clamp: tuple[torch.Tensor, torch.Tensor]
 
 
-def load_demo(args) -> Demo:
-    pair = load_demo_pair(args.demo_out, seed=args.pair_seed, log=lambda m: print(m, file=sys.stderr))
+def load_demo(args, folder: str | None = None, settings=None) -> Demo:
+    """The demo pair under ``folder`` (default --demo-out) with ``settings`` (default the quick demo's)."""
+    pair = load_demo_pair(folder or args.demo_out, seed=args.pair_seed, settings=settings,
+                          log=lambda m: print(m, file=sys.stderr))
     rec = Reconstructor(pair.model, pair.extractor, dataclasses.replace(pair.sample_config, num_samples=1),
                         fixed_batch=50)
     ftr = rec.features(rgb(pair.data["x_train"]))
@@ -177,12 +180,6 @@ def bench_demo(args, demo: Demo) -> dict:
 def edit_fit(method: str, args) -> tuple[int, int | None]:
     """(k, top_k) of the edits part's basis: the SAEs' --sae-k / --sae-top-k, else k = 10 (the demo table's)."""
     return (args.sae_k, args.sae_top_k) if method in SAES else (10, None)
-
-
-def clamp_changed(edited: torch.Tensor, feats: torch.Tensor, clamp) -> torch.Tensor:
-    """Entries an edit changed, clamped into (lo, hi) (C, h, w); the others stay as they were (as steer does)."""
-    lo, hi = clamp
-    return torch.where(edited != feats, torch.minimum(torch.maximum(edited, lo), hi), feats)
 
 
 def code_edit(kind: str, feats, codes, basis, a, b, tops, levels, n: int, clamp) -> torch.Tensor:

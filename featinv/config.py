@@ -164,6 +164,10 @@ DEMO_OUT = "featinv_demo"             # the demo's default folder (its cache/ ho
 LOCK_NAME = ".featinv.lock"           # a job's lock file inside its output folder (featinv.jobs.lock)
 MAX_SAMPLES = 64                      # reconstructions per input a command takes (each one multiplies the work)
 STEER_CLAMP = "channel"               # the default clamp of steering (featinv steer, the app): per channel
+# Code edits' defaults (featinv steer --edit, featinv.registry.EDITS): kind -> (quantile of a concept's non-zero codes
+# that sets its level, concepts an image set moves), chosen for the TopK SAE on the training digits by
+# `benchmarks/bench_concepts.py --only-edits` (benchmarks/RESULTS.md, "Code edits a -> b").
+EDIT_DEFAULTS = {"set": (0.99, 5), "swap": (0.9, 3)}
 SAMPLER_NAMES = tuple(SAMPLERS)       # featinv.registry.SAMPLERS (its STOCHASTIC_SAMPLERS take eta != 0)
 SPACINGS = ("reference", "trailing")  # featinv.diffusion.samplers.ddim_timesteps spacings
 

@@ -67,8 +67,9 @@ PANELS: dict[str, Entry] = {
                      "featinv.app.panels.compose:PANEL"),
     "Perturb": Entry("a corruption or a PGD attack on the input, reconstructed beside the clean image",
                      "featinv.app.panels.perturb:PANEL"),
-    "Concepts": Entry("one concept of a basis from featinv concepts: where it sits, steering along it, the image "
-                      "without it", "featinv.app.panels.concepts:PANEL"),
+    "Concepts": Entry("a basis from featinv concepts: find concepts by class or frequency, those active at a clicked "
+                      "place; one concept's heat map, steering along it, its code set or swapped, the image without "
+                      "it", "featinv.app.panels.concepts:PANEL"),
 }
 
 # Where a pair comes from when a source names no checkpoint: the demo's (trained on first use). The
@@ -88,8 +89,10 @@ CORRUPTIONS: dict[str, Entry] = {
 }
 
 
-# Direction specs (featinv steer --direction): each kind is f(spec, args, pair) -> Direction in
-# featinv.analysis.directions (args: the spec after '<kind>:'); featinv steer's help lists this table.
+# Direction specs (featinv steer --direction): each kind is f(spec, fields, pair) -> Direction in
+# featinv.analysis.directions. The syntax is checked by featinv.analysis.specs.split_spec (torch-free: each
+# placeholder is a field type of its FIELDS), which hands the kind its fields' values; featinv steer's help lists
+# this table.
 DIRECTIONS: dict[str, Spec] = {
     "class": Spec("the classifier head's weight vector of class i", "featinv.analysis.directions:class_spec",
                   syntax="<i>"),
@@ -100,6 +103,15 @@ DIRECTIONS: dict[str, Spec] = {
                   "featinv.analysis.directions:probe_spec", syntax="<concept>:<other>"),
     "concept": Spec("atom i of a concept basis written by featinv concepts (concepts.safetensors)",
                     "featinv.analysis.directions:concept_spec", syntax="<basis>:<i>"),
+}
+
+# Code edits of a concept basis (featinv steer --edit): each kind is f(fields, basis, sets, n) -> CodeEdit in
+# featinv.analysis.directions, its syntax checked as the directions' is; featinv steer's help lists this table.
+EDITS: dict[str, Spec] = {
+    "set": Spec("codes set to levels of their own (<concepts>: indices 3 or 3+7, or an image set's top concepts)",
+                "featinv.analysis.directions:set_edit", syntax="<basis>:<concepts>"),
+    "swap": Spec("image set a -> b: a's top concepts set to 0, b's to b's levels",
+                 "featinv.analysis.directions:swap_edit", syntax="<basis>:<a>:<b>"),
 }
 
 # Concept methods (featinv concepts --method): each is a class in featinv.analysis.concept_methods with fit (streamed
@@ -118,4 +130,8 @@ CONCEPT_METHODS: dict[str, Entry] = {
                   "on a GPU), dead latents revived by the AuxK loss", "featinv.analysis.concept_methods:TopK"),
     "batchtopk": Entry("BatchTopK sparse autoencoder (Bussmann et al. 2024): --top-k active latents per location on "
                        "average, a learned threshold at inference", "featinv.analysis.concept_methods:BatchTopK"),
+    "jumprelu": Entry("JumpReLU sparse autoencoder (Rajamanoharan et al. 2024): a threshold per latent; imported "
+                      "(--import-sae FILE --sae-type jumprelu), not fitted", "featinv.analysis.concept_methods:JumpReLU"),
 }
+IMPORTED_METHODS = ("jumprelu",)   # methods a basis may have but --method cannot fit
+SAE_METHODS = ("topk", "batchtopk", "jumprelu")   # what --import-sae --sae-type converts

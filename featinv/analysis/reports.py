@@ -31,7 +31,7 @@ from featinv.pair import Pair
 
 FIXED_BATCH = 8
 ALPHA_UNIT = "α in units of the input's mean per-location feature norm"
-ALPHA_TEXT = ALPHA_UNIT.replace("α", "alpha")  # the bitmap font has no Greek letters
+LEVEL_UNIT = "level: qX = the X quantile of the concept's non-zero codes, a number = a code in feature units"
 
 
 def count(n: int, noun: str) -> str:
@@ -70,66 +70,96 @@ def order_alphas(alphas: Sequence[float]) -> list[float]:
     return [0.0] + rest
 
 
+def _strip_rows(column: str, values: Sequence, feats, edited, feats_r, logits_s, logits_r, direction, target
+                ) -> list[dict]:
+    """The table of a strip, a row per column of ``edited`` (B, A, C, h, w): the shift along the direction (if any)
+    and the target's probability and top-1 share (if any), on the edited features and the reconstructions'."""
+    rows = [{column: v} for v in values]
+    if direction is not None:
+        d = direction.to(feats).view(1, -1, 1, 1)
+        scale = feature_scale(feats)
+        proj = lambda f: (f * d).sum(dim=-3).mean(dim=(-2, -1))  # noqa: E731 -- (..., C, h, w) -> (...)
+        base = proj(feats)
+        shift_s = (proj(edited) - base[:, None]) / scale[:, None]
+        shift_r = (proj(feats_r) - base[:, None, None]) / scale[:, None, None]
+        for j, row in enumerate(rows):
+            row.update(shift_features=shift_s[:, j].mean().item(), shift_reconstruction=shift_r[:, j].mean().item())
+    if target is not None:
+        for j, row in enumerate(rows):
+            ps, pr = logits_s[:, j].softmax(-1)[..., target], logits_r[:, j].softmax(-1)[..., target]
+            row.update(target_prob_features=ps.mean().item(), target_prob_reconstruction=pr.mean().item(),
+                       target_features_share=(logits_s[:, j].argmax(-1) == target).float().mean().item(),
+                       target_reconstruction_share=(logits_r[:, j].argmax(-1) == target).float().mean().item())
+    return rows
+
+
+def _strip_picture(ext, images, names, samples, logits_r, captions) -> tuple[list, list[str]]:
+    """Per input: its tile, then its samples (B, A, K, 3, H, W) a column each, captioned -> (picture rows, labels)."""
+    picture_rows, labels = [], []
+    logits_in = ext.classify(images)
+    k = samples.shape[2]
+    for i in range(len(samples)):
+        lead = [tile(images[i], ["input", _label(logits_in[i])])]
+        caps = [[[caption, "rec " + _label(logits_r[i, j, s])] for s in range(k)] for j, caption in enumerate(captions)]
+        block = sample_block(lead, samples[i], caps)
+        picture_rows += block
+        labels += [names[i]] + [""] * (len(block) - 1)
+    return picture_rows, labels
+
+
 @torch.no_grad()
-def steer_report(pair: Pair, images: torch.Tensor, names: Sequence[str], direction: torch.Tensor,
-                 alphas: Sequence[float], target: int | None = None, mask: torch.Tensor | None = None,
-                 clamp=None, description: str = "") -> tuple[Image.Image, dict, str]:
+def steer_report(pair: Pair, images: torch.Tensor, names: Sequence[str], direction: torch.Tensor | None,
+                 alphas: Sequence[float] = (), target: int | None = None, mask: torch.Tensor | None = None,
+                 clamp=None, description: str = "", *, edited: torch.Tensor | None = None,
+                 levels: Sequence[str] = (), extra: dict | None = None) -> tuple[Image.Image, dict, str]:
     """Steer each input's feature map along ``direction`` for every α and reconstruct with the same seeds.
 
     target: the class steered towards (its probability is reported), if any. Per α the table gives the
     target's probability and top-1 share on the steered features and on the reconstructions' features, and
     the shift along the direction (⟨f, d⟩ averaged over locations, minus the input's, in units of its
-    feature norm) for both: does the picture carry what the features were moved towards?"""
+    feature norm) for both: does the picture carry what the features were moved towards?
+
+    Or a strip of maps edited otherwise (a code edit, :func:`featinv.analysis.directions.edit_maps`): ``edited``
+    (B, 1 + L, C, h, w), the inputs' unedited maps first, one column per entry of ``levels`` (L labels, e.g. 'q0.9');
+    direction None (no shift columns); ``extra``: more entries for the JSON table."""
     ext, rec = pair.extractor, reconstructor(pair)
-    alphas = order_alphas(alphas)
-    feats = rec.features(images)
     keys = [f"{i}:{n}" for i, n in enumerate(names)]
-    steered = steer(feats, direction.to(feats), alphas, mask, clamp)               # (B, A, C, h, w)
-    samples = steer_and_reconstruct(rec, feats, direction, alphas, keys, steered=steered)  # (B, A, K, 3, H, W)
+    if edited is None:
+        alphas = order_alphas(alphas)
+        feats = rec.features(images)
+        edited = steer(feats, direction.to(feats), alphas, mask, clamp)                # (B, A, C, h, w)
+        column, values, captions = "alpha", alphas, [f"alpha={a:g}" for a in alphas]
+    else:
+        feats = edited[:, 0]
+        column, values = "level", ["unedited", *levels]
+        captions = ["unedited", *(f"level={v}" for v in levels)]
+    samples = steer_and_reconstruct(rec, feats, direction, alphas, keys, steered=edited)  # (B, A, K, 3, H, W)
     b, a, k = samples.shape[:3]
-    logits_s = ext.logits_from_features(steered.flatten(0, 1)).view(b, a, -1)
+    logits_s = ext.logits_from_features(edited.flatten(0, 1)).view(b, a, -1)
     feats_r, logits_r = read_back(ext, samples, clamp=True)
-    d = direction.to(feats).view(1, -1, 1, 1)
-    scale = feature_scale(feats)
-    proj = lambda f: (f * d).sum(dim=-3).mean(dim=(-2, -1))  # noqa: E731 -- (..., C, h, w) -> (...)
-    base = proj(feats)
-    shift_s = (proj(steered) - base[:, None]) / scale[:, None]
-    shift_r = (proj(feats_r) - base[:, None, None]) / scale[:, None, None]
-    rows = []
-    for j, alpha in enumerate(alphas):
-        row = {"alpha": alpha, "shift_features": shift_s[:, j].mean().item(),
-               "shift_reconstruction": shift_r[:, j].mean().item()}
-        if target is not None:
-            ps, pr = logits_s[:, j].softmax(-1)[..., target], logits_r[:, j].softmax(-1)[..., target]
-            row.update(target_prob_features=ps.mean().item(), target_prob_reconstruction=pr.mean().item(),
-                       target_features_share=(logits_s[:, j].argmax(-1) == target).float().mean().item(),
-                       target_reconstruction_share=(logits_r[:, j].argmax(-1) == target).float().mean().item())
-        rows.append(row)
-    picture_rows, labels = [], []
-    logits_in = ext.classify(images)
-    for i in range(b):
-        lead = [tile(images[i], ["input", _label(logits_in[i])])]
-        caps = [[[f"alpha={alphas[j]:g}", "rec " + _label(logits_r[i, j, s])] for s in range(k)] for j in range(a)]
-        block = sample_block(lead, samples[i], caps)
-        picture_rows += block
-        labels += [names[i]] + [""] * (len(block) - 1)
+    rows = _strip_rows(column, values, feats, edited, feats_r, logits_s, logits_r, direction, target)
+    picture_rows, labels = _strip_picture(ext, images, names, samples, logits_r, captions)
     kind = "no" if clamp is None else ("per channel and location" if clamp[0].ndim == 3 else "per channel")
-    title = [f"featinv steer: {description}", f"{ALPHA_TEXT}; mask: {'yes' if mask is not None else 'no'}; "
-             f"clamp to the backbone's range: {kind}",
+    unit = ALPHA_UNIT if direction is not None else LEVEL_UNIT
+    title = [f"featinv steer: {description}", f"{unit.replace('α', 'alpha')}; mask: "  # the bitmap font: no Greek
+             f"{'yes' if mask is not None else 'no'}; clamp to the backbone's range: {kind}",
              "tile: rec = the classifier's top-1 (probability) on the reconstruction; same seeds in each row"
              + ("; last row: per-pixel spread over the K samples" if k > 1 else "")]
-    columns = [("alpha", "α"), ("shift_features", "shift along d, steered features"),
-               ("shift_reconstruction", "shift along d, reconstruction's features")]
+    what = "steered" if direction is not None else "edited"
+    columns = [(column, "α" if column == "alpha" else "level")]
+    if direction is not None:
+        columns += [("shift_features", "shift along d, steered features"),
+                    ("shift_reconstruction", "shift along d, reconstruction's features")]
     if target is not None:
-        columns += [("target_prob_features", f"p(class {target}), steered features"),
+        columns += [("target_prob_features", f"p(class {target}), {what} features"),
                     ("target_prob_reconstruction", f"p(class {target}), reconstruction"),
-                    ("target_features_share", f"top-1 = {target}, steered features"),
+                    ("target_features_share", f"top-1 = {target}, {what} features"),
                     ("target_reconstruction_share", f"top-1 = {target}, reconstruction")]
-    md = (f"# featinv steer\n\n{description}; {ALPHA_UNIT}; clamp to the backbone's range: {kind}; "
-          f"{count(b, 'input')} x {count(k, 'sample')}, same seeds for every α.\n\n"
-          + markdown_table(rows, columns))
-    table = {"description": description, "target": target, "alphas": alphas, "inputs": list(names), "samples": k,
-             "masked": mask is not None, "clamp": kind, "rows": rows}
+    md = (f"# featinv steer\n\n{description}; {unit}; clamp to the backbone's range: {kind}; "
+          f"{count(b, 'input')} x {count(k, 'sample')}, same seeds for every {'α' if column == 'alpha' else 'level'}."
+          "\n\n" + markdown_table(rows, columns))
+    table = {"description": description, "target": target, f"{column}s": values, **(extra or {}),
+             "inputs": list(names), "samples": k, "masked": mask is not None, "clamp": kind, "rows": rows}
     return grid(picture_rows, title, labels), table, md
 
 

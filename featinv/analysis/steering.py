@@ -149,6 +149,13 @@ def _clamp_bounds(clamp: Clamp, feats: Tensor) -> tuple[Tensor, Tensor]:
     return (lo.view(-1, 1, 1) if lo.ndim == 1 else lo), (hi.view(-1, 1, 1) if hi.ndim == 1 else hi)
 
 
+def clamp_changed(edited: Tensor, feats: Tensor, clamp: Clamp) -> Tensor:
+    """The entries an edit changed (edited != feats, both (..., C, h, w)) clamped into ``clamp``'s (lo, hi), as
+    :func:`steer` clamps; the others stay bit-identical (code edits, :mod:`featinv.analysis.directions`)."""
+    lo, hi = _clamp_bounds(clamp, feats)
+    return torch.where(edited != feats, torch.maximum(torch.minimum(edited, hi), lo), feats)
+
+
 def steer(feats: Tensor, direction: Tensor, alphas: Sequence[float], mask: Tensor | None = None,
           clamp: Clamp | None = None) -> Tensor:
     """feats (B, C, h, w) + α · feature_scale · direction for each α -> (B, A, C, h, w).
