@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from analysis_helpers import random_extractor
@@ -246,3 +247,43 @@ def test_concepts_imports_an_overcomplete_sae(quick_demo_out, tmp_path, capsys):
     assert basis.params == {"top_k": 4} and basis.stats["held_out"]["l0"] == table["completeness"]["l0"]
     assert cli.main(["concepts", *demo, "--import-sae", str(tmp_path / "sae.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "--import-sae: give the SAE's --top-k" in capsys.readouterr().err
+
+
+def test_concepts_fit_on_shards_and_import_a_jumprelu_sae(quick_demo_out, tmp_path, capsys):
+    """`--fit-shards DIR`: a basis fitted on vectors streamed from disk, its atlas over the images; shards of
+    another channel count or a truncated shard are one-line errors before anything is written. `--sae-type
+    jumprelu` imports a JumpReLU SAE (no --top-k: its thresholds are in the state dict)."""
+    from featinv import cli
+    from featinv.analysis.common import features_of
+    from featinv.analysis.shards import write_shards
+    from featinv.demo.pair import load_demo_pair
+
+    demo = ["--demo-out", str(quick_demo_out)]
+    pair = load_demo_pair(quick_demo_out)
+    maps = features_of(pair.extractor, pair.data["x_train"][:200].expand(-1, 3, -1, -1))
+    write_shards(maps.split(64), tmp_path / "shards", shard_rows=1000)
+    out = tmp_path / "fit"
+    assert cli.main(["concepts", *demo, "--fit-shards", str(tmp_path / "shards"), "--method", "topk", "-k", "24",
+                     "--top-k", "3", "--passes", "2", "--draw", "1", *FAST_ARGS, "--out", str(out)]) == 0
+    stats = ConceptBasis.load(out / "concepts.safetensors").stats
+    assert stats["vectors"] == maps.shape[0] * maps.shape[2] * maps.shape[3] and stats["passes"] == 2
+    assert stats["shards"] == len(list((tmp_path / "shards").glob("*.npy")))
+    write_shards([torch.zeros(10, 5)], tmp_path / "narrow")
+    (tmp_path / "cut").mkdir()
+    np.save(tmp_path / "cut" / "a.npy", np.zeros((20, 64), np.float32))
+    (tmp_path / "cut" / "a.npy").write_bytes((tmp_path / "cut" / "a.npy").read_bytes()[:-40])
+    capsys.readouterr()
+    for folder, message in [("narrow", "--fit-shards: " + str(tmp_path / "narrow") + " holds vectors of 5 channels"),
+                            ("cut", "--fit-shards: shard " + str(tmp_path / "cut" / "a.npy") + ": truncated")]:
+        assert cli.main(["concepts", *demo, "--fit-shards", str(tmp_path / folder), "--method", "topk",
+                         "--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()   # (after the pair's stage notes, for the first)
+        assert message in err[-1] and sum("error" in line for line in err) == 1, err
+        assert not (tmp_path / "no").exists()
+    sae_module = pytest.importorskip("overcomplete.sae", reason="overcomplete needs Python < 3.13 and matplotlib < 3.9")
+    torch.manual_seed(0)
+    torch.save(sae_module.JumpSAE(64, 40).state_dict(), tmp_path / "jump.pt")
+    assert cli.main(["concepts", *demo, "--import-sae", str(tmp_path / "jump.pt"), "--sae-type", "jumprelu",
+                     "--draw", "1", *FAST_ARGS, "--out", str(tmp_path / "jump")]) == 0
+    basis = ConceptBasis.load(tmp_path / "jump" / "concepts.safetensors")
+    assert basis.method == "jumprelu" and basis.k == 40 and basis.encoder["threshold"].shape == (40,)

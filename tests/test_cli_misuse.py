@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from featinv.analysis.concepts import ConceptBasis
+from featinv.analysis.shards import write_shards
 from featinv.cli import COMMANDS, main
 
 HEAVY = ("torch", "timm", "pytorch_lightning", "lightning")
@@ -40,7 +42,8 @@ print("ok")
 @pytest.fixture()
 def files(tmp_path):
     """The things a user points flags at: a folder, a text file named like an image, a real image, a
-    basis of NaNs, a garbage checkpoint; plus the demo folder that must never be made."""
+    basis of NaNs, a basis of 3 concepts in 16 channels, a garbage checkpoint; plus the demo folder that must never
+    be made."""
     from PIL import Image
 
     (tmp_path / "folder").mkdir()
@@ -48,14 +51,25 @@ def files(tmp_path):
     Image.new("RGB", (8, 8), "white").save(tmp_path / "one.png")
     basis = ConceptBasis(torch.full((3, 16), float("nan")), "pca", torch.zeros(16), 1.0, 0.1, "test")
     basis.save(tmp_path / "nan.safetensors")
+    ConceptBasis(torch.eye(16)[:3], "pca", torch.zeros(16), 1.0, 0.0, "test").save(tmp_path / "c16.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
     (tmp_path / "recon").mkdir()  # a folder that is not a reconstruction folder
+    write_shards([torch.zeros(10, 16)], tmp_path / "shards16")  # vectors of 16 channels, with shards.json
+    write_shards([torch.zeros(10, 16)], tmp_path / "gone", shard_rows=5)
+    (tmp_path / "gone" / "shard_00001.npy").unlink()               # listed in shards.json, missing
+    (tmp_path / "cut").mkdir()
+    np.save(tmp_path / "cut" / "a.npy", np.zeros((10, 16), np.float32))
+    (tmp_path / "cut" / "a.npy").write_bytes((tmp_path / "cut" / "a.npy").read_bytes()[:-8])   # truncated
+    torch.save({"encoder.final_block.0.weight": torch.zeros(8, 16), "encoder.final_block.0.bias": torch.zeros(8),
+                "dictionary._weights": torch.ones(8, 16)}, tmp_path / "sae.pt")   # an Overcomplete TopKSAE's keys
     return tmp_path
 
 
 # (argv, phrases the one error line must contain); F/ = a path under the `files` fixture,
-# every analysis writes to F/out and runs on the demo pair under F/demo unless it names a checkpoint
+# every analysis writes to F/out and runs on the demo pair under F/demo unless it names a checkpoint; TINY = a random
+# tiny checkpoint and its images, for the checks that need the model (the `tiny` fixture, made only when used)
 ANALYSIS = ["--out", "F/out", "--demo-out", "F/demo"]
+EDIT = ["--edit", "set:F/c16.safetensors:0"]
 CASES = [
     (["steer", "--mask-image", "F/notimage.png", *ANALYSIS], ["--mask-image", "not an image"]),
     (["steer", "--mask-image", "F/folder", *ANALYSIS], ["--mask-image", "is a folder"]),
@@ -66,6 +80,29 @@ CASES = [
     (["steer", "--direction", "concept:F/folder:0", *ANALYSIS], ["--direction", "is a folder"]),
     (["steer", "--direction", "mean-diff:F/missing:rest", *ANALYSIS], ["--direction", "not an image folder"]),
     (["steer", "--digits", "11", *ANALYSIS], ["--digits", "0-9"]),
+    (["steer", "--edit", "set:F/missing.safetensors:0", *ANALYSIS], ["--edit", "concept basis", "not found"]),
+    (["steer", "--edit", "set:F/folder:0", *ANALYSIS], ["--edit", "is a folder"]),
+    (["steer", "--edit", "set:F/nan.safetensors:0", *ANALYSIS], ["--edit", "non-finite"]),
+    (["steer", "--edit", "set:F/c16.safetensors", *ANALYSIS], ["--edit", "use set:<basis>:<concepts>"]),
+    (["steer", "--edit", "move:F/c16.safetensors:0", *ANALYSIS], ["--edit", "unknown kind", "set, swap"]),
+    (["steer", "--edit", "swap:F/c16.safetensors:rest:digit3", *ANALYSIS], ["--edit", "'rest' is not an image folder"]),
+    (["steer", "--edit", "set:F/c16.safetensors:digit3", "--checkpoint", "F/garbage.safetensors", "--images",
+      "F/one.png", *ANALYSIS], ["--edit", "'digit3' is not an image folder"]),
+    (["steer", "--edit", "set:F/c16.safetensors:7", *ANALYSIS],
+     ["--edit", "concept index 7 out of range", "3 concepts"]),
+    (["steer", "--edit", "set:F/c16.safetensors:0", "TINY", *ANALYSIS],
+     ["--edit", "was fitted on 16 channels, the feature map has 512"]),
+    (["steer", *EDIT, "--direction", "class:1", *ANALYSIS], ["--edit", "not both"]),
+    (["steer", *EDIT, "--alphas", "1", *ANALYSIS], ["--alphas", "--levels"]),
+    (["steer", *EDIT, "--levels", "nan", *ANALYSIS], ["--levels", "finite"]),
+    (["steer", *EDIT, "--levels", "qinf", *ANALYSIS], ["--levels", "finite"]),
+    (["steer", *EDIT, "--levels", "q1.5", *ANALYSIS], ["--levels", "[0, 1]"]),
+    (["steer", *EDIT, "--levels", "q0.5,high", *ANALYSIS], ["--levels", "'high'"]),
+    (["steer", "--levels", "q0.5", *ANALYSIS], ["--levels", "goes with --edit"]),
+    (["steer", "--concepts", "2", *ANALYSIS], ["--concepts", "goes with --edit"]),
+    (["steer", *EDIT, "--concepts", "2", *ANALYSIS], ["--concepts", "names its concepts"]),
+    (["steer", "--edit", "set:F/c16.safetensors:digit3", "--concepts", "4", *ANALYSIS], ["--concepts", "has 3"]),
+    (["steer", "--edit", "swap:F/c16.safetensors:digit1:digit3", "--concepts", "0", *ANALYSIS], ["--concepts", ">= 1"]),
     (["steer", "--images", "F/notimage.png", *ANALYSIS], ["--images", "not an image"]),
     (["steer", "--checkpoint", "F/garbage.safetensors", *ANALYSIS], ["--images"]),
     (["steer", "--config", "F/missing.yaml", *ANALYSIS], ["--config", "neither a preset"]),
@@ -81,6 +118,22 @@ CASES = [
     (["concepts", "--basis", "F/folder", *ANALYSIS], ["--basis", "is a folder"]),
     (["concepts", "--basis", "F/nan.safetensors", *ANALYSIS], ["--basis", "non-finite"]),
     (["concepts", "--basis", "F/nan.safetensors", "-k", "3", *ANALYSIS], ["--basis", "not both"]),
+    (["concepts", "TINY", "--basis", "F/c16.safetensors", "--out", "F/out"], ["--basis", "fitted on 16 channels"]),
+    (["concepts", "--method", "jumprelu", *ANALYSIS], ["--method", "invalid choice"]),
+    (["concepts", "--fit-shards", "F/missing", *ANALYSIS], ["--fit-shards", "not found"]),
+    (["concepts", "--fit-shards", "F/cut", "--method", "topk", *ANALYSIS], ["--fit-shards", "a.npy", "truncated"]),
+    (["concepts", "--fit-shards", "F/gone", "--method", "topk", *ANALYSIS],
+     ["--fit-shards", "shard_00001.npy", "is missing"]),
+    (["concepts", "--fit-shards", "F/shards16", "--basis", "F/c16.safetensors", *ANALYSIS], ["--fit-shards", "not both"]),
+    (["concepts", "TINY", "--fit-shards", "F/shards16", "--method", "topk", "--out", "F/out"],
+     ["--fit-shards", "16 channels", "has 512"]),
+    (["concepts", "--import-sae", "F/sae.pt", "--sae-type", "jumprelu", "--top-k", "4", *ANALYSIS],
+     ["--top-k", "threshold per latent"]),
+    (["concepts", "--import-sae", "F/sae.pt", "--sae-type", "jumprelu", *ANALYSIS],
+     ["--import-sae", "not an Overcomplete JumpSAE", "missing thresholds"]),
+    (["concepts", "--import-sae", "F/sae.pt", "--top-k", "4", "--sae-threshold", "0.5", *ANALYSIS],
+     ["--sae-threshold", "batchtopk"]),
+    (["concepts", "--import-sae", "F/garbage.safetensors", "--top-k", "4", *ANALYSIS], ["--import-sae", "garbage"]),
     (["demo", "--threads", "-1", "--out", "F/demo"], ["--threads", ">= 0"]),
     (["app", "--port", "99999", "--demo-out", "F/demo"], ["--port", "1-65535"]),
     (["app", "--port", "-1", "--demo-out", "F/demo"], ["--port", "1-65535"]),
@@ -122,9 +175,21 @@ def tree(root) -> dict:
             for d, dirs, names in os.walk(root) for n in names + dirs}
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> list[str]:
+    from analysis_helpers import tiny_checkpoint
+
+    t = tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    return ["--checkpoint", str(t["ckpt"]), "--backbone", "resnet18", "--backbone-checkpoint", str(t["bb_file"]),
+            "--backbone-size", "64", "--device", "cpu", "--images", str(t["photos"] / "thing")]
+
+
 @pytest.mark.parametrize("argv, phrases", CASES, ids=[" ".join(a[:3]) for a, _ in CASES])
-def test_misuse_is_one_line_exit_2_and_writes_nothing(argv, phrases, files, capsys):
+def test_misuse_is_one_line_exit_2_and_writes_nothing(argv, phrases, files, capsys, request):
     argv = [a.replace("F/", f"{files}/") for a in argv]
+    if "TINY" in argv:
+        i = argv.index("TINY")
+        argv[i:i + 1] = request.getfixturevalue("tiny")
     before = tree(files)
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -144,7 +209,8 @@ def test_help_says_what_the_commands_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         concepts.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--out OUT output folder: concepts.png, concepts.safetensors (the basis), table.md and table.json" in text
+    assert ("--out OUT output folder: concepts.png, concepts.safetensors (the basis), table.md, table.json, atlas.html "
+            "and index.json") in text
     assert all(f"{name} " in text for name in ("nmf", "dict", "pca", "kmeans"))  # the methods, from the registry
     args = steer.parse(["--out", str(tmp_path / "o"), "--demo-out", str(tmp_path / "d")])
     assert args.clamp == STEER_CLAMP and STEER_CLAMP in CLAMPS.values()
