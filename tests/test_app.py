@@ -92,24 +92,128 @@ def test_compose_at_t0_reconstructs_a(cb, session):
     assert np.abs(pixels(pasted[2][0]) - pixels(gallery[2][0])).max() > 0  # B's cell changes the picture
 
 
-def test_concepts_panel_heat_strip_and_removal(cb, session, tmp_path):
+INDEX = {"images": 300, "frequency": [0.1, 0.5, 0.9, 0.3], "mean_code": [0.2, 0.4, 1.5, 0.1],
+         "classes": [[3, 7], [7], [1, 2, 3], []], "importance": [0.3, 0.1, 0.7, 0.0]}
+
+
+@pytest.fixture(scope="module")
+def concept_files(session, tmp_path_factory) -> tuple[str, str]:
+    """(a 4-concept nmf basis fitted on 300 training digits, the same basis with a hand-made concept index)."""
+    import dataclasses
+
     from featinv.analysis.concepts import fit_concepts
     from featinv.demo.digits import load_digits_split
 
     with torch.no_grad():
         feats = session.extractor(load_digits_split(session.image_size)["x_train"][:300].expand(-1, 3, -1, -1))
-    path = fit_concepts(feats, 4, "nmf", seed=0).save(tmp_path / "concepts.safetensors")
-    heat, strip, removed, table = cb.concepts(session.examples[3], str(path), 1, 2.0, *sampler(session, k=1))
+    basis = fit_concepts(feats, 4, "nmf", seed=0)
+    folder = tmp_path_factory.mktemp("concepts")
+    indexed = dataclasses.replace(basis, stats={**basis.stats, "index": INDEX})
+    return str(basis.save(folder / "concepts.safetensors")), str(indexed.save(folder / "indexed.safetensors"))
+
+
+def concepts_args(session, path, index=1, mode="steer along the atom", strength=2.0, quantile=0.99, target=2):
+    return session.examples[3], path, index, mode, strength, quantile, target, *sampler(session, k=1)
+
+
+def test_concepts_panel_heat_strip_and_removal(cb, session, concept_files, tmp_path):
+    path, _ = concept_files
+    heat, strip, removed, table = cb.concepts(*concepts_args(session, path))
     assert [c.split(":")[0] for _, c in strip] == ["α +0.00", "α +0.50", "α +1.00", "α +1.50", "α +2.00"]
     assert len(removed) == 2 and removed[1][1].startswith("without concept 1: ") and len(table) == 4
     plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
     assert np.abs(pixels(strip[0][0]) - pixels(plain[0][0])).max() <= 1  # α = 0: the plain reconstruction
     assert heat.size == strip[0][0].size
     with pytest.raises(gr.Error, match=r"concept = 9 is out of range \[0, 3\]"):
-        cb.concepts(session.examples[3], str(path), 9, 2.0, *sampler(session, k=1))
+        cb.concepts(*concepts_args(session, path, index=9))
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(gr.Error, match="is not a concept basis file"):
-        cb.concepts(session.examples[3], str(tmp_path / "junk.safetensors"), 0, 2.0, *sampler(session, k=1))
+        cb.concepts(*concepts_args(session, str(tmp_path / "junk.safetensors")))
+
+
+def codes_of(session, path):
+    from featinv.analysis.concepts import ConceptBasis
+
+    with torch.no_grad():
+        return ConceptBasis.load(path).encode(session.extractor(session.load_image(session.examples[3])))
+
+
+def test_concepts_at_a_clicked_place_are_the_active_ones(session, concept_files):
+    from featinv.app.concept_lookup import NO_INDEX, at
+
+    plain, indexed = concept_files
+    codes = codes_of(session, plain)[0]                                   # (4, 2, 2) over the 8 x 8 input
+    listed = set()
+    for x, y, (row, col) in [(0, 0, (0, 0)), (5.5, 1, (0, 1)), (2, 7.9, (1, 0)), (7, 4, (1, 1))]:
+        cell = codes[:, row, col]
+        expected = sorted((j for j in range(4) if cell[j] != 0), key=lambda j: -abs(float(cell[j])))
+        table, note = at(session, session.examples[3], plain, x, y)
+        assert table["concept"].tolist() == [str(j) for j in expected], (x, y, cell)
+        assert [float(v) for v in table["code here"]] == pytest.approx([float(cell[j]) for j in expected], rel=1e-2)
+        assert f"cell ({row}, {col}) of the 2x2 feature grid: {len(expected)} of the 4" in note and NO_INDEX in note
+        listed |= set(expected)
+    assert listed  # some concept is active somewhere on the digit
+    table, note = at(session, session.examples[3], indexed, 7, 4)
+    assert list(table.columns) == ["concept", "code here", "active at (share of fit locations)",
+                                   "top classes (largest logit drop first)"] and NO_INDEX not in note
+    assert [INDEX["classes"][int(j)] for j in table["concept"]] == [
+        [int(c) for c in names.split(", ") if c] for names in table["top classes (largest logit drop first)"]]
+    with pytest.raises(ValueError, match=r"pixel \(8, 0\) is outside the 8x8 image"):
+        at(session, session.examples[3], plain, 8, 0)
+    with pytest.raises(ValueError, match="y \\(pixels\\) = nan is not a finite number"):
+        at(session, session.examples[3], plain, 1, float("nan"))
+
+
+def test_concepts_found_by_class_and_frequency(session, concept_files):
+    from featinv.app.concept_lookup import NO_INDEX, find
+
+    plain, indexed = concept_files
+    for cls, low, high, expected in [("3", 0, 1, [0, 2]), ("", 0.25, 0.6, [1, 3]), ("7", 0.2, 1, [1]),
+                                     (" ", 0, 1, [0, 1, 2, 3]), ("9", 0, 1, []), ("", 0.95, 1, [])]:
+        table, note = find(session, indexed, cls, low, high)
+        assert table["concept"].tolist() == [str(j) for j in expected], (cls, low, high)
+        assert note.startswith(f"{len(expected)} of the 4 concepts")
+    table, note = find(session, plain, "3", 0, 1)
+    assert note == NO_INDEX and len(table) == 0
+    with pytest.raises(ValueError, match="class 'cat' is not one of the classifier's classes"):
+        find(session, indexed, "cat", 0, 1)
+    with pytest.raises(ValueError, match="frequency from 0.8 is above frequency to 0.2"):
+        find(session, indexed, "", 0.8, 0.2)
+    with pytest.raises(ValueError, match=r"frequency to = 2 is out of range \[0, 1\]"):
+        find(session, indexed, "", 0, 2)
+
+
+def test_concepts_set_and_swap_reconstruct_the_library_edits(cb, session, concept_files):
+    """set / swap: before = the plain reconstruction; after = the library's set_code / swap map reconstructed with
+    the same noise, its level the quantile of the concept's non-zero codes on the reference digits and the input."""
+    import dataclasses
+
+    from featinv.analysis.concept_edits import code_levels, set_code, swap
+    from featinv.analysis.concepts import ConceptBasis
+    from featinv.app.show import KEY, tile
+
+    path, _ = concept_files
+    basis = ConceptBasis.load(path)
+    rec = session.reconstructor(dataclasses.replace(session.sample_config_from(*sampler(session, k=1)), num_samples=1))
+    feats = rec.features(session.load_image(session.examples[3]))
+    levels = code_levels(basis, basis.encode(torch.cat([session.references(), feats])), 0.99)
+    plain, *_ = cb.reconstruct(session.examples[3], *sampler(session, k=1))
+    for mode, edited in [("set the code", set_code(feats, basis, 1, float(levels[1]))),
+                         ("swap a → b", swap(feats, basis, 1, 2, levels))]:
+        _, strip, _, _ = cb.concepts(*concepts_args(session, path, mode=mode))
+        assert [c.split(":")[0] for _, c in strip] == ["before", "after (concept 1 set to " + (
+            f"{float(levels[1]):.3g})" if mode == "set the code" else f"0, 2 to {float(levels[2]):.3g})")]
+        assert "head on the edited map" in strip[1][1]
+        assert np.abs(pixels(strip[0][0]) - pixels(plain[0][0])).max() <= 1
+        ours = tile(rec.from_features(edited, [KEY])[0, 0])
+        assert np.abs(pixels(strip[1][0]) - pixels(ours)).max() <= 1, mode
+        assert np.abs(pixels(strip[1][0]) - pixels(plain[0][0])).max() > 10, mode
+    with pytest.raises(gr.Error, match="swap: concept b = 1 is concept a"):
+        cb.concepts(*concepts_args(session, path, mode="swap a → b", target=1))
+    with pytest.raises(gr.Error, match=r"quantile = 0.2 is out of range \[0.5, 0.99\]"):
+        cb.concepts(*concepts_args(session, path, mode="set the code", quantile=0.2))
+    with pytest.raises(gr.Error, match="edit 'paint': choose one of steer along the atom"):
+        cb.concepts(*concepts_args(session, path, mode="paint"))
 
 
 def test_perturb_shows_clean_and_perturbed(cb, session):

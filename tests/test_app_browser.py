@@ -2,9 +2,9 @@
 
 Loads the page, uploads a digit (shown as the picture), runs Reconstruct (K images whose captions can be
 read whole + the top-5 table), steers, moves the strength slider (the strip changes) and switches the
-clamp off (the steered pictures change), composes (the table as wide as the panel), perturbs, uploads a
-file that is not an image (a message, no earlier result left under it), types a non-finite seed (a
-message), and the app keeps answering.
+clamp off (the steered pictures change), composes (the table as wide as the panel), perturbs, clicks a
+concept's picture (the concepts active there are listed), uploads a file that is not an image (a message, no
+earlier result left under it), types a non-finite seed (a message), and the app keeps answering.
 Screenshots go to the test's tmp folder; FEATINV_APP_SCREENSHOT=1 also refreshes docs/app.png.
 In CI (CI=true) a missing browser or Playwright fails instead of skipping.
 """
@@ -94,6 +94,19 @@ def _sources(page, gallery: str) -> list[str]:
     return page.eval_on_selector_all(f"{gallery} img", "els => els.map(e => e.src)")
 
 
+def _basis(demo_out: Path, folder: Path) -> Path:
+    """A 4-concept nmf basis on the demo classifier's maps of 300 training digits."""
+    import torch
+
+    from featinv.analysis.concepts import fit_concepts
+    from featinv.demo.pair import load_demo_pair
+
+    pair = load_demo_pair(demo_out, log=lambda *a: None)
+    with torch.no_grad():
+        feats = pair.extractor(pair.data["x_train"][:300].expand(-1, 3, -1, -1))
+    return fit_concepts(feats, 4, "nmf", seed=0).save(folder / "concepts.safetensors")
+
+
 def test_app_in_browser(server, page, quick_demo_out, tmp_path):
     digits = _examples(quick_demo_out)
     assert len(digits) == 10, digits
@@ -169,6 +182,21 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
     assert captions(page, "#perturb-clean")[0].startswith("clean: ")
     assert hidden_captions(page, "#perturb-perturbed") == []
     page.screenshot(path=tmp_path / "perturb.png", full_page=True)
+
+    # Concepts: show a concept of a basis, then click the picture: the concepts active at that cell are listed
+    page.click("button[role=tab]:has-text('Concepts')")
+    page.set_input_files("#concepts-basis input[type=file]", str(_basis(quick_demo_out, tmp_path)))
+    page.click("#concepts-run")
+    wait_count(page, "#concepts-strip img", 5)
+    page.wait_for_function("(() => { const i = document.querySelector('#concepts-heat img');"
+                           " return i && i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; })()")
+    heat = page.locator("#concepts-heat img")
+    box = heat.bounding_box()  # once the picture has loaded (before, it is 0 pixels wide)
+    heat.click(position={"x": box["width"] * 0.75, "y": box["height"] * 0.75})  # the 2x2 grid's cell (1, 1)
+    page.wait_for_function("document.querySelector('#concepts-at-note').innerText.includes("
+                           "'lies in cell (1, 1) of the 2x2 feature grid')", timeout=30_000)
+    assert page.locator("#concepts-at [role=grid]").count() == 1
+    page.screenshot(path=tmp_path / "concepts.png", full_page=True)
 
     # A file that is not an image: a message in the page, no traceback, no earlier result left
     page.click("button[role=tab]:has-text('Reconstruct')")

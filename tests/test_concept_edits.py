@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from featinv.analysis.concept_edits import class_levels, code_levels, set_code, swap, top_concepts
+from featinv.analysis.concept_edits import (
+    active_at,
+    class_levels,
+    code_levels,
+    pixel_cell,
+    set_code,
+    swap,
+    top_concepts,
+)
 from featinv.analysis.concepts import ConceptBasis
 
 K, C, GRID = 4, 12, 4
@@ -231,3 +239,27 @@ def test_bad_inputs_are_refused():
         top_concepts(basis, codes, labels, 0, 5)
     with pytest.raises(ValueError, match="class 3 has 0 of the 2 maps"):
         top_concepts(basis, codes, labels, 3, 1)
+
+
+def test_active_at_lists_the_non_zero_codes_of_a_cell_strongest_first():
+    codes = torch.zeros(1, 5, 2, 3)
+    codes[0, :, 1, 2] = torch.tensor([0.5, 0.0, -2.0, 0.5, 1.0])  # signed (pca): |−2| is the strongest
+    codes[0, 1, 0, 0] = 3.0
+    assert active_at(codes, 1, 2) == [(2, -2.0), (4, 1.0), (0, 0.5), (3, 0.5)]  # a tie keeps index order
+    assert active_at(codes, 1, 2, top=2) == [(2, -2.0), (4, 1.0)]
+    assert active_at(codes, 0, 0) == [(1, 3.0)] and active_at(codes, 0, 1) == []
+    for row, col in ((2, 0), (0, 3), (-1, 0)):
+        with pytest.raises(ValueError, match=rf"cell \({row}, {col}\) is outside the 2x3 feature grid"):
+            active_at(codes, row, col)
+    with pytest.raises(ValueError, match=r"one map's \(1, k, h, w\), got shape \(2, 5, 2, 3\)"):
+        active_at(codes.expand(2, -1, -1, -1), 0, 0)
+
+
+def test_pixel_cell_maps_pixels_to_the_grid_cell_over_them():
+    assert pixel_cell(0, 0, 8, (2, 2)) == (0, 0)
+    assert pixel_cell(3.9, 4, 8, (2, 2)) == (1, 0)
+    assert pixel_cell(7.99, 7, 8, (2, 2)) == (1, 1)
+    assert pixel_cell(100, 10, (20, 224), (2, 7)) == (1, 3)  # (H, W) = (20, 224): cells 10 rows, 32 columns
+    for x, y in ((8, 0), (0, -0.5)):
+        with pytest.raises(ValueError, match=rf"pixel \({x:g}, {y:g}\) is outside the 8x8 image"):
+            pixel_cell(x, y, 8, (2, 2))

@@ -1,5 +1,6 @@
 """Edits by concept: a concept's contribution to a feature map, the map without it, its atom as a steering
-direction, where it sits (its code over the grid, brought to image size), and edits of its code.
+direction, where it sits (its code over the grid, brought to image size; the concepts active at a cell), and edits
+of its code.
 
 A basis (:class:`featinv.analysis.concepts.ConceptBasis`) has unit atoms, so concept i's contribution to a map
 is code_i (N, 1, h, w) times atom_i (C,); removing it subtracts that and leaves the encoding's residual.
@@ -224,3 +225,36 @@ def top_concepts(basis: ConceptBasis, codes: Tensor, labels: Tensor, cls: int, n
     means = codes.float().mean(dim=(2, 3))
     score = means[mine].mean(dim=0) - means[~mine].mean(dim=0)
     return score.argsort(descending=True, stable=True)[:n].tolist()
+
+
+# ----- where concepts sit ---------------------------------------------------------------------------
+
+def pixel_cell(x: float, y: float, size: int | tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """Pixel (x, y) of an image of ``size`` (S or (H, W)) -> (row, col) of the (h, w) feature grid over it.
+
+    Cell (row, col) covers the pixels [col·W/w, (col+1)·W/w) × [row·H/h, (row+1)·H/h), as
+    :func:`featinv.analysis.steering.box_mask` reads a box; ValueError for a pixel outside the image."""
+    height, width = (size, size) if isinstance(size, int) else size
+    h, w = grid
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(f"pixel ({x:g}, {y:g}) is outside the {width}x{height} image")
+    return min(int(y * h // height), h - 1), min(int(x * w // width), w - 1)
+
+
+def active_at(codes: Tensor, row: int, col: int, top: int | None = None) -> list[tuple[int, float]]:
+    """The concepts active (code ≠ 0) at grid cell (row, col) of one map's codes (1, k, h, w) -> [(concept, code)],
+    strongest |code| first (ties: lower index first), at most ``top`` of them.
+
+    Codes are signed for PCA, so strength is the magnitude; a non-negative or sparse encoder's zeros are the
+    concepts that do not fire there."""
+    if codes.ndim != 4 or codes.shape[0] != 1:
+        raise ValueError(f"codes must be one map's (1, k, h, w), got shape {tuple(codes.shape)}")
+    h, w = codes.shape[2:]
+    if not (0 <= row < h and 0 <= col < w):
+        raise ValueError(f"cell ({row}, {col}) is outside the {h}x{w} feature grid (rows 0..{h - 1}, cols 0..{w - 1})")
+    if top is not None and top < 1:
+        raise ValueError(f"top={top}: ask for at least one concept")
+    cell = codes[0, :, row, col].float().cpu()
+    order = cell.abs().argsort(descending=True, stable=True)
+    active = [(int(i), float(cell[i])) for i in order if cell[i] != 0]
+    return active[:top]

@@ -122,8 +122,17 @@ class Session:
             raise ValueError(f"clamp {clamp!r}: choose one of {', '.join(CLAMPS)}")
         if CLAMPS[clamp] is None:
             return None
-        from featinv.analysis.common import features_of
         from featinv.analysis.steering import feature_range
+
+        refs = torch.cat([self.references().to(feats.device), feats.float()])
+        return feature_range(refs, per_location=CLAMPS[clamp] == "location")
+
+    @torch.no_grad()
+    def references(self) -> torch.Tensor:
+        """Feature maps (M, C, h, w) float32 of the reference images that Steer's clamp and the Concepts panel's
+        code levels read: the demo's training digits, else the examples offered (M = 0 without either);
+        computed once."""
+        from featinv.analysis.common import features_of
 
         if self._references is None:
             data = self.pair.data
@@ -133,9 +142,8 @@ class Session:
                 examples = torch.cat([self.load_image(path, "example") for path in self.examples])
                 self._references = features_of(self.extractor, examples)
             else:
-                self._references = feats[:0].float()
-        refs = torch.cat([self._references, feats.float()])
-        return feature_range(refs, per_location=CLAMPS[clamp] == "location")
+                self._references = torch.zeros(0, *self.extractor.feature_shape, device=self.device)
+        return self._references
 
     def reconstructor(self, cfg: SampleConfig) -> Reconstructor:
         return self.pair.reconstructor(cfg)

@@ -26,10 +26,14 @@ def no_progress(fraction: float, desc: str = "") -> None:
     """``progress(fraction, desc)`` where nobody watches (the page passes Gradio's progress bar)."""
 
 
+def display_factor(width: int) -> int:
+    """The integer factor :func:`tile` enlarges an image ``width`` pixels wide by (1 from DISPLAY_PX up)."""
+    return max(1, -(-DISPLAY_PX // width))
+
+
 def tile(image01: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL image, enlarged by an integer factor (nearest) when smaller than DISPLAY_PX."""
-    factor = max(1, -(-DISPLAY_PX // image01.shape[-1]))
-    return common.tile(image01, size=image01.shape[-1] * factor)
+    return common.tile(image01, size=image01.shape[-1] * display_factor(image01.shape[-1]))
 
 
 @torch.no_grad()
