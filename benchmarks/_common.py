@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -66,6 +68,67 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def status_kibs(*fields: str) -> dict[str, int]:
+    """Several ``/proc/self/status`` fields (RssAnon, RssFile, ...) in KiB, from one read."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields:
+            found[name] = int(rest.split()[0])
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise KeyError(f"/proc/self/status has no field {', '.join(missing)}")
+    return found
+
+
+class RssPeaks:
+    """Peaks of ``/proc/self/status`` fields (KiB; default RssAnon, the process's private memory, and RssFile, its
+    file-backed pages such as a memory-mapped file's, which have no VmHWM of their own), read by ``sample()`` (e.g.
+    after every training step) and every ``every_s`` seconds by a thread while in a ``with`` block: sampled peaks
+    (a spike shorter than the interval can fall between two reads)."""
+
+    def __init__(self, fields: tuple[str, ...] = ("RssAnon", "RssFile"), every_s: float = 0.01):
+        self.fields, self.every_s, self.reads = fields, every_s, 0
+        self.peak = status_kibs(*fields)
+        self.stop, self.lock = threading.Event(), threading.Lock()
+
+    def sample(self, *_) -> None:
+        now = status_kibs(*self.fields)
+        with self.lock:
+            self.peak = {f: max(self.peak[f], now[f]) for f in self.fields}
+            self.reads += 1
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> RssPeaks:
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+
+def evict_page_cache(paths) -> bool:
+    """Drop the files' pages from the OS page cache (fsync, then posix_fadvise DONTNEED; best effort: pages that
+    some process maps stay); False where posix_fadvise is missing."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
 
 
 def peak_rss_gib() -> float:

@@ -12,7 +12,11 @@ What it measures on the full config (``featinv_convnext``: miniSD + ControlNet, 
 - the same step the reference's way (fp32, the backbone over one image at a time, eager), for the ratio;
 - reconstruction (Reconstructor: backbone + 50 DDIM steps with batched CFG + decode, bf16) at batch
   8/32/64, eager and compiled: images/s and the implied time for 10,000 ImageNet-val images;
-- ``featinv demo --quick --device cuda`` in a subprocess: wall time and label agreement.
+- ``featinv demo --quick --device cuda`` in a subprocess: wall time and label agreement;
+- sparse autoencoder training (``featinv.analysis.sae.train_sae``: TopK, d = 1024, 4,096 latents, k = 32,
+  batch 4,096, Adam, AuxK, bf16 autocast) on random N(0, 1) batches already on the card: vectors/s over the
+  steps after the first, and peak memory above what the suite's models hold (~10 s; after the demo, so it never
+  takes time from a goal's figure).
 
 MFU = FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmul, convolution
 and attention FLOPs, forward + backward; see ``_common.count_flops``) / step time / the card's dense
@@ -50,6 +54,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import GIB, peak_rss_gib, sync
 from _figures import (
     GPU_PLAN,
     SMOKE_PLAN,
@@ -58,12 +63,17 @@ from _figures import (
     build_bench,
     max_batch_figure,
     recon_figure,
+    reset_peak,
     train_figure,
     train_max_figure,
 )
-from _suite import Suite, goal_row, largest_batch, markdown, write_outputs  # noqa: F401 (tests use largest_batch)
+from _suite import METRICS, Suite, goal_row, largest_batch, markdown, write_outputs  # noqa: F401 (tests: largest_batch)
 
 GOALS = {"speedup": 4.0, "mfu_pct": 40.0, "peak_gib": 16.0, "time_10k_s": 540.0}
+METRICS.setdefault("vectors_per_s", ("throughput", "vectors/s"))
+# The SAE figure's sizes: the scale issue's shape on a GPU; a tiny one in --cpu-smoke (fp32 there).
+SAE_SHAPES = {"gpu": {"d": 1024, "latents": 4096, "top_k": 32, "batch": 4096, "steps": 100},
+              "cpu-smoke": {"d": 64, "latents": 256, "top_k": 8, "batch": 256, "steps": 4}}
 
 
 def demo_figure(timeout_s: float) -> dict:
@@ -85,6 +95,34 @@ def demo_figure(timeout_s: float) -> dict:
     agreement = results["featinv"]["label_agreement"]
     return {"seconds": seconds, "label_agreement_pct": 100 * agreement,
             "note": f"unconditional baseline {100 * results['unconditional']['label_agreement']:.1f} %"}
+
+
+def sae_figure(plan: Plan, seed: int = 0) -> dict:
+    """featinv's TopK SAE trained on 8 random N(0, 1) batches (on the device, cycled) for ``steps`` steps: vectors/s
+    between the end of the first step (allocations, Adam's state, kernel loads) and the end of the last, each
+    synchronised; peak memory: on CUDA what the figure allocated above what was allocated before it (the suite's
+    models), data included; on the CPU the process's peak RSS."""
+    from featinv.analysis.sae import train_sae
+
+    s, dev = SAE_SHAPES[plan.mode], torch.device(plan.device)
+    cuda = dev.type == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else 0
+    reset_peak(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pool = [torch.randn(s["batch"], s["d"], generator=g, device=dev) for _ in range(8)]
+    marks = []
+
+    def progress(done: int, total: int | None) -> None:
+        if done in (s["batch"], total):
+            sync(dev)
+            marks.append(time.perf_counter())
+
+    _, stats = train_sae(lambda e: (pool[i % len(pool)] for i in range(s["steps"])), s["d"], s["latents"],
+                         s["top_k"], "topk", device=plan.device, seed=seed, vectors=s["steps"] * s["batch"],
+                         progress=progress)
+    peak = (torch.cuda.max_memory_allocated() - base) / GIB if cuda else peak_rss_gib()
+    return {"vectors_per_s": (s["steps"] - 1) * s["batch"] / (marks[-1] - marks[0]), "peak_gib": peak,
+            "note": f"{s['steps']} steps, the first untimed; {stats['dead']} dead latents at the end"}
 
 
 # ----- goals and output --------------------------------------------------------------------------------
@@ -130,6 +168,9 @@ def run_figures(suite: Suite, plan: Plan, args) -> Bench | None:
     train, recon = ["images_per_s", "mfu_pct", "peak_gib"], ["images_per_s", "time_10k_s", "peak_gib"]
     b, prec, compiled = plan.train_batch, "bf16 autocast" if plan.bf16 else "fp32", "torch.compile + channels_last"
     big, *smaller = sorted(plan.recon_batches, reverse=True)  # the big batch decides the 10k goal
+    sae = SAE_SHAPES[plan.mode]
+    sae_what = (f"SAE training (featinv TopK, d = {sae['d']}, {sae['latents']} latents, k = {sae['top_k']}, "
+                f"batch {sae['batch']}, {prec})")
 
     def recon_compiled(rb: int) -> tuple:
         return (f"recon.compiled.b{rb}", f"reconstruction, {prec}, {compiled}, batch {rb}", recon,
@@ -148,6 +189,7 @@ def run_figures(suite: Suite, plan: Plan, args) -> Bench | None:
         recon_compiled(big),
         ("demo", "`featinv demo --quick --device cuda`", ["seconds", "label_agreement_pct"],
          lambda: demo_figure(min(args.demo_timeout_s, suite.left() - 2)), 60),
+        ("sae.topk", sae_what, ["vectors_per_s", "peak_gib"], lambda: sae_figure(plan), 15),
         ("train.max_batch", "largest eager training batch", ["batch"], lambda: max_batch_figure(bench), 30),
         ("train.eager.max", f"training step, {prec}, eager, largest batch", train,
          lambda: train_max_figure(bench, "eager"), 15),

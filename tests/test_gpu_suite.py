@@ -46,6 +46,7 @@ def test_cpu_smoke_makes_every_figure(tmp_path):
     expected += [f"train.{kind}.max.{m}" for kind in ("eager", "compiled") for m in ("images_per_s", "mfu_pct")]
     expected += [f"recon.{kind}.b2.{m}" for kind in ("eager", "compiled") for m in recon]
     expected += ["goal.train_speedup", "goal.train_mfu", "goal.train_peak_gib", "goal.recon_10k_s"]
+    expected += ["sae.topk.vectors_per_s", "sae.topk.peak_gib"]
     for key in expected:
         row = figures[key]
         assert row["status"] == "ok" and math.isfinite(row["value"]) and row["value"] > 0, (key, row)
