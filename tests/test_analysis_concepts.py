@@ -193,6 +193,15 @@ def test_concepts_command_writes_the_atlas_and_its_basis_steers(quick_demo_out, 
     assert (out / "table.md").read_text().count("\n|") >= 4
     basis = ConceptBasis.load(out / "concepts.safetensors")
     assert basis.k == 3 and basis.channels == 64
+    from featinv.analysis.common import features_of
+    from featinv.analysis.concept_edits import code_levels
+    from featinv.demo.pair import load_demo_pair
+
+    pair = load_demo_pair(quick_demo_out)   # each drawn row's code edit: its q0.99 level on the fit digits' codes
+    levels = code_levels(basis, basis.encode(features_of(pair.extractor, pair.data["x_train"].expand(-1, 3, -1, -1))),
+                         0.99)
+    for row in table["rows"]:
+        assert row["set_level"] == pytest.approx(float(levels[row["concept"]]), rel=1e-5) and len(row["set_rec"]) == 2
     again = tmp_path / "again"
     assert cli.main(["concepts", *demo, "--basis", str(out / "concepts.safetensors"), *FAST_ARGS,
                      "--out", str(again)]) == 0

@@ -111,7 +111,7 @@ def _check_labels(codes: Tensor, labels: Tensor) -> Tensor:
     return labels.to(codes.device)
 
 
-def _nonzero_quantile(values: Tensor, quantile: float) -> Tensor:
+def nonzero_quantile(values: Tensor, quantile: float) -> Tensor:
     """values (R, M) -> (R,) float32: each row's ``quantile`` of its non-zero entries, linearly interpolated as
     torch.quantile does (which refuses inputs beyond 2**24 entries); 0 for a row without any."""
     if values.shape[1] == 0:
@@ -134,7 +134,7 @@ def code_levels(basis: ConceptBasis, codes: Tensor, quantile: float = 0.9) -> Te
     _check_codes(basis, codes)
     if not 0 <= quantile <= 1:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
-    return _nonzero_quantile(codes.transpose(0, 1).flatten(1), quantile)
+    return nonzero_quantile(codes.transpose(0, 1).flatten(1), quantile)
 
 
 def class_levels(basis: ConceptBasis, codes: Tensor, labels: Tensor, quantile: float = 0.9) -> Tensor:

@@ -24,10 +24,11 @@ from PIL import Image
 from torch import Tensor
 
 from featinv.analysis.common import TILE, features_of, grid, markdown_table, predict, tile
-from featinv.analysis.concept_edits import heat_map, remove, steer_concept
+from featinv.analysis.concept_edits import heat_map, nonzero_quantile, remove, set_code, steer_concept
 from featinv.analysis.concept_index import ConceptIndex, concept_index, exact_removal, feature_batches
 from featinv.analysis.concepts import ConceptBasis
 from featinv.analysis.reports import reconstructor
+from featinv.config import EDIT_DEFAULTS
 from featinv.diffusion.reconstruct import Reconstructor
 from featinv.metrics import read_back
 from featinv.nets.backbone import FeatureExtractor
@@ -57,14 +58,16 @@ class AtlasImages:
 
 @dataclass(frozen=True)
 class AtlasConfig:
-    """What each row shows: the steering strengths (α = 0, the plain reconstruction, is shown once on top),
-    the most activating images and the held-out images reconstructed without the concept; a title suffix."""
+    """What each row shows: the steering strengths (α = 0, the plain reconstruction, is shown once on top), the
+    quantile of the concept's non-zero fit codes its code is set to (a code edit of the steered images), the most
+    activating images and the held-out images reconstructed without the concept; a title suffix."""
 
     alphas: Sequence[float] = (1.0, 2.0)
     exemplars: int = 3
     removals: int = 2
     description: str = ""
     draw: int | Sequence[int] | None = None   # concepts drawn: indices, the top N by importance, None: see drawn()
+    set_quantile: float = EDIT_DEFAULTS["set"][0]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class _Atlas:
     f_steer: Tensor              # (B, C, h, w)
     steer_keys: list[str]
     alphas: list[float]          # without 0
+    set_levels: dict[int, float]  # the drawn concepts' code-edit levels
     cfg: AtlasConfig
 
 
@@ -127,13 +131,14 @@ def build_atlas(pair: Pair, basis: ConceptBasis, images: AtlasImages, cfg: Atlas
     shown = drawn(basis.k, held_index.importance, cfg.draw)
     removal = torch.full_like(held_index.importance, float("nan"))   # exact drops: the concepts drawn only
     removal[sorted(shown)] = exact_removal(basis, ext, f_held, held_labels, sorted(shown), removal.shape[1])
+    set_levels = _set_levels(basis, ext, images.fit, sorted(shown), cfg.set_quantile)
     f_steer = rec.features(images.steer)
     steer_names = images.steer_names
     steer_keys = [f"steer{j}:{n}" for j, n in enumerate(steer_names)]
     plain = rec.from_features(f_steer, steer_keys)                          # (B, K, 3, H, W)
     alphas = [float(a) for a in cfg.alphas if float(a) != 0.0]
     atlas = _Atlas(basis, rec, ext, images, held_labels, fit_index, held_index, removal, f_held, f_steer, steer_keys,
-                   alphas, cfg)
+                   alphas, set_levels, cfg)
     rows = [[None] * cfg.exemplars + [tile(plain[j, 0], ["alpha=0", steer_names[j][:10]]) for j in range(len(plain))]]
     labels, table_rows = ["plain"], []
     for i in range(basis.k):  # every concept in the table; pictures (reconstructions) for those drawn
@@ -170,7 +175,8 @@ def _texts(atlas: _Atlas, drawn_count: int, table_rows: list[dict]) -> tuple[lis
              f"decoded-map agreement {comp['agreement']:.1%} ({held_count} held-out images); rows: "
              f"{drawn_count} of {basis.k} concepts",
              f"per row: {cfg.exemplars} most activating images (heat = the concept's code); held-out images steered "
-             f"along the atom (alpha {', '.join(f'{a:g}' for a in alphas)}); held-out images it is most present in: "
+             f"along the atom (alpha {', '.join(f'{a:g}' for a in alphas)}), then with its code set to its "
+             f"q{cfg.set_quantile:g} level (a code edit); held-out images it is most present in: "
              "reconstruction / with it removed",
              "tile captions: rec = the classifier's top-1 on the reconstruction"]
     columns = [("concept", "concept"), ("top_classes", "classes it matters most for (logit drop when removed)"),
@@ -218,6 +224,17 @@ def _concept_entry(atlas: _Atlas, i: int) -> dict:
             "exemplars": " ".join(atlas.images.fit_names[n] for n in order)}
 
 
+def _set_levels(basis: ConceptBasis, ext, fit: Tensor, concepts: list[int], quantile: float) -> dict[int, float]:
+    """The drawn concepts' code-edit levels: each one's ``quantile`` of its non-zero codes on the fit images (a
+    second pass over them, keeping only these concepts' codes) -> {concept: level}."""
+    if not concepts:
+        return {}
+    cols = torch.tensor(concepts)
+    codes = torch.cat([basis.encode(f)[:, cols.to(f.device)].cpu() for f in feature_batches(ext, fit)])
+    levels = nonzero_quantile(codes.transpose(0, 1).flatten(1), quantile)
+    return dict(zip(concepts, levels.tolist()))
+
+
 def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
     """Concept i's tiles and table entry (see build_atlas)."""
     basis, rec, ext, images, cfg = atlas.basis, atlas.rec, atlas.ext, atlas.images, atlas.cfg
@@ -232,6 +249,10 @@ def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
         samples = rec.from_features(steered[:, a], atlas.steer_keys)
         top = _read(ext, samples)
         row += [tile(samples[j, 0], [f"alpha={alpha:g}", f"rec {int(top[j, 0])}"]) for j in range(len(samples))]
+    level = atlas.set_levels[i]
+    samples = rec.from_features(set_code(atlas.f_steer, basis, i, level), atlas.steer_keys)
+    set_top = _read(ext, samples)
+    row += [tile(samples[j, 0], [f"set {level:.2f}", f"rec {int(set_top[j, 0])}"]) for j in range(len(samples))]
     held = atlas.held_index
     present = held.top_images[i, :int((held.top_images[i, :cfg.removals] >= 0).sum())]
     keys = [f"held{n}" for n in present.tolist()]
@@ -244,7 +265,7 @@ def _concept_row(atlas: _Atlas, i: int) -> tuple[list[Image.Image], dict]:
         row += [tile(before[j, 0], [f"class {y}", f"rec {int(top_b[j, 0])}"]),
                 tile(after[j, 0], [f"without {i}", f"rec {int(top_a[j, 0])}"])]
     _, _, probs = predict(ext.logits_from_features(f))
-    entry = {**_concept_entry(atlas, i),
+    entry = {**_concept_entry(atlas, i), "set_level": level, "set_rec": set_top[:, 0].tolist(),
              "removal_shown": [{"held_index": n, "label": int(held_labels[n]), "rec_before": int(top_b[j, 0]),
                                 "rec_after": int(top_a[j, 0]), "p_label": float(probs[j, int(held_labels[n])])}
                                for j, n in enumerate(present.tolist())]}
