@@ -76,6 +76,30 @@ class AppServer:
                 self.proc.wait(timeout=15)
 
 
+def require_browser(app: bool = False) -> None:
+    """Skip the test (fail it under CI=true) unless Playwright, Debian's chromium and, for the app, gradio are
+    installed, saying what is missing."""
+    import pytest
+
+    missing = []
+    if app:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            missing.append("gradio (pip install -e '.[app]')")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install -e '.[test]')")
+    if shutil.which("chromium") is None:
+        missing.append("Debian's chromium (apt-get install chromium)")
+    if missing:
+        reason = "browser test needs " + ", ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " -- required in CI")
+        pytest.skip(reason)
+
+
 def launch_chromium(playwright):
     """Debian's chromium (browser downloads are not possible here) through Playwright."""
     return playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from app_server import (
     captions,
     hidden_captions,
     launch_chromium,
+    require_browser,
     run_reconstruct,
     wait_count,
     width_ratio,
@@ -34,28 +34,9 @@ pytestmark = pytest.mark.slow
 K = 4  # the Advanced section's default for the demo pair
 
 
-def _require_browser():
-    missing = []
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        missing.append("gradio (pip install -e '.[app]')")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("playwright (pip install -e '.[test]')")
-    if shutil.which("chromium") is None:
-        missing.append("Debian's chromium (apt-get install chromium)")
-    if missing:
-        reason = "browser test needs " + ", ".join(missing)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + " -- required in CI")
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def server(quick_demo_out, tmp_path_factory):
-    _require_browser()
+    require_browser(app=True)
     app = AppServer(quick_demo_out, tmp_path_factory.mktemp("gradio"))
     yield app
     app.stop()

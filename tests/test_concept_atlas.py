@@ -4,8 +4,6 @@ In CI (CI=true) a missing browser or Playwright fails instead of skipping."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -147,25 +145,11 @@ def test_bad_input_is_one_line(maps):
 
 # ----- the HTML atlas in headless Chromium ---------------------------------------------------------
 
-def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("playwright (pip install -e '.[test]')")
-    if shutil.which("chromium") is None:
-        missing.append("Debian's chromium (apt-get install chromium)")
-    if missing:
-        reason = "browser test needs " + ", ".join(missing)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + " -- required in CI")
-        pytest.skip(reason)
-
-
 @pytest.fixture
 def page():
-    _require_browser()
-    from app_server import launch_chromium
+    from app_server import launch_chromium, require_browser
+
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
