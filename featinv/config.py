@@ -236,9 +236,11 @@ class PairSource:
     With ``checkpoint`` None: the demo's digits pair, trained and cached under ``demo_out`` on first use.
     Else the model from ``checkpoint`` (a weights file or a folder holding featinv.safetensors) and its
     backbone from ``backbone`` over ``config`` over the run's config.yaml (``run_dir``, else beside the
-    weights); with none of them the loader refuses rather than guess."""
+    weights); with none of them the loader refuses rather than guess. ``minisd``: the miniSD checkpoint that
+    a ``checkpoint`` holding a control branch alone (``control_model.*``, the adapter) is paired with."""
 
     checkpoint: str | None = None
+    minisd: str | None = None              # miniSD (UNet, VAE, text encoder) for a control-branch-only checkpoint
     config: str | None = None              # preset name or YAML: model and backbone
     run_dir: str | None = None             # the training run whose config.yaml names the backbone
     backbone: str | None = None            # a backbone preset or timm name (pretrained)

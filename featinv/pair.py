@@ -2,7 +2,8 @@
 
 Every face gets its model here: the reconstruct job, the analyses, the app and the benchmarks call
 :func:`load_pair` with a :class:`~featinv.config.PairSource` (the demo pair, a weights file, or a folder
-holding ``featinv.safetensors``, or an exported folder's Hub id). :func:`check_channels` is the one check that a backbone fits a model.
+holding ``featinv.safetensors``, or an exported folder's Hub id; a control branch shipped alone with its
+``minisd``). :func:`check_channels` is the one check that a backbone fits a model.
 Errors name the setting at fault (``checkpoint``, ``run_dir``, ``backbone``); faces show their flags.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ResolvedSource:
     model_config: ModelConfig | None  # None: the checkpoint's own metadata
     backbone: BackboneConfig | None   # None: not needed (the caller brings its extractor)
     description: str
+    minisd: str | None = None         # the miniSD a control-branch-only ``weights`` file is paired with
 
 
 def weights_file(checkpoint: str | Path) -> Path:
@@ -92,6 +94,9 @@ def resolve_source(source: PairSource, need_backbone: bool = True) -> ResolvedSo
     if source.checkpoint is None:
         raise SettingError("{checkpoint}: none given (a PairSource without one is the demo pair)")
     path = weights_file(source.checkpoint)
+    minisd = source.minisd
+    if minisd is not None and not Path(minisd).exists() and Path(minisd).suffix:  # a file name, not a Hub id
+        raise SettingNotFound(f"{{minisd}}: {str(minisd)!r} not found")
     if source.config:
         full = load_config(source.config)
         model_cfg, base, desc = full.model, full.backbone, source.config
@@ -108,9 +113,9 @@ def resolve_source(source: PairSource, need_backbone: bool = True) -> ResolvedSo
         else:
             base = BackboneConfig()
     if not need_backbone:
-        return ResolvedSource(path, model_cfg, None, desc)
+        return ResolvedSource(path, model_cfg, None, desc, minisd)
     backbone = resolve_backbone(source.backbone, source.backbone_checkpoint, source.backbone_size, base)
-    return ResolvedSource(path, model_cfg, backbone, desc)
+    return ResolvedSource(path, model_cfg, backbone, desc, minisd)
 
 
 def check_channels(extractor: FeatureExtractor, model: FeatInv, where: str = "the model") -> None:
@@ -138,7 +143,7 @@ def load_resolved(resolved: ResolvedSource, device: str | torch.device = "cpu", 
     settings does not resolve it twice); ``extractor`` as in :func:`load_pair`."""
     from featinv.checkpoint.load import load_featinv
 
-    model = load_featinv(resolved.weights, resolved.model_config, device=device).eval()
+    model = load_featinv(resolved.weights, resolved.model_config, device=device, minisd=resolved.minisd).eval()
     extractor = extractor if extractor is not None else build_backbone(resolved.backbone)
     check_channels(extractor, model, resolved.weights.name)
     arch = getattr(extractor.model, "default_cfg", {}).get("architecture", "backbone")

@@ -166,6 +166,15 @@ CASES = [
      ["--config", "neither a preset"]),
     (["export", "F/missing", "F/export"], ["source", "not found"]),
     (["export", "F/folder", "F/export", "--eval", "F/one.png"], ["--eval", "is a file"]),
+    (["steer", "--minisd", "F/one.png", *ANALYSIS], ["--minisd", "goes with --checkpoint"]),
+    (["app", "--minisd", "F/one.png", "--demo-out", "F/demo"], ["--minisd", "goes with --checkpoint"]),
+    (["reconstruct", "--checkpoint", "F/garbage.safetensors", "--minisd", "F/missing.ckpt", "--data", "F/folder",
+      "--out", "F/out"], ["--minisd", "not found"]),
+    (["steer", "TINY", "--minisd", "F/garbage.safetensors", *ANALYSIS],
+     ["tiny.safetensors", "besides the control branch", "drop --minisd"]),
+    (["convert", "F/garbage.safetensors", "F/out.safetensors", "--minisd", "F/missing.ckpt"], ["--minisd", "not found"]),
+    (["convert", "F/garbage.safetensors", "F/out.safetensors", "--minisd", "F/one.png", "--trust-pickle"],
+     ["--trust-pickle", "not with --minisd"]),
 ]
 
 

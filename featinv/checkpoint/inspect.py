@@ -8,6 +8,7 @@ meta-device model (no weights are allocated).
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -15,16 +16,17 @@ from pathlib import Path
 import torch
 
 from featinv.checkpoint.config_file import flatten, from_dict, load_config, to_dict
-from featinv.checkpoint.layout import COMPONENT_NAMES, HARMLESS, CheckpointError, component_of, from_reference
-from featinv.checkpoint.load import (
-    check_schedule,
+from featinv.checkpoint.layout import (
+    COMPONENT_NAMES,
+    HARMLESS,
+    CheckpointError,
     check_state_dict,
-    config_from_metadata,
-    infer_model_config,
-    read_checkpoint,
+    component_of,
+    from_reference,
 )
+from featinv.checkpoint.load import check_schedule, config_from_metadata, infer_model_config, read_checkpoint
 from featinv.checkpoint.tensor_files import nonfinite_counts
-from featinv.config import PRESETS, WEIGHTS_FILE, ModelConfig
+from featinv.config import BACKBONE_HELP, PRESETS, WEIGHTS_FILE, ModelConfig
 from featinv.nets.model import FeatInv
 
 WEIGHT_COMPONENTS = ("unet", "control", "vae", "text_encoder")
@@ -74,6 +76,19 @@ def _kind(components: dict) -> str:
     if present:
         return "partial: " + " + ".join(COMPONENT_NAMES[c] for c in WEIGHT_COMPONENTS if c in present) + " only"
     return "unrecognised (no UNet, control branch, VAE or text encoder keys)"
+
+
+def adapter_fit(sd: dict[str, torch.Tensor]) -> dict | None:
+    """The adapter's feature channels (its first conv's input) and the presets that give them: config presets
+    whose adapter takes them and backbone presets whose feature map has them (a file does not name its
+    backbone). None without an adapter."""
+    hint = sd.get("control_model.input_hint_block.block.1.weight", sd.get("control.input_hint_block.block.1.weight"))
+    if hint is None:
+        return None
+    channels = hint.shape[1]
+    return {"in_channels": channels, "width": hint.shape[0],
+            "config_presets": [n for n, p in PRESETS.items() if p.model.adapter.in_channels == channels],
+            "backbone_presets": [n for n, text in BACKBONE_HELP.items() if re.search(rf"\b{channels}x\d+x\d+", text)]}
 
 
 def match_preset(cfg: ModelConfig, has_control: bool = True) -> str | None:
@@ -165,7 +180,7 @@ def describe(path: str | os.PathLike, config: str | ModelConfig | None = None) -
         "tensors": len(sd), "values": sum(v.numel() for v in sd.values()),
         "dtypes": dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())),
         "components": components, "kind": _kind(components), "key_prefix_stripped": wrapper,
-        "metadata_keys": sorted(metadata),
+        "metadata_keys": sorted(metadata), "adapter": adapter_fit(sd),
     }
     training = {k: _summary(container[k]) for k in TRAINING_KEYS if container is not None and k in container}
     info["training"] = ({**training, "other_entries": sorted(set(container) - set(TRAINING_KEYS) - {"state_dict"})}
@@ -196,6 +211,8 @@ def format_report(info: dict) -> str:
              f"tensors     {info['tensors']} ({_millions(info['values'])} values); dtypes "
              + ", ".join(f"{d} x{n}" for d, n in info["dtypes"].items()),
              f"holds       {info['kind']}"]
+    if set(info["components"]) & set(WEIGHT_COMPONENTS) == {"control"}:
+        lines.append("            (a control branch shipped alone: load it with its miniSD file, --minisd FILE)")
     if info["metadata_keys"]:
         lines.append(f"metadata    {', '.join(info['metadata_keys'])}")
     if info["key_prefix_stripped"]:
@@ -210,6 +227,13 @@ def format_report(info: dict) -> str:
     else:
         preset = f"matches {cfg['preset']}" if cfg["preset"] else "matches no preset"
         lines.append(f"config      {cfg['source']}; {preset}")
+    if info.get("adapter"):
+        a = info["adapter"]
+        fits = [f"--config {n}" for n in a["config_presets"]] + [f"--backbone {n}" for n in a["backbone_presets"]]
+        lines.append(f"adapter     takes {a['in_channels']}-channel feature maps (width {a['width']}); "
+                     + ("presets that give them: " + ", ".join(fits) if fits else "no preset gives them: pass "
+                        "--config YAML or --backbone (a timm name) of a classifier with that many channels")
+                     + "; the file does not name its backbone")
     lines += ["", f"  {'component':<22}{'tensors':>8}{'params':>16}  dtypes"]
     for entry in info["components"].values():
         lines.append(f"  {entry['name']:<22}{entry['tensors']:>8}{entry['params']:>16,}  {', '.join(entry['dtypes'])}")

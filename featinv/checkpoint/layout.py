@@ -11,6 +11,8 @@ Our module tree mirrors the LDM one, so the mapping is a prefix table (STYLE.md 
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from featinv.config import RUN_CONFIG, WEIGHTS_FILE, DiffusionConfig
@@ -98,3 +100,34 @@ def to_reference(sd: dict[str, torch.Tensor], diffusion: DiffusionConfig) -> dic
             raise KeyError(f"no reference prefix for key {key!r}")
         out[ref] = value
     return out
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor],
+                     components: tuple[str, ...] | None = None, source: str = "checkpoint") -> None:
+    """Raise CheckpointError listing missing / unexpected / mis-shaped keys, grouped by component.
+
+    ``sd`` has our keys (see ``from_reference``); the message names them as the file does (reference keys).
+    components: restrict the check to these (e.g. a miniSD file has no ``control``)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if components is None or component_of(k) in components}
+    problems: dict[str, list[str]] = defaultdict(list)
+    for kind, keys in (("missing", sorted(set(expected) - set(sd))), ("unexpected", sorted(set(sd) - set(expected)))):
+        by_comp = defaultdict(list)
+        for k in keys:
+            by_comp[component_of(k)].append(reference_key(k))
+        for comp, ks in by_comp.items():
+            problems[comp].append(f"{len(ks)} {kind}: {_examples(ks)}")
+    shapes = defaultdict(list)
+    for k in sorted(set(expected) & set(sd)):
+        if tuple(sd[k].shape) != tuple(expected[k]):
+            shapes[component_of(k)].append(f"{reference_key(k)} (file {tuple(sd[k].shape)}, model {tuple(expected[k])})")
+    for comp, ks in shapes.items():
+        problems[comp].append(f"{len(ks)} mis-shaped: {_examples(ks, 2)}")
+    if problems:
+        lines = [f"  {COMPONENT_NAMES[c]}: " + "; ".join(p) for c, p in problems.items()]
+        raise CheckpointError(f"{source} does not match the model:\n" + "\n".join(lines))

@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import zipfile
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,13 +22,12 @@ from safetensors.torch import save_file
 from featinv.checkpoint.config_file import from_dict, to_dict
 from featinv.checkpoint.hub import DIFFUSERS_FILES, local_source
 from featinv.checkpoint.layout import (
-    COMPONENT_NAMES,
     EXPORT_FILES,
     METADATA_KEY,
     CheckpointError,
+    check_state_dict,
     component_of,
     from_reference,
-    reference_key,
     to_reference,
 )
 from featinv.checkpoint.safe_unpickle import legacy_globals
@@ -112,37 +110,6 @@ def unwrap_state_dict(obj, source: str | os.PathLike, tensors_only: bool = True)
         raise CheckpointError(f"{source}: expected a state dict (or a dict with 'state_dict'), "
                               f"found {type(sd).__name__}")
     return sd, container
-
-
-def _examples(keys: list[str], n: int = 3) -> str:
-    more = f", ... (+{len(keys) - n})" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor],
-                     components: tuple[str, ...] | None = None, source: str = "checkpoint") -> None:
-    """Raise CheckpointError listing missing / unexpected / mis-shaped keys, grouped by component.
-
-    ``sd`` has our keys (see ``from_reference``); the message names them as the file does (reference keys).
-    components: restrict the check to these (e.g. a miniSD file has no ``control``)."""
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if components is None or component_of(k) in components}
-    problems: dict[str, list[str]] = defaultdict(list)
-    for kind, keys in (("missing", sorted(set(expected) - set(sd))), ("unexpected", sorted(set(sd) - set(expected)))):
-        by_comp = defaultdict(list)
-        for k in keys:
-            by_comp[component_of(k)].append(reference_key(k))
-        for comp, ks in by_comp.items():
-            problems[comp].append(f"{len(ks)} {kind}: {_examples(ks)}")
-    shapes = defaultdict(list)
-    for k in sorted(set(expected) & set(sd)):
-        if tuple(sd[k].shape) != tuple(expected[k]):
-            shapes[component_of(k)].append(f"{reference_key(k)} (file {tuple(sd[k].shape)}, model {tuple(expected[k])})")
-    for comp, ks in shapes.items():
-        problems[comp].append(f"{len(ks)} mis-shaped: {_examples(ks, 2)}")
-    if problems:
-        lines = [f"  {COMPONENT_NAMES[c]}: " + "; ".join(p) for c, p in problems.items()]
-        raise CheckpointError(f"{source} does not match the model:\n" + "\n".join(lines))
 
 
 def check_schedule(schedule: dict[str, torch.Tensor], diffusion: DiffusionConfig, source: str) -> None:
@@ -277,22 +244,43 @@ def check_adapter_option(saved: ModelConfig | None, model, source: str) -> None:
                           f"{str(want).lower()}; load it with model.adapter.pooled={str(saved.adapter.pooled).lower()}")
 
 
-def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu"):
-    """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt), an
-    exported FeatInv folder or its Hub id (see :func:`resolve_featinv_source`).
+def read_control_pair(control: str | os.PathLike, minisd: str | os.PathLike
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], ModelConfig | None]:
+    """A control-branch-only file and a miniSD source (file, diffusers folder or Hub id), read memory-mapped where
+    the format allows -> (the full model's reference-layout state dict, the control file's metadata, the miniSD's
+    config with the control file's adapter, or None) (:func:`featinv.checkpoint.control_pair.pair_control`)."""
+    from featinv.checkpoint.control_pair import pair_control
 
-    The config comes from ``cfg``, else the file's metadata, else the shapes. Loading is strict, and
-    NaN/inf weights are refused. Peak memory is about one copy of the weights: safetensors files and
-    torch.save zip archives are memory-mapped and their tensors assigned as the parameters."""
+    sd_c, metadata = read_state_dict(control)
+    sd_m, found = read_source(minisd)
+    merged, found = pair_control(sd_c, str(control), sd_m, found, str(minisd))
+    return merged, metadata, found
+
+
+def load_featinv(path: str | os.PathLike, cfg: ModelConfig | None = None, device: str | torch.device = "cpu",
+                 minisd: str | os.PathLike | None = None):
+    """Build a FeatInv model from a full checkpoint (featinv safetensors, reference .ckpt/.pt), an
+    exported FeatInv folder or its Hub id (see :func:`resolve_featinv_source`); with ``minisd``, from a
+    control-branch-only ``path`` and that miniSD source (:mod:`featinv.checkpoint.control_pair`).
+
+    The config comes from ``cfg``, else the file's metadata (the miniSD's), else the shapes. Loading is
+    strict, and NaN/inf weights are refused. Peak memory is about one copy of the weights: safetensors
+    files and torch.save zip archives are memory-mapped and their tensors assigned as the parameters."""
+    from featinv.checkpoint.control_pair import check_control_fits, check_not_control_only
     from featinv.nets.model import FeatInv
 
     path, _ = resolve_featinv_source(path)
-    sd, metadata = read_state_dict(path)
+    sd, metadata, found = (*read_state_dict(path), None) if minisd is None else read_control_pair(path, minisd)
+    if minisd is None:
+        check_not_control_only(sd, str(path))
     saved = config_from_metadata(metadata)
-    cfg = cfg or saved or infer_model_config(sd, str(path))
+    given = cfg is not None
+    cfg = cfg or saved or found or infer_model_config(sd, str(path))
     check_finite(sd, str(path), "the checkpoint is broken (a diverged run?) and would reconstruct black images")
     with torch.device("meta"):  # no storage: the file's tensors become the parameters (one copy in memory)
         model = FeatInv(cfg)
+    if minisd is not None:
+        check_control_fits(model, sd, str(path), "the config given" if given else f"the UNet of {minisd}")
     notes = load_into(model, sd, source=str(path), assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"not loaded: {left[:3]}"  # strict loading covers every parameter and buffer

@@ -53,6 +53,33 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (``safetensors.torch.save_file`` builds the whole file in
+    memory first): besides the tensors themselves (memory-mapped sources stay mapped) it holds at most one
+    tensor's copy, for a tensor that is not contiguous. Tensors are laid out by item size, largest first, after
+    a header padded to 8 bytes, so every tensor is aligned for the memory-mapped reader above."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in names:
+            raise ValueError(f"{key}: dtype {t.dtype} has no safetensors name")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for key in order:
+            t = tensors[key].detach().cpu().contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))  # the tensor's bytes, not a copy of them
+
+
 # The tensor files featinv writes besides checkpoints, by the ``format`` entry of their metadata ("<name>/<version>"):
 # what each one is, so that a reader handed one of them by mistake can say so. A new kind of file adds its line here.
 FILE_KINDS = {"featinv-concepts": "a concept basis (featinv concepts)"}

@@ -45,6 +45,7 @@ def check_common(args) -> None:
     of the demo (and only with it), a --checkpoint comes with --images. Sets ``args.digit_list``."""
     check_writable(args.out)
     check_output_folder(args.out, args.command_name, args.overwrite)
+    source_from_args(args)  # the model-source flags' own checks (--minisd goes with --checkpoint)
     if args.checkpoint is not None and not args.images:
         raise ValueError("--images: give input images (files or folders) when running on --checkpoint")
     args.digit_list = None

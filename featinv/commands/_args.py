@@ -139,6 +139,15 @@ def config_source(text: str) -> str:
     return existing_file(text)
 
 
+def add_minisd_arg(g) -> None:
+    """--minisd, the miniSD a control branch shipped alone is paired with (the model-source flags and
+    ``featinv convert``)."""
+    g.add_argument("--minisd", type=checkpoint_source,
+                   help="miniSD checkpoint (UNet, VAE, text encoder: a .ckpt, .safetensors, diffusers folder or Hub "
+                        "id) for a checkpoint that holds the control branch alone (control_model.*, the adapter); "
+                        "the two load as one model")
+
+
 def add_source_args(p: argparse.ArgumentParser, demo: bool) -> argparse._ArgumentGroup:
     """The model-source flags as a group ("model"), read back by :func:`source_from_args`: --checkpoint and
     where its backbone comes from; with ``demo`` the checkpoint is optional and the demo pair's flags come too.
@@ -149,6 +158,7 @@ def add_source_args(p: argparse.ArgumentParser, demo: bool) -> argparse._Argumen
                    help=f"FeatInv weights: a .safetensors file or a reference .ckpt, a folder holding "
                         f"{WEIGHTS_FILE} (a training run, an export) or an exported folder's Hub id"
                         + ("; without it the demo pair under --demo-out" if demo else ""))
+    add_minisd_arg(g)
     g.add_argument("--config", type=config_source, help="preset name or YAML for the model and backbone (default: "
                    f"the model from the checkpoint's metadata, the backbone from the training run's {RUN_CONFIG})")
     g.add_argument("--run-dir", type=existing_dir, help=f"the training run whose {RUN_CONFIG} names the backbone "
@@ -167,10 +177,13 @@ def add_source_args(p: argparse.ArgumentParser, demo: bool) -> argparse._Argumen
 
 def source_from_args(args: argparse.Namespace) -> PairSource:
     """The parsed flags of :func:`add_source_args` -> the PairSource they name (the demo's fields, when the
-    face has no demo flags, keep their defaults)."""
+    face has no demo flags, keep their defaults). ValueError for --minisd without --checkpoint."""
+    if args.minisd is not None and args.checkpoint is None:
+        raise ValueError("--minisd: goes with --checkpoint (a control branch shipped alone, paired with this miniSD)")
     demo = {"demo_out": args.demo_out, "demo_seed": args.demo_seed, "demo_quick": not args.demo_full} \
         if hasattr(args, "demo_out") else {}
-    return PairSource(checkpoint=args.checkpoint, config=args.config, run_dir=args.run_dir, backbone=args.backbone,
+    return PairSource(checkpoint=args.checkpoint, minisd=args.minisd, config=args.config, run_dir=args.run_dir,
+                      backbone=args.backbone,
                       backbone_checkpoint=args.backbone_checkpoint, backbone_size=args.backbone_size, **demo)
 
 

@@ -32,6 +32,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if importlib.util.find_spec("gradio") is None:
         raise ValueError("gradio is not installed; pip install 'featinv[app]'")
+    source_from_args(args)  # the model-source flags' own checks (--minisd goes with --checkpoint)
     if args.examples and args.checkpoint is None:
         raise ValueError("--examples: offered with --checkpoint (the demo pair offers its own held-out digits)")
     if args.port is not None:

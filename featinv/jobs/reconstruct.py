@@ -222,6 +222,10 @@ def reconstruct_folder(job: ReconstructJob, *, model: FeatInv | None = None,
             "data": str(job.data), "per_class": job.per_class, "classes": class_names,
             "sample": dataclasses.asdict(job.sample), "backbone": to_dict(bcfg) if bcfg else None,
             "batch_size": job.batch_size}  # not compared: it moves at most a few pixels by 1/255 (Reconstructor)
+    if resolved and resolved.minisd:  # a control branch shipped alone: its miniSD is part of the model
+        known = {"checkpoint_file": (previous or {}).get("minisd_file")}
+        info["minisd_file"] = checkpoint_identity(resolved.minisd, known) if Path(resolved.minisd).is_file() \
+            else {"path": str(resolved.minisd)}
     verified = _prepare_folder(out, items, k, info, previous, job.overwrite, rank)
     done_before = sum(it.complete(out, k) for it in items)
     if done_before == len(items):  # nothing to do: no model is loaded

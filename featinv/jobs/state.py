@@ -76,6 +76,9 @@ def settings_diff(previous: dict, now: dict) -> list[str]:
                      f"this one is {new_ck['path']} (sha256 {new_ck['sha256'][:12]})")
     elif not old_ck and previous.get("checkpoint") and previous["checkpoint"] != now.get("checkpoint"):
         diffs.append(f"checkpoint was {previous['checkpoint']!r}, now {now.get('checkpoint')!r}")
+    old_sd, new_sd = previous.get("minisd_file") or {}, now.get("minisd_file") or {}
+    if (old_sd or new_sd) and (old_sd.get("sha256") or old_sd.get("path")) != (new_sd.get("sha256") or new_sd.get("path")):
+        diffs.append(f"minisd: the folder's model used {old_sd.get('path')}, this one {new_sd.get('path')}")
     old = flatten({k: previous[k] for k in SETTINGS if k in previous})
     new = flatten({k: now[k] for k in SETTINGS if k in previous})
     diffs += [f"{key} was {old.get(key)!r}, now {value!r}" for key, value in new.items() if old.get(key) != value]
