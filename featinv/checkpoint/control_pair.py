@@ -49,12 +49,9 @@ def check_not_control_only(sd: dict[str, torch.Tensor], source: str) -> None:
                               "with its miniSD checkpoint (--minisd FILE; minisd= in Python)")
 
 
-def pair_control(sd_c: dict[str, torch.Tensor], control: str, sd_m: dict[str, torch.Tensor], found: ModelConfig | None,
-                 minisd: str) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
-    """A control-only state dict (from ``control``) and a miniSD's (from ``minisd``, with its config ``found`` or
-    None) -> (the full model's reference-layout state dict, the miniSD's config with the control file's adapter,
-    or None). CheckpointError naming the file that holds the wrong parts. (Reading both files:
-    :func:`featinv.checkpoint.load.read_control_pair`.)"""
+def check_control_only(sd_c: dict[str, torch.Tensor], control: str) -> None:
+    """CheckpointError unless ``sd_c`` (from ``control``) holds the control branch and nothing else: checked
+    before the miniSD file is read, so a full model given with --minisd is named whatever that file holds."""
     held = components(sd_c)
     if "control" not in held:
         raise CheckpointError(f"{control}: holds no control branch (control_model.*); with a miniSD file the "
@@ -62,6 +59,15 @@ def pair_control(sd_c: dict[str, torch.Tensor], control: str, sd_m: dict[str, to
     if held - {"control"}:
         raise CheckpointError(f"{control}: holds the {_names(held - {'control'})} besides the control branch: a "
                               "full model, which needs no miniSD file (drop --minisd)")
+
+
+def pair_control(sd_c: dict[str, torch.Tensor], control: str, sd_m: dict[str, torch.Tensor], found: ModelConfig | None,
+                 minisd: str) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+    """A control-only state dict (from ``control``) and a miniSD's (from ``minisd``, with its config ``found`` or
+    None) -> (the full model's reference-layout state dict, the miniSD's config with the control file's adapter,
+    or None). CheckpointError naming the file that holds the wrong parts. (Reading both files:
+    :func:`featinv.checkpoint.load.read_control_pair`.)"""
+    check_control_only(sd_c, control)
     held_m = components(sd_m)
     if "control" in held_m:
         raise CheckpointError(f"{minisd}: holds a control branch (control_model.*): a FeatInv checkpoint, "

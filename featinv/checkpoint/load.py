@@ -249,9 +249,10 @@ def read_control_pair(control: str | os.PathLike, minisd: str | os.PathLike
     """A control-branch-only file and a miniSD source (file, diffusers folder or Hub id), read memory-mapped where
     the format allows -> (the full model's reference-layout state dict, the control file's metadata, the miniSD's
     config with the control file's adapter, or None) (:func:`featinv.checkpoint.control_pair.pair_control`)."""
-    from featinv.checkpoint.control_pair import pair_control
+    from featinv.checkpoint.control_pair import check_control_only, pair_control
 
     sd_c, metadata = read_state_dict(control)
+    check_control_only(sd_c, str(control))
     sd_m, found = read_source(minisd)
     merged, found = pair_control(sd_c, str(control), sd_m, found, str(minisd))
     return merged, metadata, found
