@@ -25,6 +25,8 @@ COMMANDS = {  # name -> (module, one-line help); modules are imported only when 
     "compose": ("featinv.commands.compose", "reconstruct composite feature maps: interpolation, pasting, channels"),
     "concepts": ("featinv.commands.concepts", "find concepts in the feature map (factorisations, sparse autoencoders); "
                  "see, remove and steer by each"),
+    "maps": ("featinv.commands.maps", "learn how an edit (or another network) moves the feature map; decode the "
+             "mapped maps"),
     "perturb": ("featinv.commands.perturb", "reconstruct corrupted and adversarial inputs beside the clean ones"),
     "app": ("featinv.commands.app", f"interactive explorer in the browser: {names(PANELS).lower()}"),
 }

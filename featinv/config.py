@@ -168,6 +168,11 @@ STEER_CLAMP = "channel"               # the default clamp of steering (featinv s
 # that sets its level, concepts an image set moves), chosen for the TopK SAE on the training digits by
 # `benchmarks/bench_concepts.py --only-edits` (benchmarks/RESULTS.md, "Code edits a -> b").
 EDIT_DEFAULTS = {"set": (0.99, 5), "swap": (0.9, 3)}
+# Image manipulations' default values (featinv maps, featinv.registry.MANIPULATIONS, whose help says what each value
+# means): strong enough to move a feature map clearly, mild enough that the image keeps its object. hflip takes no
+# value but 1; grayscale and invert are at full strength (1). blur's 1.0 is perturb's middle severity.
+MANIPULATION_DEFAULTS = {"hflip": 1.0, "rotate": 30.0, "translate": 0.25, "crop": 0.6, "blur": 1.0,
+                         "grayscale": 1.0, "jitter": 0.4, "invert": 1.0, "occlude": 0.4}
 SAMPLER_NAMES = tuple(SAMPLERS)       # featinv.registry.SAMPLERS (its STOCHASTIC_SAMPLERS take eta != 0)
 SPACINGS = ("reference", "trailing")  # featinv.diffusion.samplers.ddim_timesteps spacings
 

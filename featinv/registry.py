@@ -70,6 +70,9 @@ PANELS: dict[str, Entry] = {
     "Concepts": Entry("a basis from featinv concepts: find concepts by class or frequency, those active at a clicked "
                       "place; one concept's heat map, steering along it, its code set or swapped, the image without "
                       "it", "featinv.app.panels.concepts:PANEL"),
+    "Maps": Entry("a map inside feature space (featinv maps): the input's map carried to the map of the image "
+                  "manipulated (fitted here, or a saved map file), reconstructed beside that image's own map",
+                  "featinv.app.panels.maps:PANEL"),
 }
 
 # Where a pair comes from when a source names no checkpoint: the demo's (trained on first use). The
@@ -86,6 +89,33 @@ CORRUPTIONS: dict[str, Entry] = {
     "jpeg": Entry("JPEG compression and decompression; the value is the quality", "featinv.analysis.perturb:jpeg"),
     "contrast": Entry("contrast scaled around each image's mean; the value is the factor",
                       "featinv.analysis.perturb:contrast"),
+}
+
+# Image manipulations (featinv maps: the feature map of an image -> that of the image manipulated): each is
+# f(images (B, 3, H, W) float32 in [0, 1], value, generator) -> (B, 3, H, W) in featinv.analysis.manipulations, where
+# ``manipulate`` clamps the result to [0, 1]. A spec is ``<name>[:<value>]``, read by featinv.analysis.specs.
+# parse_manipulation (torch-free), which fills in a missing value from featinv.config.MANIPULATION_DEFAULTS and checks
+# it against specs.MANIPULATION_RANGES. Random parameters are drawn from the generator, so a seed fixes the result.
+MANIPULATIONS: dict[str, Spec] = {
+    "hflip": Spec("mirror left-right; takes no value but 1", "featinv.analysis.manipulations:hflip",
+                  syntax="[<value>]"),
+    "rotate": Spec("rotation about the centre; the value is the angle in degrees, counter-clockwise (corners grey)",
+                   "featinv.analysis.manipulations:rotate", syntax="[<value>]"),
+    "translate": Spec("shift right and down; the value is the fraction of the side, in [-1, 1] (negative: left and "
+                      "up; the uncovered part grey)", "featinv.analysis.manipulations:translate", syntax="[<value>]"),
+    "crop": Spec("zoom into the centre; the value is the fraction of the side kept, in (0, 1], resized back",
+                 "featinv.analysis.manipulations:crop", syntax="[<value>]"),
+    "blur": Spec("Gaussian blur; the value is its std in pixels per 64 px of image side (at least 1x)",
+                 "featinv.analysis.manipulations:blur", syntax="[<value>]"),
+    "grayscale": Spec("towards grey levels; the value is the strength in [0, 1] (1: fully grey)",
+                      "featinv.analysis.manipulations:grayscale", syntax="[<value>]"),
+    "jitter": Spec("colour jitter drawn per image; the value v in [0, 1] bounds the brightness, contrast and "
+                   "saturation factors to [1-v, 1+v] and the hue shift to [-v/4, v/4] turn",
+                   "featinv.analysis.manipulations:jitter", syntax="[<value>]"),
+    "invert": Spec("colours inverted (1 - x); the value is the strength in [0, 1] (1: fully inverted)",
+                   "featinv.analysis.manipulations:invert", syntax="[<value>]"),
+    "occlude": Spec("a grey square at a place drawn per image; the value is its side as a fraction of the "
+                    "image's, in (0, 1]", "featinv.analysis.manipulations:occlude", syntax="[<value>]"),
 }
 
 
@@ -135,3 +165,15 @@ CONCEPT_METHODS: dict[str, Entry] = {
 }
 IMPORTED_METHODS = ("jumprelu",)   # methods a basis may have but --method cannot fit
 SAE_METHODS = ("topk", "batchtopk", "jumprelu")   # what --import-sae --sae-type converts
+
+# Feature-space map types (featinv maps --map): each is a class in featinv.analysis.feature_maps with fit (streamed
+# (input, target) map batches, options chosen on validation maps) and apply; the map file records the name.
+MAP_TYPES: dict[str, Entry] = {
+    "identity": Entry("the unmapped map: the baseline every map is read against", "featinv.analysis.feature_maps:Identity"),
+    "linear": Entry("one affine map W·x + b shared by every position (closed-form ridge, λ chosen on validation maps)",
+                    "featinv.analysis.feature_maps:Linear"),
+    "local": Entry("a 3x3 convolution over the grid (the same ridge over unfolded patches)",
+                   "featinv.analysis.feature_maps:Convolution"),
+    "global": Entry("a small transformer over the grid's tokens (Adam, early-stopped on validation maps)",
+                    "featinv.analysis.feature_maps:Transformer"),
+}

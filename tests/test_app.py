@@ -226,6 +226,78 @@ def test_perturb_shows_clean_and_perturbed(cb, session):
     assert perturbed[0][1].startswith("blur severity 3:")
 
 
+CAPTION = re.compile(r"^(.+?): \d \(\d+\xa0%\)(; .+)?$")  # "<what>: <top-1 class> (<p> %)"
+
+
+def test_maps_fits_a_linear_map_once_and_reconstructs_the_mapped_map(cb, session, tmp_path, monkeypatch):
+    """hflip, linear: input | flipped | the flipped digit's own map reconstructed | the input's map through the map,
+    reconstructed, each captioned with the classifier's top-1; the map (fitted on the training digits) is kept, so
+    a second click fits nothing; saved to a file, it brings its own manipulation and gives the same pictures."""
+    from featinv.analysis import maps_report
+    from featinv.analysis.feature_maps import save_map
+
+    session.maps.clear()
+    images, table, note = cb.maps(session.examples[3], "hflip", 1, "linear", "", *sampler(session, k=1))
+    assert [CAPTION.match(c).group(1) for _, c in images] == [
+        "input", "hflip:1", "own map reconstructed", "mapped (linear) reconstructed"]
+    assert len({im.size for im, _ in images}) == 1 and images[0][0].size[0] >= 160
+    assert list(table["feature map"]) == ["own map", "mapped (linear)", "unmapped (the input's own)"]
+    cosine = [float(c) for c in table["cosine to the own map"]]
+    assert cosine[0] == 1 and cosine[1] > cosine[2], table  # the map moves the input's map towards the flipped one
+    assert f"fitted on {len(session.pair.data['x_train'])} training digits" in note and set(session.maps) == {
+        ("hflip:1", "linear")}
+    monkeypatch.setattr(maps_report, "fit_task_maps", lambda *a, **k: pytest.fail("fitted again"))
+    again, _, _ = cb.maps(session.examples[3], "hflip", "", "linear", "", *sampler(session, k=1))  # empty: default
+    assert all(np.array_equal(pixels(a), pixels(b)) for (a, _), (b, _) in zip(images, again))
+    path = save_map(session.maps[("hflip:1", "linear")], tmp_path / "hflip_1_linear.safetensors",
+                    about={"manipulation": "hflip:1"})
+    from_file, _, note = cb.maps(session.examples[3], "rotate", 30, "local", f" {path} ", *sampler(session, k=1))
+    assert [c for _, c in from_file] == [c for _, c in images] and "linear map from" in note
+    assert all(np.array_equal(pixels(a), pixels(b)) for (a, _), (b, _) in zip(images, from_file))
+
+
+def test_maps_refuses_map_files_that_do_not_fit(cb, session, tmp_path):
+    """A map of another channel count names both shapes; one of a network the app does not serve, or a fit without
+    fit images (a checkpoint), say what to run instead."""
+    import dataclasses
+
+    from featinv.analysis.feature_maps import build_map, save_map
+    from featinv.app.panels.maps import run
+    from featinv.app.session import Session
+
+    other = save_map(build_map("linear", 32, 64, (2, 2), (2, 2)), tmp_path / "c32.safetensors",
+                     about={"manipulation": "hflip:1"})
+    with pytest.raises(gr.Error, match=r"c32.safetensors: the map takes 32x2x2 maps, but demo pair gives 64x2x2"):
+        cb.maps(session.examples[3], "hflip", 1, "linear", str(other), *sampler(session, k=1))
+    foreign = save_map(build_map("linear", 64, 64, (2, 2), (2, 2)), tmp_path / "r50.safetensors",
+                       about={"source": "resnet50", "target": "demo pair"})
+    with pytest.raises(gr.Error, match="needs resnet50's feature maps \\(its source network\\)"):
+        cb.maps(session.examples[3], "hflip", 1, "linear", str(foreign), *sampler(session, k=1))
+    with pytest.raises(gr.Error, match=r"rotate's value must be in \[-360, 360\], got 999"):
+        cb.maps(session.examples[3], "rotate", 999, "linear", "", *sampler(session, k=1))
+    without_data = Session(dataclasses.replace(session.pair, data=None))
+    with pytest.raises(ValueError, match="run `featinv maps --checkpoint CKPT --images DIR --manipulation hflip:1"):
+        run(without_data, session.examples[3], "hflip", 1, "linear", "", cfg=session.sample_config)
+
+
+def test_maps_from_the_demos_second_classifier(cb, session, tmp_path):
+    """A map from digits-b's maps (48 channels) to the decoder's: no manipulated column; the input is captioned with
+    both classifiers' top-1 and the mapped map is compared with the decoder's own map of the input."""
+    from featinv.analysis import maps_report
+    from featinv.analysis.feature_maps import save_map
+    from featinv.demo.pair import SECOND, second_classifier
+
+    digits = session.pair.data["x_train"][:300].expand(-1, 3, -1, -1)
+    task = maps_report.network_task(second_classifier(session.pair, log=lambda *a: None), session.extractor, digits,
+                                    digits[:1], ["d0"], 1, SECOND, "demo pair")
+    path = save_map(maps_report.fit_task_maps(task, ["linear"])["linear"], tmp_path / "b_linear.safetensors")
+    images, table, note = cb.maps(session.examples[3], "hflip", 1, "linear", str(path), *sampler(session, k=1))
+    assert [CAPTION.match(c).group(1) for _, c in images] == [
+        "input", "the decoder's own map reconstructed", "mapped (linear) reconstructed"]
+    assert f"; {SECOND}: " in images[0][1] and f"({SECOND} → the decoder's)" in note
+    assert list(table["feature map"]) == ["the decoder's own map", "mapped (linear)"]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: (d / "notes.txt").write_text("hello") and d / "notes.txt", "is not an image"),
     (lambda d: png_header(d / "bomb.png", 9_000, 5_000), "45 megapixels; the limit is 40"),
@@ -272,6 +344,7 @@ NAN, INF = float("nan"), float("inf")
     (lambda cb, x, s: cb.perturb(x, "PGD attack", 1, NAN, 10, "untargeted", *s), "eps \\(/255\\) = nan is not a fin"),
     (lambda cb, x, s: cb.perturb(x, "PGD attack", 1, 8, INF, "untargeted", *s), "PGD steps = inf is not a finite"),
     (lambda cb, x, s: cb.perturb(x, "blur", NAN, 8, 10, "untargeted", *s), "corruption severity = nan is not a fin"),
+    (lambda cb, x, s: cb.maps(x, "rotate", NAN, "linear", "", *s), "rotate:nan': the value must be finite"),
 ])
 def test_non_finite_numbers_are_messages(cb, session, call, message):
     """NaN/inf from a slider, a number box or an API call: a message naming the setting, nothing sampled."""

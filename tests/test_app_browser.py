@@ -3,8 +3,9 @@
 Loads the page, uploads a digit (shown as the picture), runs Reconstruct (K images whose captions can be
 read whole + the top-5 table), steers, moves the strength slider (the strip changes) and switches the
 clamp off (the steered pictures change), composes (the table as wide as the panel), perturbs, clicks a
-concept's picture (the concepts active there are listed), uploads a file that is not an image (a message, no
-earlier result left under it), types a non-finite seed (a message), and the app keeps answering.
+concept's picture (the concepts active there are listed), maps the digit rotated (a linear map fitted in the
+page), uploads a file that is not an image (a message, no earlier result left under it), types a non-finite
+seed (a message), and the app keeps answering.
 Screenshots go to the test's tmp folder; FEATINV_APP_SCREENSHOT=1 also refreshes docs/app.png.
 In CI (CI=true) a missing browser or Playwright fails instead of skipping.
 """
@@ -178,6 +179,22 @@ def test_app_in_browser(server, page, quick_demo_out, tmp_path):
                            "'lies in cell (1, 1) of the 2x2 feature grid')", timeout=30_000)
     assert page.locator("#concepts-at [role=grid]").count() == 1
     page.screenshot(path=tmp_path / "concepts.png", full_page=True)
+
+    # Maps: pick a manipulation (its value box takes its default), fit a linear map on the training digits: input |
+    # rotated | the rotated digit's own map and the input's mapped map, reconstructed; the table of those maps
+    page.click("button[role=tab]:has-text('Maps')")
+    page.click("#maps-manipulation input")
+    page.click("#maps-manipulation li[aria-label=rotate]")
+    page.wait_for_function("document.querySelector('#maps-value input').value == '30'")
+    page.click("#maps-run")
+    wait_count(page, "#maps-gallery img", 4)
+    alts = captions(page, "#maps-gallery")
+    assert [a.split(": ")[0] for a in alts] == ["input", "rotate:30", "own map reconstructed",
+                                                "mapped (linear) reconstructed"], alts
+    assert hidden_captions(page, "#maps-gallery") == []
+    page.wait_for_function("document.querySelector('#maps-table [role=grid]')?.getAttribute('aria-rowcount') == '4'")
+    assert "fitted on" in page.inner_text("#maps-note")
+    page.screenshot(path=tmp_path / "maps.png", full_page=True)
 
     # A file that is not an image: a message in the page, no traceback, no earlier result left
     page.click("button[role=tab]:has-text('Reconstruct')")

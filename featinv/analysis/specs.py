@@ -5,7 +5,9 @@ A spec is ``<kind>:<field>:<field>...``; the kinds and their syntax are the tabl
 :data:`FIELDS`, which checks its text (the number's shape, that a file or folder exists, digit classes only on the
 demo pair) and returns its value. The command's parse and the library's parsers
 (:mod:`featinv.analysis.directions`) both call :func:`split_spec`, so a spec is read one way: a mistake is answered
-before any model loads, and the library sees the same fields. This module imports no torch (nor anything that does).
+before any model loads, and the library sees the same fields. Image manipulation specs (``rotate``, ``rotate:45``;
+featinv.registry.MANIPULATIONS) are read by :func:`parse_manipulation`, for the command and
+:mod:`featinv.analysis.manipulations` alike. This module imports no torch (nor anything that does).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from featinv.registry import Spec
+from featinv.config import MANIPULATION_DEFAULTS
+from featinv.registry import MANIPULATIONS, Spec, names
 
 DIGIT_SET = re.compile(r"digits?\d(\+\d)*")       # the demo's training digits of classes: digit3, digits3+5
 INDICES = re.compile(r"\d+(\+\d+)*", re.ASCII)    # concept indices: 3, 3+7
@@ -118,3 +121,50 @@ def parse_levels(text: str, flag: str = "--levels") -> list[Level]:
             raise ValueError(f"{flag}: {item!r}: a quantile must lie in [0, 1]")
         levels.append(Level(value, quantile))
     return list(dict.fromkeys(levels))
+
+
+class Range(NamedTuple):
+    """The values a manipulation takes: [low, high], or (low, high] when ``open_low``."""
+
+    low: float
+    high: float
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (value > self.low if self.open_low else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.low == self.high:
+            return f"{self.low:g}"
+        if math.isinf(self.high):
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+
+# Beyond these a manipulation means nothing more (a shift past the side, a crop of nothing), so such a value is a
+# mistake; featinv.registry.MANIPULATIONS' help says what each value means.
+MANIPULATION_RANGES = {
+    "hflip": Range(1, 1), "rotate": Range(-360, 360), "translate": Range(-1, 1), "crop": Range(0, 1, open_low=True),
+    "blur": Range(0, math.inf), "grayscale": Range(0, 1), "jitter": Range(0, 1), "invert": Range(0, 1),
+    "occlude": Range(0, 1, open_low=True),
+}
+
+
+def parse_manipulation(text: str) -> tuple[str, float]:
+    """``rotate`` or ``rotate:45`` -> (name, value), the value MANIPULATION_DEFAULTS' when none is given;
+    ValueError, one line naming the spec, for an unknown name or a value that is not a number in its range."""
+    name, colon, value_text = text.strip().partition(":")
+    if name not in MANIPULATIONS:
+        raise ValueError(f"manipulation {text!r}: unknown name {name!r} (choose from {names(MANIPULATIONS)})")
+    if not colon:
+        return name, float(MANIPULATION_DEFAULTS[name])
+    try:
+        value = float(value_text)
+    except ValueError:
+        raise ValueError(f"manipulation {text!r}: {value_text!r} is not a number (use {name} or {name}:<value>)"
+                         ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"manipulation {text!r}: the value must be finite, got {value}")
+    if value not in MANIPULATION_RANGES[name]:
+        raise ValueError(f"manipulation {text!r}: {name}'s value must be {MANIPULATION_RANGES[name]}, got {value:g}")
+    return name, value

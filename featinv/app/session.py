@@ -61,6 +61,7 @@ class Session:
     pair: Pair
     examples: list[str] = field(default_factory=list)  # image files offered as examples
     _references: torch.Tensor | None = field(default=None, repr=False)  # feature maps of the clamp's references
+    maps: dict = field(default_factory=dict, repr=False)  # the Maps panel's fitted maps by (manipulation spec, type)
 
     model = property(lambda self: self.pair.model)
     extractor = property(lambda self: self.pair.extractor)

@@ -17,18 +17,23 @@ from featinv.io import check_output_folder, check_writable, mark_output_folder
 DIGITS = range(10)  # the demo pair's classes: scikit-learn's digits 0-9
 
 
-def add_common_args(p, outputs: str = "the picture, table.md and table.json") -> None:
-    """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits; sampling; --out
-    (which holds ``outputs``)."""
+def add_common_args(p, outputs: str = "the picture, table.md and table.json", images: str | None = None,
+                    digits: bool = True) -> None:
+    """--checkpoint/--backbone (a real model) or the demo pair; --images or held-out digits (``images``: what
+    --images are for, when the default does not say it; ``digits``: whether --digits/--count pick them);
+    sampling; --out (which holds ``outputs``)."""
     g = add_source_args(p, demo=True)
     g.add_argument("--device", default="auto", help="torch device: cpu, cuda[:N] or auto (cuda when available)")
     g = p.add_argument_group("inputs")
-    g.add_argument("--images", nargs="+", type=image_source, help="image files and/or folders (any size; resized "
-                                                                  "to the backbone's input); default on the demo: "
-                                                                  "held-out digits")
-    g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
-                                    "default: the command's example digits, or the first --count held-out digits)")
-    g.add_argument("--count", type=positive_int, help="demo: digits per class (or in all; default 1 with --digits, else 3)")
+    g.add_argument("--images", nargs="+", type=image_source, help=images or "image files and/or folders (any size; "
+                   "resized to the backbone's input); default on the demo: held-out digits")
+    if digits:
+        g.add_argument("--digits", help="demo: comma-separated digit classes, --count of each (e.g. 0,1,2; "
+                                        "default: the command's example digits, or the first --count held-out digits)")
+        g.add_argument("--count", type=positive_int, help="demo: digits per class (or in all; default 1 with --digits, "
+                                                          "else 3)")
+    else:
+        p.set_defaults(digits=None, count=None)
     g = p.add_argument_group("sampling")
     g.add_argument("--samples", type=sample_count, default=1,
                    help=f"K reconstructions per input (K > 1 adds a spread map; at most {MAX_SAMPLES})")

@@ -27,15 +27,16 @@ def load_digits_split(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class DigitsCNN(nn.Module):
-    """(B, 3, S, S) normalised -> logits (B, 10); ``features`` -> (B, 64, S/4, S/4) (2x2 at 8 px)."""
+    """(B, 3, S, S) normalised -> logits (B, 10); ``features`` -> (B, width, S/4, S/4) (64 x 2 x 2 at 8 px).
+    ``width`` other than 64: the demo's second classifier (featinv maps --source-backbone digits-b)."""
 
-    def __init__(self):
+    def __init__(self, width: int = 64):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(64, 10)
+            nn.Conv2d(1, width // 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width // 2, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(width, 10)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x.mean(dim=1, keepdim=True))  # grey: the three channels are averaged
@@ -61,10 +62,10 @@ def rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1)
 
 
-def train_classifier(data: dict, epochs: int, seed: int, device: torch.device) -> DigitsCNN:
+def train_classifier(data: dict, epochs: int, seed: int, device: torch.device, width: int = 64) -> DigitsCNN:
     """AdamW on the training split with 1-px shifts; returns the model in eval mode."""
     torch.manual_seed(seed)
-    model = DigitsCNN().to(device)
+    model = DigitsCNN(width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     x, y = data["x_train"].to(device), data["y_train"].to(device)
     g = torch.Generator().manual_seed(seed)

@@ -37,3 +37,29 @@ def load_demo_pair(out: str | Path = DEMO_OUT, seed: int = 0, quick: bool = True
     ``settings`` (benchmarks). ``featinv demo`` adds the evaluation."""
     parts = demo_parts(out, seed, quick, device, log=log, retrain=retrain, settings=settings)
     return demo_pair(parts, device)
+
+
+SECOND = "digits-b"        # featinv maps --source-backbone: the demo's second classifier
+SECOND_WIDTH, SECOND_SEED = 48, 1
+
+
+def second_classifier(pair: Pair, log=stderr_line):
+    """The demo's second digits classifier (another seed and width: 48 x 2 x 2 maps), trained on the demo pair's
+    training digits on first use and cached beside its first -> a FeatureExtractor on the pair's device."""
+    from safetensors.torch import load_file, save_file
+
+    from featinv.demo.digits import DigitsCNN, make_extractor, train_classifier
+    from featinv.demo.stages import settings_for
+    from featinv.io import atomic_save
+
+    path = Path(pair.folder) / f"classifier_{SECOND}-w{SECOND_WIDTH}-seed{SECOND_SEED}.safetensors"
+    clf = DigitsCNN(SECOND_WIDTH)
+    if path.exists():
+        clf.load_state_dict(load_file(path))
+    else:
+        log(f"{SECOND}: training the demo's second classifier (width {SECOND_WIDTH}, seed {SECOND_SEED})")
+        clf = train_classifier(pair.data, settings_for(True).classifier_epochs, SECOND_SEED, torch.device("cpu"),
+                               width=SECOND_WIDTH)
+        atomic_save(lambda tmp: save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp), path)
+    size = pair.extractor.image_size
+    return make_extractor(clf.eval(), size).to(pair.device).eval()
