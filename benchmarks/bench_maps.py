@@ -178,19 +178,23 @@ def main() -> None:
     res = {"pairs": {}, "settings": vars(args)}
     quick = load_demo_pair(args.demo_out, seed=0, log=log)
     t0 = time.perf_counter()
+    save = lambda: write_results(args.out, "bench_maps", res, markdown(res))  # noqa: E731  (after each part)
+    if "network" in args.only:
+        res["network"] = bench_network(quick, args)
+        save()
     if "pairs" in args.only:
         res["pairs"]["quick demo pair (2x2 map)"] = bench_pair(quick, "quick", args)
+        save()
         if args.fine_grid:
             from bench_analyses import FINE
 
             fine = load_demo_pair(args.fine_grid, seed=0, settings=FINE, log=log)
             res["pairs"]["16 px pair (--fine-grid, 4x4 map)"] = bench_pair(fine, "fine", args)
-    if "network" in args.only:
-        res["network"] = bench_network(quick, args)
     res["analysis_s"] = time.perf_counter() - t0
+    save()
     if "scale" in args.only:
         res["scale"] = bench_scale(args)
-    write_results(args.out, "bench_maps", res, markdown(res))
+        save()
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def test_maps_fits_a_linear_map_once_and_reconstructs_the_mapped_map(cb, session
     reconstructed, each captioned with the classifier's top-1; the map (fitted on the training digits) is kept, so
     a second click fits nothing; saved to a file, it brings its own manipulation and gives the same pictures."""
     from featinv.analysis import maps_report
-    from featinv.analysis.feature_maps import save_map
+    from featinv.analysis.map_files import save_map
 
     session.maps.clear()
     images, table, note = cb.maps(session.examples[3], "hflip", 1, "linear", "", *sampler(session, k=1))
@@ -261,7 +261,8 @@ def test_maps_refuses_map_files_that_do_not_fit(cb, session, tmp_path):
     fit images (a checkpoint), say what to run instead."""
     import dataclasses
 
-    from featinv.analysis.feature_maps import build_map, save_map
+    from featinv.analysis.feature_maps import build_map
+    from featinv.analysis.map_files import save_map
     from featinv.app.panels.maps import run
     from featinv.app.session import Session
 
@@ -284,7 +285,7 @@ def test_maps_from_the_demos_second_classifier(cb, session, tmp_path):
     """A map from digits-b's maps (48 channels) to the decoder's: no manipulated column; the input is captioned with
     both classifiers' top-1 and the mapped map is compared with the decoder's own map of the input."""
     from featinv.analysis import maps_report
-    from featinv.analysis.feature_maps import save_map
+    from featinv.analysis.map_files import save_map
     from featinv.demo.pair import SECOND, second_classifier
 
     digits = session.pair.data["x_train"][:300].expand(-1, 3, -1, -1)

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from featinv.analysis.feature_maps import NormalEquations, check_map_fits, fit_map, load_map, read_map_spec, save_map
+from featinv.analysis.feature_maps import NormalEquations, fit_map
+from featinv.analysis.map_files import check_map_fits, load_map, read_map_spec, save_map
 from featinv.analysis.map_scores import feature_scores, linear_geometry
 
 

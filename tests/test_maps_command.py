@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from featinv import cli
-from featinv.analysis.feature_maps import fit_map, save_map
+from featinv.analysis.feature_maps import fit_map
+from featinv.analysis.map_files import save_map
 
 FAST = ["--decode", "4", "--show", "2", "--steps", "4"]
 

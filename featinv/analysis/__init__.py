@@ -18,7 +18,8 @@
 - ``concepts_report``  the concept atlas that ``featinv concepts`` writes
 - ``reports``          the pictures and tables that ``featinv steer``, ``compose`` and ``perturb`` write
 - ``manipulations``    image manipulations (torchvision) and before/after folder pairs, for ``featinv maps``
-- ``feature_maps``     maps inside feature space (FeatMap): identity, linear (streamed ridge), local, global; save, load
+- ``feature_maps``     maps inside feature space (FeatMap): identity, linear (streamed ridge), local, global
+- ``map_files``        a map on disk (safetensors, spec in the metadata) and the check that it fits a network
 - ``map_scores``       a map's scores in feature space, for the classifier and decoded; a linear map's geometry
 - ``maps_report``      what ``featinv maps`` runs: tasks (manipulation, folder pairs, another network), fits, pictures
 - ``baselines``        the pixel-optimisation baseline

@@ -1,9 +1,9 @@
 """Maps inside feature space (FeatMap: Krey, Neukirch & Strodthoff 2026, arXiv 2605.11203): from an image's feature
 map to the map of the same image after a manipulation, or to another network's map of it.
 
-Each map type is one class here with ``fit`` (streamed batches of (input, target) maps), ``__call__`` (apply) and
-``tensors``/``from_tensors`` (saved by :func:`save_map` as one safetensors file, loaded without pickles); the names
-and one-line helps are ``featinv.registry.MAP_TYPES``. The map types, in growing capacity:
+Each map type is one class here with ``fit`` (streamed batches of (input, target) maps) and ``__call__`` (apply);
+its tensors and spec go to one safetensors file (:mod:`featinv.analysis.map_files`, no pickles); the names and
+one-line helps are ``featinv.registry.MAP_TYPES``. The map types, in growing capacity:
 
 - ``identity``: the unmapped map, the baseline every score is read against;
 - ``linear``: one affine map W·x + b shared by every grid position; closed-form ridge from streamed normal
@@ -17,22 +17,16 @@ cross-network case) is resampled bilinearly to the target grid first (:func:`to_
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from featinv import registry
-from featinv.io import atomic_save
 from featinv.runtime import progress_bar
 
-METADATA_KEY = "featinv_map"
 RIDGE_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ relative to the mean input variance
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]     # a fresh pass over (input, target) map batches
 
@@ -318,49 +312,3 @@ def fit_map(kind: str, batches: Batches, val: tuple[Tensor, Tensor], device: str
     with torch.no_grad() if kind != "global" else torch.enable_grad():
         fmap.fit(batches, (x, y), log=log)
     return fmap.eval()
-
-
-def save_map(fmap: FeatureMapping, path: str | Path, about: dict | None = None) -> Path:
-    """The map's tensors as one safetensors file, its spec (and ``about``: backbones, manipulation) in the
-    metadata as JSON; written atomically."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in fmap.state_dict().items()}
-    meta = {METADATA_KEY: json.dumps({**fmap.spec(), "about": {**fmap.about, **(about or {})}}, sort_keys=True)}
-    return atomic_save(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
-
-
-def read_map_spec(path: str | Path) -> dict:
-    """The spec saved with a map file (kind, channels, grids, options, fit record, about). ValueError naming the
-    file when it is missing or holds no featinv map."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"map file {str(path)!r} not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
-    if METADATA_KEY not in meta:
-        raise ValueError(f"{path}: holds no featinv map (no {METADATA_KEY!r} metadata; featinv maps writes maps/*.safetensors)")
-    return json.loads(meta[METADATA_KEY])
-
-
-def load_map(path: str | Path, device: str | torch.device = "cpu") -> FeatureMapping:
-    """A map written by :func:`save_map` -> the map, eval mode, its ``about`` in ``.about``."""
-    spec = read_map_spec(path)
-    fmap = build_map(spec["kind"], spec["in_channels"], spec["out_channels"], spec["in_grid"], spec["grid"],
-                     **spec["options"])
-    fmap.load_state_dict(load_file(str(path)))
-    fmap.fit_info, fmap.about = spec.get("fit", {}), spec.get("about", {})
-    return fmap.to(device).eval()
-
-
-def check_map_fits(fmap: FeatureMapping, channels: int, grid, target_channels: int, source: str, target: str,
-                   path: str) -> None:
-    """ValueError naming both sides when a saved map does not take ``source``'s maps or give ``target``'s."""
-    if fmap.in_channels != channels or fmap.in_grid != tuple(grid):
-        made = f" (made for {fmap.about['source']})" if fmap.about.get("source") else ""
-        raise ValueError(f"{path}: the map takes {fmap.in_channels}x{fmap.in_grid[0]}x{fmap.in_grid[1]} maps{made}, "
-                         f"but {source} gives {channels}x{grid[0]}x{grid[1]}")
-    if fmap.out_channels != target_channels:
-        raise ValueError(f"{path}: the map gives {fmap.out_channels}-channel maps, but {target} inverts "
-                         f"{target_channels} channels")

@@ -139,7 +139,7 @@ def _tasks(args, pair, fit, test, held_names):
 
 @command("maps", parse)
 def main(args: argparse.Namespace) -> int:
-    from featinv.analysis.feature_maps import load_map
+    from featinv.analysis.map_files import load_map
     from featinv.commands._analysis import pair_from_args, write_report
 
     fmap = None
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
 def _applied(args, pair, fmap, fit, test, held_names):
     """--map-file: the task its map was made for, on the held-out images (nothing fitted)."""
     from featinv.analysis import maps_report as mr
-    from featinv.analysis.feature_maps import check_map_fits
+    from featinv.analysis.map_files import check_map_fits
 
     about = fmap.about
     empty = fit[:0]
@@ -191,7 +191,7 @@ def _report(args, pair, tasks, fitted):
     """Fit (unless given) and score every task's maps; write the maps and the per-task pictures -> (spectrum
     picture, table, markdown) for write_report."""
     from featinv.analysis import maps_report as mr
-    from featinv.analysis.feature_maps import save_map
+    from featinv.analysis.map_files import save_map
     from featinv.analysis.map_scores import spectrum_plot
     from featinv.analysis.reports import reconstructor
     from featinv.visualize import save_png

@@ -58,8 +58,9 @@ def second_classifier(pair: Pair, log=stderr_line):
         clf.load_state_dict(load_file(path))
     else:
         log(f"{SECOND}: training the demo's second classifier (width {SECOND_WIDTH}, seed {SECOND_SEED})")
-        clf = train_classifier(pair.data, settings_for(True).classifier_epochs, SECOND_SEED, torch.device("cpu"),
-                               width=SECOND_WIDTH)
+        with torch.enable_grad():  # callers may hold no_grad (an analysis, the app)
+            clf = train_classifier(pair.data, settings_for(True).classifier_epochs, SECOND_SEED, torch.device("cpu"),
+                                   width=SECOND_WIDTH)
         atomic_save(lambda tmp: save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp), path)
     size = pair.extractor.image_size
     return make_extractor(clf.eval(), size).to(pair.device).eval()

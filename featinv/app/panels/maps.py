@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 
 from featinv.analysis import maps_report
-from featinv.analysis.feature_maps import FeatureMapping, check_map_fits, load_map
+from featinv.analysis.feature_maps import FeatureMapping
 from featinv.analysis.manipulations import MANIPULATIONS, manipulate
+from featinv.analysis.map_files import check_map_fits, load_map
 from featinv.analysis.specs import parse_manipulation
 from featinv.app.session import Session
 from featinv.app.show import KEY, classify, label, no_progress, tile
@@ -78,6 +79,7 @@ def _from_file(session: Session, path: str):
                          f"{'x'.join(map(str, session.extractor.feature_shape[1:]))}")
     # folder pairs: an edit made elsewhere, nothing to apply to the input, so no own map
     return fmap, source, source_name, None if spec == "folder pairs" else spec
+
 
 def _rows(session: Session, maps: dict[str, torch.Tensor], own: torch.Tensor | None, rec_probs: dict):
     """{row name: (1, C, h, w) map} -> the table: cosine and relative error to the own map, the head's top-1."""
