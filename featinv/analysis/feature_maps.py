@@ -122,7 +122,7 @@ class FeatureMapping(nn.Module):
             raise ValueError(f"{what} has shape {tuple(x.shape)}; this {self.kind} map takes (B, {self.in_channels}, "
                              f"{self.in_grid[0]}, {self.in_grid[1]})")
 
-    def fit(self, batches: Batches, val: tuple[Tensor, Tensor], log=None) -> FeatureMapping:
+    def fit(self, batches: Batches, val: tuple[Tensor, Tensor]) -> FeatureMapping:
         """Fit on the (input, target) batches a fresh ``batches()`` pass yields, choose options on ``val``."""
         return self
 
@@ -175,7 +175,7 @@ class Convolution(FeatureMapping):
         x = to_grid(x.float(), self.grid)
         return F.conv2d(x, self.weight, self.bias, padding=self.kernel // 2)
 
-    def fit(self, batches: Batches, val: tuple[Tensor, Tensor], log=None) -> Convolution:
+    def fit(self, batches: Batches, val: tuple[Tensor, Tensor]) -> Convolution:
         d_in = self.in_channels * self.kernel ** 2
         train, held = NormalEquations(d_in, self.out_channels), NormalEquations(d_in, self.out_channels)
         for x, y in batches():
@@ -262,7 +262,7 @@ class Transformer(FeatureMapping):
             getattr(self, m).copy_(mean.float().to(self.in_mean.device))
             getattr(self, sd).copy_(std.clamp_min(1e-6).float().to(self.in_mean.device))
 
-    def fit(self, batches: Batches, val: tuple[Tensor, Tensor], log=None) -> Transformer:
+    def fit(self, batches: Batches, val: tuple[Tensor, Tensor]) -> Transformer:
         o, dev = self.options, self.in_mean.device
         self._standardise(batches)
         opt = torch.optim.Adam(self.net.parameters(), lr=o["lr"])
@@ -305,10 +305,10 @@ def build_map(kind: str, in_channels: int, out_channels: int, in_grid, grid, **o
 
 
 def fit_map(kind: str, batches: Batches, val: tuple[Tensor, Tensor], device: str | torch.device = "cpu",
-            log=None, **options) -> FeatureMapping:
+            **options) -> FeatureMapping:
     """Build the map type for the shapes of ``val`` (input, target) and fit it -> the fitted map, eval mode."""
     x, y = val
     fmap = build_map(kind, x.shape[1], y.shape[1], x.shape[-2:], y.shape[-2:], **options).to(device)
     with torch.no_grad() if kind != "global" else torch.enable_grad():
-        fmap.fit(batches, (x, y), log=log)
+        fmap.fit(batches, (x, y))
     return fmap.eval()

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -61,23 +60,23 @@ def ssim(a: Tensor, b: Tensor) -> float | None:
 
 
 @torch.no_grad()
-def decoded_scores(reconstructor, extractor, mapped: Tensor, own: Tensor, target: Tensor, keys: Sequence[str],
+def decoded_scores(reconstructor, extractor, mapped: Tensor, own: Tensor, keys: Sequence[str],
                    own_samples: Tensor | None = None) -> tuple[dict[str, float | None], Tensor, Tensor]:
     """Reconstruct the mapped maps and the targets' own maps (same seeds, first of K samples) and score both.
 
-    mapped, own: (N, C, h, w) maps in the decoder's space (own: the manipulated images' maps); target: the maps
-    the reconstructions are compared with (= own); keys: N names seeding the noise. own_samples: reconstructions
+    mapped, own: (N, C, h, w) maps in the decoder's space (own: the target images' maps, which the reconstructions
+    are compared with); keys: N names seeding the noise. own_samples: reconstructions
     of ``own`` already made (reused across map types). -> (scores, reconstructions of mapped, of own), each
     (N, 3, H, W) in [0, 1]. Scores: agreement and cosine of each, SSIM(mapped's, own's)."""
     rec_m = reconstructor.from_features(mapped, keys)[:, 0]
     rec_o = reconstructor.from_features(own, keys)[:, 0] if own_samples is None else own_samples
-    label = extractor.logits_from_features(target.float()).argmax(1)
+    label = extractor.logits_from_features(own.float()).argmax(1)
     out = {}
     for name, rec in (("mapped", rec_m), ("own", rec_o)):
         feats = extractor(rec.to(extractor.mean.device)).float()
         out[f"decoded_agreement_{name}"] = float((extractor.logits_from_features(feats).argmax(1) == label)
                                                  .float().mean())
-        out[f"decoded_cosine_{name}"] = float(cosine_similarity_spatial(feats, target).mean())
+        out[f"decoded_cosine_{name}"] = float(cosine_similarity_spatial(feats, own).mean())
     out["ssim_to_own"] = ssim(rec_m, rec_o)
     return out, rec_m, rec_o
 
@@ -131,6 +130,3 @@ def spectrum_plot(spectra: dict[str, Sequence[float]], title: str, size: tuple[i
         draw.text((x1 + 28, y0 + 12 * i), name[:20], fill="black", font=font)
     return img
 
-
-def finite(v: float | None) -> float | None:
-    return v if v is None or math.isfinite(v) else None

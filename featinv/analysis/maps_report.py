@@ -91,7 +91,7 @@ def network_task(source, target, fit_images: Tensor, test_images: Tensor, names:
                    source_labels=read_back(source, shown)[1].argmax(1).cpu())
 
 
-def fit_task_maps(task: MapTask, kinds: Sequence[str], device="cpu", log=None, **options) -> dict[str, FeatureMapping]:
+def fit_task_maps(task: MapTask, kinds: Sequence[str], device="cpu", **options) -> dict[str, FeatureMapping]:
     """Fit each map type on the task's fit maps (the last VAL_SHARE validating) -> {kind: fitted map}. ``identity``
     is skipped where the shapes differ (another network)."""
     n_val = max(1, round(VAL_SHARE * len(task.fit_x)))
@@ -101,7 +101,7 @@ def fit_task_maps(task: MapTask, kinds: Sequence[str], device="cpu", log=None, *
     for kind in kinds:
         if kind == "identity" and not same:
             continue
-        fmap = fit_map(kind, lambda: zip(tx.split(CHUNK), ty.split(CHUNK)), val, device=device, log=log,
+        fmap = fit_map(kind, lambda: zip(tx.split(CHUNK), ty.split(CHUNK)), val, device=device,
                        **options.get(kind, {}))
         fmap.about = dict(task.about)
         maps[kind] = fmap
@@ -122,7 +122,7 @@ def task_report(pair, task: MapTask, maps: dict[str, FeatureMapping], reconstruc
         n = len(task.keys)
         if n:
             scores, recs[kind], own_rec = decoded_scores(reconstructor, ext, pred[:n].to(dev), task.test_y[:n].to(dev),
-                                                         task.test_y[:n].to(dev), task.keys, own_rec)
+                                                         task.keys, own_rec)
             row.update(scores)
             if task.source is not None:
                 for which, rec in (("mapped", recs[kind]), ("own", own_rec)):
